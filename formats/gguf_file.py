@@ -82,7 +82,7 @@ class _Cursor:
         self.buf, self.size, self.path, self.pos = buf, size, path, 0
 
     def fail(self, what: str) -> GGUFError:
-        return GGUFError(f"{self.path}: {what}; the file is corrupt or not a GGUF model")
+        return GGUFError(f"{self.path}: {what}; the file is truncated, corrupt or not a GGUF model")
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
@@ -308,7 +308,7 @@ class GGUFFile:
         if offset + entry.nbytes > self.file_size:
             raise cur.fail(
                 f"tensor {entry.name!r} ({entry.nbytes} bytes at offset {offset}) lies past the end "
-                f"of the file ({self.file_size} bytes); the file may be truncated"
+                f"of the file ({self.file_size} bytes)"
             )
         return GGUFTensor(entry.name, entry.qtype, entry.shape, offset, entry.nbytes,
                           self._view(entry, offset))

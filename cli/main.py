@@ -1,0 +1,174 @@
+"""The `llmx` command. Commands parse, call `llmx.engine`, and print; no math here.
+
+Imports of the engine and rich happen inside commands so `llmx --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import llmx
+
+app = typer.Typer(
+    name="llmx",
+    help="Local, quantized LLM inference on CPU and GPU.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(help="Path to a .gguf model; the default model (gemma-3-270m) when left out.",
+                   show_default=False),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llmx {llmx.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """Local, quantized LLM inference on CPU and GPU."""
+
+
+def cache_dir() -> Path:
+    """Where llmx keeps the default model: $LLMX_CACHE_DIR, else the XDG cache dir."""
+    if os.environ.get("LLMX_CACHE_DIR"):
+        return Path(os.environ["LLMX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmx"
+
+
+def model_path(model: str | None) -> Path:
+    from llmx.cli.output import notice
+    from llmx.engine import resolve_model_path
+
+    return resolve_model_path(model, cache_dir(), notify=notice)
+
+
+@app.command()
+def info(
+    model: ModelArg = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="Also list every tensor.")] = False,
+    ctx: Annotated[int | None, typer.Option("--ctx", "-c", min=1,
+                                            help="Context per sequence for the KV estimate "
+                                                 "[default: the model's]")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", "-np", min=1,
+                                          help="Sequences served at once.")] = 1,
+    requests_per_month: Annotated[float | None, typer.Option(min=0)] = None,
+    tokens_per_request: Annotated[float | None, typer.Option(min=0)] = None,
+    gpu_seconds_per_token: Annotated[float | None, typer.Option(min=0)] = None,
+    dollars_per_hour: Annotated[float | None, typer.Option(min=0)] = None,
+) -> None:
+    """Show a model's architecture, tensors, tokenizer and memory needs."""
+    from llmx.cli.output import print_info, print_json
+    from llmx.engine import describe_model, tensor_table
+
+    cost = _cost_inputs(requests_per_month, tokens_per_request, gpu_seconds_per_token, dollars_per_hour)
+    path = model_path(model)
+    described = describe_model(path, ctx=ctx, parallel=parallel, cost=cost)
+    if tensors:
+        described["tensors"] = tensor_table(path)
+    if json_out:
+        print_json(described)
+    else:
+        print_info(described)
+
+
+def _cost_inputs(*values: float | None):
+    from llmx.engine import CostInputs
+    from llmx.errors import UsageError
+
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values):
+        raise UsageError(
+            "the cost estimate needs all four of --requests-per-month, --tokens-per-request, "
+            "--gpu-seconds-per-token and --dollars-per-hour"
+        )
+    return CostInputs(*values)
+
+
+@app.command()
+def tokenize(
+    args: Annotated[list[str], typer.Argument(metavar="[MODEL] TEXT",
+                                              help="Optional model path, then the text ('-' reads stdin).")],
+    pieces: Annotated[bool, typer.Option("--pieces", help="Show each token's text beside its id.")] = False,
+    special: Annotated[bool, typer.Option("--special", help="Parse special tokens such as <bos>.")] = False,
+    no_bos: Annotated[bool, typer.Option("--no-bos", help="Do not add the BOS token.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of ids.")] = False,
+) -> None:
+    """Turn text into token ids, like llama.cpp's llama-tokenize."""
+    from llmx.cli.output import print_json, print_pieces
+    from llmx.engine import load_tokenizer
+    from llmx.errors import UsageError
+
+    if len(args) > 2:
+        raise UsageError("tokenize takes [MODEL] TEXT; quote the text if it has spaces")
+    model, text = (None, args[0]) if len(args) == 1 else (args[0], args[1])
+    if text == "-":
+        text = read_stdin_text()
+    tokenizer = load_tokenizer(model_path(model))
+    ids = tokenizer.tokenize(text, add_bos=not no_bos, special=special)
+    if json_out:
+        print_json(ids)
+    elif pieces:
+        print_pieces(ids, [tokenizer.piece(i) for i in ids])
+    else:
+        print(ids)
+
+
+def read_stdin_text() -> str:
+    from llmx.errors import UsageError
+
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one red line and exit 1 (2 for usage) on errors; --debug for tracebacks."""
+    from llmx.cli.output import print_error
+    from llmx.errors import LlmxError, UsageError
+
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        # Standalone mode: typer reports its own usage errors (exit 2), --help and --version.
+        app(args=args, prog_name="llmx")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0  # the reader went away (`llmx ... | head`); nothing more to say
+    except LlmxError as e:
+        if debug:
+            raise
+        print_error(str(e))
+        return 2 if isinstance(e, UsageError) else 1
+    except Exception as e:  # noqa: BLE001 - last line of defence: one line, never a traceback
+        if debug:
+            raise
+        print_error(f"internal error: {type(e).__name__}: {e} (rerun with --debug and report it)")
+        return 1
+
+if __name__ == "__main__":
+    sys.exit(main())
