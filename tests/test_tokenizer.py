@@ -9,7 +9,8 @@ from pathlib import Path
 import gguf
 import pytest
 from conftest import MODELS_DIR
-from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 from llmx.errors import TokenizerError
 from llmx.formats.gguf_file import GGUFFile
@@ -112,11 +113,15 @@ HF_REGEX = {
              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ("the quick brown fox jumps over lazy dog Hello World I'm you're we'll they've she'd it's "
-         "DON'T CAN'T naïve café résumé Zürich 日本語 テキスト 中文 русский язык Ελληνικά emoji 🙂 👍🏽 "
-         "def return import numpy np x**2 == != <= >= -> => {} [] () #include <stdio.h> "
-         "https://example.com/a?b=c&d=e user@mail.org 3.14159 1234567 42 2024-11-24 $100 50% "
-         "tab\there new\nline  two  spaces\r\nwindows").split(" ")
+WORDS = [
+    'the', 'quick', 'brown', 'fox', 'jumps', 'over', 'lazy', 'dog', 'Hello', 'World', "I'm",
+    "you're", "we'll", "they've", "she'd", "it's", "DON'T", "CAN'T", 'naïve', 'café', 'résumé',
+    'Zürich', '日本語', 'テキスト', '中文', 'русский', 'язык', 'Ελληνικά', 'emoji', '🙂', '👍🏽', 'def',
+    'return', 'import', 'numpy', 'np', 'x**2', '==', '!=', '<=', '>=', '->', '=>', '{}', '[]',
+    '()', '#include', '<stdio.h>', 'https://example.com/a?b=c&d=e', 'user@mail.org', '3.14159',
+    '1234567', '42', '2024-11-24', '$100', '50%', 'tab\there', 'new\nline', '', 'two', '',
+    'spaces\r\nwindows',
+]
 
 
 def training_corpus() -> list[str]:

@@ -1,0 +1,159 @@
+"""The `llmx` command in fresh processes: info, tokenize, errors, lazy start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MODELS_DIR, run_llmx
+
+import llmx
+
+
+def test_info_json_on_default_model(gemma_path):
+    result = run_llmx("info", str(gemma_path), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["parameters"] == 268_098_176
+    assert info["tensor_count"] == 236
+    counts = {name: entry["count"] for name, entry in info["tensor_types"].items()}
+    assert counts == {"F32": 109, "Q8_0": 10, "Q5_0": 81, "Q4_K": 27, "Q6_K": 9}
+    assert info["memory"]["kv_bytes_per_token"]["F16"] == 18_432
+    assert info["architecture"] == "gemma3" and info["file_type"] == "Q4_K_M"
+    assert (info["layers"], info["heads"], info["kv_heads"], info["head_dim"]) == (18, 4, 1, 256)
+    assert info["sliding_window"] == 512 and info["vocab_size"] == 262_144
+    assert info["chat_template"] == "built-in (gemma)"
+
+
+def test_info_kv_estimate_caps_sliding_layers(gemma_path):
+    info = json.loads(run_llmx("info", str(gemma_path), "--json", "--ctx", "4096", "--parallel", "2").stdout)
+    # 15 sliding layers keep 512 positions, 3 global layers keep 4096; 1 KV head of 256 for K and V.
+    per_layer_token_f16 = 2 * 1 * 256 * 2
+    expected = 2 * (15 * 512 + 3 * 4096) * per_layer_token_f16
+    assert info["memory"]["kv_bytes"]["F16"] == expected
+    assert info["memory"]["kv_bytes"]["Q8_0"] == expected * 34 // 32 // 2
+
+
+def test_info_cost_estimate(gemma_path):
+    result = run_llmx("info", str(gemma_path), "--json", "--requests-per-month", "1000000",
+                      "--tokens-per-request", "500", "--gpu-seconds-per-token", "0.002",
+                      "--dollars-per-hour", "2.5")
+    cost = json.loads(result.stdout)["cost"]
+    assert cost["gpu_hours_per_month"] == pytest.approx(1e6 * 500 * 0.002 / 3600)
+    assert cost["dollars_per_month"] == pytest.approx(1e6 * 500 * 0.002 / 3600 * 2.5)
+    partial = run_llmx("info", str(gemma_path), "--requests-per-month", "5")
+    assert partial.returncode == 2 and b"needs all four" in partial.stderr
+
+
+def test_info_table_and_tensors(gemma_path):
+    result = run_llmx("info", str(gemma_path), "--tensors")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    for text in ("gemma3", "268,098,176", "Q4_K_M", "18,432", "built-in (gemma)", "blk.17.ffn_down.weight"):
+        assert text in out
+
+
+def test_info_default_model_from_the_extra(tmp_path):
+    result = run_llmx("info", "--json", env={"LLMX_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert b"first run only" in result.stderr
+    assert json.loads(result.stdout)["parameters"] == 268_098_176
+    again = run_llmx("info", "--json", env={"LLMX_CACHE_DIR": str(tmp_path)})
+    assert again.returncode == 0 and b"first run only" not in again.stderr
+    assert not list((tmp_path / "models").glob("*.partial-*"))
+
+
+def test_tokenize_cli_matches_llama_cpp(gemma_path, reference):
+    text = "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    expected = reference["gemma"]["tokenize"][text]
+    plain = run_llmx("tokenize", str(gemma_path), text, "--json")
+    assert json.loads(plain.stdout) == expected["plain"]
+    special = run_llmx("tokenize", str(gemma_path), "-", "--json", "--special", stdin=text.encode())
+    assert json.loads(special.stdout) == expected["special"]
+    no_bos = run_llmx("tokenize", str(gemma_path), "Hello world", "--no-bos")
+    assert no_bos.stdout.decode().strip() == str(reference["gemma"]["tokenize"]["Hello world"]["plain"][1:])
+
+
+def test_tokenize_pieces(gemma_path):
+    out = run_llmx("tokenize", str(gemma_path), "Hello world", "--pieces").stdout.decode().splitlines()
+    assert out == ["      2 -> '<bos>'", "   9259 -> 'Hello'", "   1902 -> ' world'"]
+
+
+def test_tokenize_rejects_non_utf8_stdin(gemma_path):
+    result = run_llmx("tokenize", str(gemma_path), "-", stdin=b"\xff\xfe bad")
+    assert result.returncode == 2
+    assert b"not UTF-8" in result.stderr and b"Traceback" not in result.stderr
+
+
+# -- bad input: one line, exit 1, no traceback, quickly ------------------------
+
+
+def bad_files(tmp: Path) -> dict[str, Path]:
+    import gguf
+
+    source = (MODELS_DIR / "tiny-llama-q8_0.gguf").read_bytes()
+    reader = gguf.GGUFReader(MODELS_DIR / "tiny-llama-q8_0.gguf")
+    field = reader.tensors[2].field
+    offset_pos = field.offset + sum(p.nbytes for p in field.parts[:5])
+    type_pos = field.offset + sum(p.nbytes for p in field.parts[:4])
+    files = {
+        "empty": b"",
+        "random": bytes(range(256)) * 40,
+        "magic": b"GGML" + source[4:],
+        "truncated": source[: len(source) // 2],
+        "offset": source[:offset_pos] + (1 << 40).to_bytes(8, "little") + source[offset_pos + 8 :],
+        "type": source[:type_pos] + (77).to_bytes(4, "little") + source[type_pos + 4 :],
+    }
+    paths = {}
+    for name, data in files.items():
+        paths[name] = tmp / f"{name}.gguf"
+        paths[name].write_bytes(data)
+    paths["directory"] = tmp / "a-directory"
+    paths["directory"].mkdir()
+    paths["missing"] = tmp / "missing.gguf"
+    return paths
+
+
+@pytest.mark.parametrize("case", ["empty", "random", "magic", "truncated", "offset", "type",
+                                  "directory", "missing"])
+@pytest.mark.parametrize("command", ["info", "tokenize"])
+def test_bad_model_files(tmp_path, case, command):
+    path = bad_files(tmp_path)[case]
+    args = ["info", str(path)] if command == "info" else ["tokenize", str(path), "hi"]
+    start = time.perf_counter()
+    result = run_llmx(*args)
+    elapsed = time.perf_counter() - start
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr and result.stdout == b""
+    assert elapsed < 2.0
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = run_llmx("--debug", "info", str(bad_files(tmp_path)["magic"]))
+    assert result.returncode == 1 and b"Traceback" in result.stderr and b"GGUFError" in result.stderr
+
+
+def test_usage_errors_exit_2():
+    assert run_llmx("no-such-command").returncode == 2
+    assert run_llmx("info", "--ctx", "0").returncode == 2
+    assert run_llmx("tokenize", "a", "b", "c").returncode == 2
+
+
+def test_version_and_help_import_nothing_heavy():
+    assert run_llmx("--version").stdout.decode().strip() == f"llmx {llmx.__version__}"
+    probe = (
+        "import sys\n"
+        "from llmx.cli.main import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('numba', 'numpy', 'gguf', 'llmx.engine', 'sentencepiece', 'tokenizers',"
+        " 'jinja2') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
