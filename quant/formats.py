@@ -327,7 +327,8 @@ def _bit_planes(qh: np.ndarray, n_planes: int) -> np.ndarray:
 
 def _pack_bit_planes(bits: np.ndarray) -> np.ndarray:
     planes = bits.reshape(len(bits), -1, 32).astype(np.uint8)
-    return (planes << np.arange(planes.shape[1], dtype=np.uint8).reshape(1, -1, 1)).sum(axis=1, dtype=np.uint8)
+    shifts = np.arange(planes.shape[1], dtype=np.uint8).reshape(1, -1, 1)
+    return (planes << shifts).sum(axis=1, dtype=np.uint8)
 
 
 class Q2_K(BlockFormat):
@@ -446,7 +447,8 @@ class Q6_K(BlockFormat):
         out["ql"] = np.concatenate([u[:, :, 0] & 0x0F | (u[:, :, 2] & 0x0F) << 4,
                                     u[:, :, 1] & 0x0F | (u[:, :, 3] & 0x0F) << 4], axis=2).reshape(-1, 128)
         high = u >> 4
-        out["qh"] = (high[:, :, 0] | high[:, :, 1] << 2 | high[:, :, 2] << 4 | high[:, :, 3] << 6).reshape(-1, 64)
+        high = high[:, :, 0] | high[:, :, 1] << 2 | high[:, :, 2] << 4 | high[:, :, 3] << 6
+        out["qh"] = high.reshape(-1, 64)
         out["scales"], out["d"] = sc, d
         return out
 
@@ -456,7 +458,8 @@ def q6_k_codes(b: np.ndarray) -> np.ndarray:
     n = len(b)
     ql = b["ql"].reshape(n, 2, 64)  # per 128-element half
     qh = b["qh"].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
-    low = np.stack([ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], axis=2)
+    first, second = ql[:, :, :32], ql[:, :, 32:]
+    low = np.stack([first & 0x0F, second & 0x0F, first >> 4, second >> 4], axis=2)
     return (low | ((qh & 3) << 4)).reshape(n, QK_K).astype(np.int16)
 
 
