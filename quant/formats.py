@@ -32,11 +32,15 @@ class BlockFormat:
         return block_size(cls.qtype)
 
     @classmethod
+    def blocks(cls, raw: np.ndarray) -> np.ndarray:
+        """uint8 [..., row_bytes] -> structured [n_blocks] view of the fields."""
+        return np.ascontiguousarray(raw).view(np.uint8).reshape(-1).view(cls.layout)
+
+    @classmethod
     def dequantize(cls, raw: np.ndarray) -> np.ndarray:
         """uint8 [..., row_bytes] -> float32 [..., row_elements]."""
         raw = np.ascontiguousarray(raw).view(np.uint8)
-        blocks = raw.reshape(-1).view(cls.layout)
-        values = cls.dequantize_blocks(blocks)  # [n_blocks, block_size]
+        values = cls.dequantize_blocks(cls.blocks(raw))  # [n_blocks, block_size]
         return values.reshape(*raw.shape[:-1], -1)
 
     @classmethod

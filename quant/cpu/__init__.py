@@ -1,0 +1,1 @@
+"""Numba CPU kernels: activation quantization, fused quantized matmuls, dequantization."""

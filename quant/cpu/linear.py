@@ -1,0 +1,58 @@
+"""`matmul(x, w, qtype)`: the one entry point the model uses for CPU matmuls, any weight type."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from llmx.quant.cpu import activations
+from llmx.quant.cpu import matmul as kernels
+from llmx.quant.cpu.simd import host_isa
+from llmx.quant.qtypes import QType
+
+# weight type -> (activation quantizer, kernel)
+_INTEGER = {
+    QType.Q8_0: (activations.quantize_q8_0, kernels.matmul_q8_0),
+    QType.Q4_0: (activations.quantize_q8_0, kernels.matmul_q4_0),
+    QType.Q5_0: (activations.quantize_q8_0, kernels.matmul_q5_0),
+    QType.Q4_1: (activations.quantize_q8_1, kernels.matmul_q4_1),
+    QType.Q5_1: (activations.quantize_q8_1, kernels.matmul_q5_1),
+    QType.Q2_K: (activations.quantize_q8_k, kernels.matmul_q2_k),
+    QType.Q3_K: (activations.quantize_q8_k, kernels.matmul_q3_k),
+    QType.Q4_K: (activations.quantize_q8_k, kernels.matmul_q4_k),
+    QType.Q5_K: (activations.quantize_q8_k, kernels.matmul_q5_k),
+    QType.Q6_K: (activations.quantize_q8_k, kernels.matmul_q6_k),
+}
+# weight type -> (how ggml rounds the activations first, kernel)
+_FLOAT = {
+    QType.F32: (None, kernels.matmul_f32),
+    QType.F16: (activations.round_to_f16, kernels.matmul_f16),
+    QType.BF16: (activations.round_to_bf16, kernels.matmul_bf16),
+}
+SUPPORTED = frozenset(_INTEGER) | frozenset(_FLOAT)
+_NO_SUMS = np.zeros((1, 1), np.float32)
+
+
+def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = None, isa=None) -> np.ndarray:
+    """x float32 [n_tok, k] times W (uint8 [m, row_bytes] in `qtype`'s layout) transposed -> [n_tok, m].
+
+    `threads` sets Numba's thread count for this call; `isa` is `simd.AVX2` or `simd.PORTABLE`
+    (default: the best this CPU has).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w = np.ascontiguousarray(w).view(np.uint8)
+    m, row_bytes = w.shape
+    out = np.empty((x.shape[0], m), np.float32)
+    if threads is not None:
+        numba.set_num_threads(threads)
+    if qtype in _FLOAT:
+        rounding, kernel = _FLOAT[qtype]
+        kernel(x if rounding is None else rounding(x), w.reshape(-1), row_bytes, m, out)
+        return out
+    if qtype not in _INTEGER:
+        raise ValueError(f"no CPU matmul for {QType(qtype).name}")
+    quantize, kernel = _INTEGER[qtype]
+    codes, scales, *sums = quantize(x)
+    kernel(codes.reshape(-1), scales, sums[0] if sums else _NO_SUMS, w.reshape(-1), row_bytes, m, out,
+           host_isa() if isa is None else isa)
+    return out

@@ -1,0 +1,457 @@
+"""SIMD building blocks for the CPU kernels: LLVM vectors as Numba values, and small intrinsics.
+
+Numba's own loops do not emit `vpmaddubsw`, so the kernels are written in Numba over a vector
+type (`Vec`) whose values are LLVM vectors kept in registers, combined by tiny intrinsics written
+in llvmlite IR. Each intrinsic that has an x86 form takes an instruction-set marker first:
+
+- `AVX2` (a numpy int16 scalar): `llvm.x86.avx2.pmadd.ub.sw` / `pmadd.wd`;
+- `PORTABLE` (a numpy int8 scalar): plain LLVM vector IR that any target lowers (ARM NEON, ...).
+
+The marker's *type* picks the implementation, so each choice is compiled and cached separately
+and tests can run the portable path on an AVX2 machine.
+
+Lane convention of the integer dot products: lane i of the 8 x i32 result is the sum of the
+products of elements 4i..4i+3, on every instruction set (so 16-element sub-blocks are lanes 0-3
+and 4-7).
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
+
+PORTABLE = np.int8(0)
+AVX2 = np.int16(0)
+
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_V32I8, _V16I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16)
+_V16I16, _V32I16 = ir.VectorType(_I16, 16), ir.VectorType(_I16, 32)
+_V8I32, _V16I32 = ir.VectorType(_I32, 8), ir.VectorType(_I32, 16)
+_V8F32 = ir.VectorType(_F32, 8)
+
+
+def host_isa():
+    """The best instruction-set marker for this CPU."""
+    features = llvm.get_host_cpu_features()
+    return AVX2 if features.get("avx2") and features.get("fma") else PORTABLE
+
+
+def _is_avx2(marker_type) -> bool:
+    if marker_type == types.int16:
+        return True
+    if marker_type == types.int8:
+        return False
+    raise TypeError(f"expected an ISA marker (simd.AVX2 or simd.PORTABLE), got {marker_type}")
+
+
+class Vec(types.Type):
+    """An LLVM vector of `count` x `dtype`, held in registers."""
+
+    def __init__(self, dtype, count: int):
+        self.dtype, self.count = dtype, count
+        super().__init__(name=f"Vec({dtype} x {count})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        element = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.count))
+
+
+I8x32 = Vec(types.int8, 32)
+I32x8 = Vec(types.int32, 8)
+F32x8 = Vec(types.float32, 8)
+
+
+def _splat(builder, value, vector_type):
+    undef = ir.Constant(vector_type, ir.Undefined)
+    first = builder.insert_element(undef, value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(first, undef, ir.Constant(ir.VectorType(_I32, vector_type.count), None))
+
+
+def _const_vec(vector_type, value):
+    return ir.Constant(vector_type, [ir.Constant(vector_type.element, value)] * vector_type.count)
+
+
+def _pointer(context, builder, array_type, array, byte_offset, element_type):
+    """Address `byte_offset` bytes into an array's data, typed as `element_type`*."""
+    data = cgutils.create_struct_proxy(array_type)(context, builder, value=array).data
+    raw = builder.bitcast(data, _I8.as_pointer())
+    return builder.bitcast(builder.gep(raw, [byte_offset]), element_type.as_pointer())
+
+
+def _call(builder, name, return_type, args):
+    fnty = ir.FunctionType(return_type, [a.type for a in args])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    return builder.call(fn, args)
+
+
+def _shuffle(builder, vector, indices):
+    mask = ir.Constant(ir.VectorType(_I32, len(indices)), [ir.Constant(_I32, i) for i in indices])
+    return builder.shuffle_vector(vector, ir.Constant(vector.type, ir.Undefined), mask)
+
+
+# -- loads ----------------------------------------------------------------------
+
+
+@intrinsic
+def load_i8x32(typingctx, array, byte_offset):
+    """32 bytes at `byte_offset` of a 1-D byte array (unaligned)."""
+    sig = I8x32(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = _pointer(context, builder, signature.args[0], args[0], offset, _V32I8)
+        return builder.load(ptr, align=1)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_nibbles_i8x32(typingctx, array, byte_offset):
+    """16 bytes -> 32 values 0..15: low nibbles are elements 0..15, high nibbles 16..31."""
+    sig = I8x32(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        packed = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _V16I8), align=1)
+        low = builder.and_(packed, _const_vec(_V16I8, 0x0F))
+        high = builder.lshr(packed, _const_vec(_V16I8, 4))
+        mask = ir.Constant(ir.VectorType(_I32, 32), [ir.Constant(_I32, i) for i in range(32)])
+        return builder.shuffle_vector(low, high, mask)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_f16(typingctx, array, byte_offset):
+    """A little-endian float16 at `byte_offset`, widened to float32."""
+    sig = types.float32(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = _pointer(context, builder, signature.args[0], args[0], offset, ir.HalfType())
+        return builder.fpext(builder.load(ptr, align=1), _F32)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_u32(typingctx, array, byte_offset):
+    sig = types.uint32(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        return builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _I32), align=1)
+
+    return sig, codegen
+
+
+# -- byte arithmetic --------------------------------------------------------------
+
+
+@intrinsic
+def field_i8x32(typingctx, v, shift, mask):
+    """(v >> shift) & mask on each unsigned byte."""
+    sig = I8x32(I8x32, types.int32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        vec, shift_by, keep = args
+        shift_v = _splat(builder, builder.trunc(shift_by, _I8), _V32I8)
+        mask_v = _splat(builder, builder.trunc(keep, _I8), _V32I8)
+        return builder.and_(builder.lshr(vec, shift_v), mask_v)
+
+    return sig, codegen
+
+
+@intrinsic
+def shl_i8x32(typingctx, v, shift):
+    sig = I8x32(I8x32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.shl(args[0], _splat(builder, builder.trunc(args[1], _I8), _V32I8))
+
+    return sig, codegen
+
+
+@intrinsic
+def or_i8x32(typingctx, a, b):
+    sig = I8x32(I8x32, I8x32)
+
+    def codegen(context, builder, signature, args):
+        return builder.or_(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def add_i8x32(typingctx, v, k):
+    """v + k on each byte (wrapping), e.g. k = -8 to centre Q4_0 codes."""
+    sig = I8x32(I8x32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], _splat(builder, builder.trunc(args[1], _I8), _V32I8))
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_i8x32(typingctx, bits, value):
+    """Bit j of a uint32 -> byte j equal to `value` where set, else 0 (Q5_0/Q5_1 high bits)."""
+    sig = I8x32(types.uint32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        as_bits = builder.bitcast(args[0], ir.VectorType(ir.IntType(1), 32))
+        ones = builder.zext(as_bits, _V32I8)
+        return builder.mul(ones, _splat(builder, builder.trunc(args[1], _I8), _V32I8))
+
+    return sig, codegen
+
+
+# -- integer dot products -----------------------------------------------------------
+
+
+def _portable_dot(builder, a, b, a_unsigned):
+    """8 x i32, lane i = sum of a[j] * b[j] for j in 4i..4i+3, in plain vector IR."""
+    wide_a = builder.zext(a, _V32I16) if a_unsigned else builder.sext(a, _V32I16)
+    products = builder.mul(wide_a, builder.sext(b, _V32I16))  # |a*b| <= 128*128 fits in i16
+    evens = builder.sext(_shuffle(builder, products, range(0, 32, 2)), _V16I32)
+    odds = builder.sext(_shuffle(builder, products, range(1, 32, 2)), _V16I32)
+    pairs = builder.add(evens, odds)
+    return builder.add(_shuffle(builder, pairs, range(0, 16, 2)), _shuffle(builder, pairs, range(1, 16, 2)))
+
+
+def _avx2_dot_unsigned(builder, u, s):
+    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [u, s])
+    return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [pairs, _const_vec(_V16I16, 1)])
+
+
+@intrinsic
+def dot_i8x32(typingctx, isa, a, b):
+    """Signed x signed bytes (|values| <= 127) -> 8 x i32 partial sums."""
+    avx2 = _is_avx2(isa)
+    sig = I32x8(isa, I8x32, I8x32)
+
+    def codegen(context, builder, signature, args):
+        _, a_v, b_v = args
+        if not avx2:
+            return _portable_dot(builder, a_v, b_v, a_unsigned=False)
+        # pmaddubsw needs one unsigned operand: |a| times b with a's sign moved onto it.
+        negative = builder.icmp_signed("<", a_v, _const_vec(_V32I8, 0))
+        abs_a = builder.select(negative, builder.neg(a_v), a_v)
+        signed_b = builder.select(negative, builder.neg(b_v), b_v)
+        return _avx2_dot_unsigned(builder, abs_a, signed_b)
+
+    return sig, codegen
+
+
+@intrinsic
+def dot_u8i8x32(typingctx, isa, u, s):
+    """Unsigned (0..127) x signed bytes -> 8 x i32 partial sums."""
+    avx2 = _is_avx2(isa)
+    sig = I32x8(isa, I8x32, I8x32)
+
+    def codegen(context, builder, signature, args):
+        _, u_v, s_v = args
+        if avx2:
+            return _avx2_dot_unsigned(builder, u_v, s_v)
+        return _portable_dot(builder, u_v, s_v, a_unsigned=True)
+
+    return sig, codegen
+
+
+# -- 8 x i32 and 8 x f32 ----------------------------------------------------------------
+
+
+@intrinsic
+def zero_i32x8(typingctx):
+    def codegen(context, builder, signature, args):
+        return _const_vec(_V8I32, 0)
+
+    return I32x8(), codegen
+
+
+@intrinsic
+def zero_f32x8(typingctx):
+    def codegen(context, builder, signature, args):
+        return _const_vec(_V8F32, 0.0)
+
+    return F32x8(), codegen
+
+
+@intrinsic
+def add_i32x8(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], args[1])
+
+    return I32x8(I32x8, I32x8), codegen
+
+
+@intrinsic
+def scale_i32x8(typingctx, v, low, high):
+    """v * [low x4, high x4]: one integer scale per 16-element half of a 32-element dot."""
+    sig = I32x8(I32x8, types.int32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        vec, lo, hi = args
+        both = builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), ir.Undefined), lo, ir.Constant(_I32, 0))
+        both = builder.insert_element(both, hi, ir.Constant(_I32, 1))
+        return builder.mul(vec, _shuffle(builder, both, [0, 0, 0, 0, 1, 1, 1, 1]))
+
+    return sig, codegen
+
+
+@intrinsic
+def fma_f32x8(typingctx, acc, v, scale):
+    """acc + float(v) * scale."""
+    sig = F32x8(F32x8, I32x8, types.float32)
+
+    def codegen(context, builder, signature, args):
+        total, ints, factor = args
+        floats = builder.sitofp(ints, _V8F32)
+        return _call(builder, "llvm.fmuladd.v8f32", _V8F32, [floats, _splat(builder, factor, _V8F32), total])
+
+    return sig, codegen
+
+
+@intrinsic
+def hsum_f32x8(typingctx, v):
+    def codegen(context, builder, signature, args):
+        vec = args[0]
+        quad = builder.fadd(_shuffle(builder, vec, [0, 1, 2, 3]), _shuffle(builder, vec, [4, 5, 6, 7]))
+        pair = builder.fadd(_shuffle(builder, quad, [0, 1]), _shuffle(builder, quad, [2, 3]))
+        zero, one = ir.Constant(_I32, 0), ir.Constant(_I32, 1)
+        return builder.fadd(builder.extract_element(pair, zero), builder.extract_element(pair, one))
+
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
+def hsum_i32x8(typingctx, v):
+    def codegen(context, builder, signature, args):
+        vec = args[0]
+        quad = builder.add(_shuffle(builder, vec, [0, 1, 2, 3]), _shuffle(builder, vec, [4, 5, 6, 7]))
+        pair = builder.add(_shuffle(builder, quad, [0, 1]), _shuffle(builder, quad, [2, 3]))
+        zero, one = ir.Constant(_I32, 0), ir.Constant(_I32, 1)
+        return builder.add(builder.extract_element(pair, zero), builder.extract_element(pair, one))
+
+    return types.int32(I32x8), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, byte_offset):
+    """Hint the cache line at `byte_offset` into L1 ahead of use (no fault if out of range)."""
+    sig = types.void(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = _pointer(context, builder, signature.args[0], args[0], offset, _I8)
+        zero, three, one = ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)
+        _call(builder, "llvm.prefetch.p0", ir.VoidType(), [ptr, zero, three, one])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# -- float vectors (F32/F16/BF16 weights) ------------------------------------------------
+
+
+@intrinsic
+def load_f32x8(typingctx, array, byte_offset):
+    sig = F32x8(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        return builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _V8F32), align=1)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_f16x8(typingctx, array, byte_offset):
+    sig = F32x8(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        halves = ir.VectorType(ir.HalfType(), 8)
+        return builder.fpext(builder.load(_pointer(context, builder, signature.args[0], args[0], offset, halves),
+                                          align=1), _V8F32)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_bf16x8(typingctx, array, byte_offset):
+    """8 bfloat16 values: their bits are the top half of a float32's."""
+    sig = F32x8(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        raw = builder.load(_pointer(context, builder, signature.args[0], args[0], offset,
+                                    ir.VectorType(_I16, 8)), align=1)
+        wide = builder.shl(builder.zext(raw, _V8I32), _const_vec(_V8I32, 16))
+        return builder.bitcast(wide, _V8F32)
+
+    return sig, codegen
+
+
+@intrinsic
+def fmadd_f32x8(typingctx, acc, a, b):
+    """acc + a * b."""
+    def codegen(context, builder, signature, args):
+        total, x, y = args
+        return _call(builder, "llvm.fmuladd.v8f32", _V8F32, [x, y, total])
+
+    return F32x8(F32x8, F32x8, F32x8), codegen
+
+
+@intrinsic
+def round_f16(typingctx, value):
+    """float32 -> nearest float16 -> float32 (ggml stores many scales as float16)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), _F32)
+
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
+def round_bf16(typingctx, value):
+    """float32 -> nearest-even bfloat16 -> float32, as ggml_compute_fp32_to_bf16 (NaN kept quiet)."""
+    def codegen(context, builder, signature, args):
+        bits = builder.bitcast(args[0], _I32)
+        lsb = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+        rounded = builder.add(bits, builder.add(ir.Constant(_I32, 0x7FFF), lsb))
+        is_nan = builder.icmp_unsigned(">", builder.and_(bits, ir.Constant(_I32, 0x7FFFFFFF)),
+                                       ir.Constant(_I32, 0x7F800000))
+        quiet = builder.or_(bits, ir.Constant(_I32, 0x00400000))
+        chosen = builder.select(is_nan, quiet, rounded)
+        return builder.bitcast(builder.and_(chosen, ir.Constant(_I32, 0xFFFF0000)), _F32)
+
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
+def load_f32(typingctx, array, byte_offset):
+    sig = types.float32(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        return builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _F32), align=1)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_bf16(typingctx, array, byte_offset):
+    sig = types.float32(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        raw = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _I16), align=1)
+        return builder.bitcast(builder.shl(builder.zext(raw, _I32), ir.Constant(_I32, 16)), _F32)
+
+    return sig, codegen
