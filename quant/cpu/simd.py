@@ -455,3 +455,11 @@ def load_bf16(typingctx, array, byte_offset):
         return builder.bitcast(builder.shl(builder.zext(raw, _I32), ir.Constant(_I32, 16)), _F32)
 
     return sig, codegen
+
+
+@intrinsic
+def bits_to_f32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _F32)
+
+    return types.float32(types.uint32), codegen

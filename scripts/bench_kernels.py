@@ -1,0 +1,143 @@
+"""Quantized matmul kernels against the machine's own read bandwidth, measured in the same run.
+
+For each weight type, shape (m x k), batch and thread count: weight GB/s read, effective GMAC/s,
+the ratio of GB/s to the read bandwidth that a Numba streaming-sum kernel reaches on the same
+number of threads, and (batch > 1) tokens/s relative to batch 1.
+
+Usage: python scripts/bench_kernels.py [--types Q8_0,Q4_K] [--shapes 4096x4096] [--batches 1,16]
+                                       [--threads 1,2] [--isa avx2|portable] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from llmx.quant.cpu import simd
+from llmx.quant.cpu.linear import matmul
+from llmx.quant.formats import quantize
+from llmx.quant.qtypes import QType, block_size
+
+ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+ALL_SHAPES = ["640x2048", "2048x640", "4096x4096", "262144x640"]
+SEED_ROWS = 1024  # quantize this many random rows, then tile them up to the full shape
+
+
+@njit(nogil=True, parallel=True)
+def _stream_sum(raw, distance, isa):
+    """Sum (of squares) over a large byte array, 64 bytes per step in two 32-byte vectors, with
+    software prefetch `distance` bytes ahead when `distance` > 0."""
+    n_chunks = 512
+    per = raw.size // n_chunks
+    total = 0
+    for c in prange(n_chunks):
+        a0 = simd.zero_i32x8()
+        a1 = simd.zero_i32x8()
+        for j in range(c * per, (c + 1) * per, 64):
+            if distance:
+                simd.prefetch(raw, j + distance)
+            v0, v1 = simd.load_i8x32(raw, j), simd.load_i8x32(raw, j + 32)
+            a0 = simd.add_i32x8(a0, simd.dot_u8i8x32(isa, v0, v0))
+            a1 = simd.add_i32x8(a1, simd.dot_u8i8x32(isa, v1, v1))
+        total += simd.hsum_i32x8(simd.add_i32x8(a0, a1))
+    return total
+
+
+def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
+    """The best GB/s of a streaming read over an array far larger than any cache, with and
+    without software prefetch at several distances (the kernels prefetch, so the bar must too)."""
+    numba.set_num_threads(threads)
+    raw = np.ones(nbytes, np.uint8)
+    isa = simd.host_isa()
+    best = float("inf")
+    for distance in (0, 2048, 4096, 8192):
+        _stream_sum(raw, distance, isa)
+        best = min(best, *(_timed(lambda d=distance: _stream_sum(raw, d, isa)) for _ in range(3)))
+    return raw.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def make_weights(qtype: QType, m: int, k: int, rng) -> np.ndarray:
+    seed = quantize(rng.standard_normal((min(m, SEED_ROWS), k)).astype(np.float32), qtype)
+    return np.ascontiguousarray(np.tile(seed, (-(-m // seed.shape[0]), 1))[:m])
+
+
+def time_matmul(x, w, qtype, threads, isa, min_seconds=0.3) -> float:
+    matmul(x, w, qtype, threads=threads, isa=isa)  # compile / warm
+    runs, elapsed = 0, 0.0
+    best = float("inf")
+    while elapsed < min_seconds or runs < 3:
+        dt = _timed(lambda: matmul(x, w, qtype, threads=threads, isa=isa))
+        best, elapsed, runs = min(best, dt), elapsed + dt, runs + 1
+    return best
+
+
+def run(args) -> list[dict]:
+    rng = np.random.default_rng(0)
+    isa = simd.PORTABLE if args.isa == "portable" else simd.host_isa()
+    bandwidth = {t: read_bandwidth(t) for t in args.threads}
+    rows = []
+    for name in args.types:
+        qtype = QType[name]
+        for shape in args.shapes:
+            m, k = map(int, shape.split("x"))
+            if k % block_size(qtype):
+                continue  # e.g. k-quants need rows of 256: llama.cpp picks another type there
+            w = make_weights(qtype, m, k, rng)
+            for threads in args.threads:
+                base_tps = None
+                for batch in args.batches:
+                    x = rng.standard_normal((batch, k)).astype(np.float32)
+                    seconds = time_matmul(x, w, qtype, threads, isa)
+                    gbps = w.nbytes / seconds / 1e9
+                    tps = batch / seconds
+                    base_tps = tps if batch == args.batches[0] else base_tps
+                    rows.append({
+                        "type": name, "shape": shape, "batch": batch, "threads": threads,
+                        "ms": seconds * 1e3, "weight_gbps": gbps, "gmacs": batch * m * k / seconds / 1e9,
+                        "bandwidth_gbps": bandwidth[threads], "ratio_to_bandwidth": gbps / bandwidth[threads],
+                        "tokens_per_s_vs_first_batch": tps / base_tps,
+                    })
+                    if not args.json:
+                        _print_row(rows[-1])
+    return rows
+
+
+def _print_row(r: dict) -> None:
+    print(f"{r['type']:<5} {r['shape']:>11} b{r['batch']:<3} t{r['threads']}  {r['ms']:8.3f} ms  "
+          f"{r['weight_gbps']:6.1f} GB/s  {r['gmacs']:7.1f} GMAC/s  {100 * r['ratio_to_bandwidth']:5.1f}% of "
+          f"{r['bandwidth_gbps']:.1f} GB/s  x{r['tokens_per_s_vs_first_batch']:.2f} tok/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", default=",".join(ALL_TYPES))
+    parser.add_argument("--shapes", default=",".join(ALL_SHAPES))
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--isa", choices=["avx2", "portable"], default="avx2")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    args.types = args.types.split(",")
+    args.shapes = args.shapes.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.threads = [int(t) for t in args.threads.split(",")]
+    if not args.json:
+        print(f"isa: {args.isa} (host: {'avx2' if simd.host_isa() is simd.AVX2 else 'portable'})")
+    rows = run(args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""CPU kernels: every weight type against the float64 emulation, on both instruction sets."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+
+from llmx.quant import activations as reference_activations
+from llmx.quant.cpu import activations, simd
+from llmx.quant.cpu import matmul as kernels
+from llmx.quant.cpu.linear import SUPPORTED, matmul
+from llmx.quant.formats import dequantize, quantize
+from llmx.quant.qtypes import QType
+from llmx.quant.reference import matmul_reference, quantized_activations
+
+TYPES = sorted(SUPPORTED, key=int)
+ISAS = {"portable": simd.PORTABLE, **({"avx2": simd.AVX2} if simd.host_isa() is simd.AVX2 else {})}
+M, K = 37, 512  # 37 rows: a group of four is left incomplete
+
+
+@pytest.fixture(scope="module")
+def weights():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((M, K)).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", list(ISAS), ids=str)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_matmul_matches_emulation(weights, qtype, isa):
+    rng = np.random.default_rng(int(qtype))
+    w = quantize(weights, qtype)
+    for n_tok in (1, 3, 16):
+        x = rng.standard_normal((n_tok, K)).astype(np.float32)
+        expected = matmul_reference(x, w, qtype)
+        for threads in (1, 2):
+            out = matmul(x, w, qtype, threads=threads, isa=ISAS[isa])
+            assert out.shape == (n_tok, M) and out.dtype == np.float32
+            np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_matmul_within_activation_quantization_bound(weights, qtype):
+    x = np.random.default_rng(5).standard_normal((3, K)).astype(np.float32)
+    w = quantize(weights, qtype)
+    dense = dequantize(w, qtype).astype(np.float64)  # [M, K]
+    exact = x.astype(np.float64) @ dense.T
+    # Each output can be off by at most sum_k |W[r, k]| * |x[k] - quantized x[k]|.
+    bound = np.abs(x - quantized_activations(x, qtype)) @ np.abs(dense).T
+    err = np.abs(matmul(x, w, qtype) - exact)
+    assert np.all(err <= bound * 1.001 + 1e-4 * np.abs(exact).max())
+
+
+def test_activation_quantizers_match_reference():
+    x = (np.random.default_rng(6).standard_normal((5, 1024)) * 4).astype(np.float32)
+    x[0, :32] = 0
+    x[1, 256:512] = 0
+    for name in ("quantize_q8_0", "quantize_q8_1", "quantize_q8_k"):
+        ours = getattr(activations, name)(x)
+        expected = getattr(reference_activations, name)(x)
+        assert all(np.array_equal(a, b) for a, b in zip(ours, expected, strict=True)), name
+
+
+def test_avx2_build_uses_pmaddubsw():
+    if simd.host_isa() is not simd.AVX2:
+        assert platform.machine().lower() not in ("x86_64", "amd64"), "x86-64 host without AVX2+FMA?"
+        return
+    # Cached code cannot be inspected, so compile a fresh, uncached copy of one kernel.
+    fresh = numba.njit(kernels.matmul_q4_k.py_func)
+    w = quantize(np.ones((4, 256), np.float32), QType.Q4_K)
+    codes, scales, sums = activations.quantize_q8_k(np.ones((1, 256), np.float32))
+    out = np.empty((1, 4), np.float32)
+    fresh(codes.reshape(-1), scales, sums, w.reshape(-1), w.shape[1], 4, out, simd.AVX2)
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    assert "vpmaddubsw" in asm
+
+
+CACHE_PROBE = textwrap.dedent("""
+    import json, time
+    start = time.perf_counter()
+    import numpy as np
+    from llmx.quant.cpu import activations, dequantize, matmul as kernels, simd
+    from llmx.quant.cpu.linear import SUPPORTED, matmul
+    from llmx.quant.formats import quantize
+    from llmx.quant.qtypes import QType
+    isas = [simd.PORTABLE] + ([simd.AVX2] if simd.host_isa() is simd.AVX2 else [])
+    for qtype in SUPPORTED:
+        w = quantize(np.ones((4, 256), np.float32), qtype)
+        dequantize.dequantize(w, qtype)
+        for isa in isas:
+            matmul(np.ones((2, 256), np.float32), w, qtype, isa=isa)
+    dispatchers = [f for mod in (kernels, activations, dequantize) for f in vars(mod).values()
+                   if hasattr(f, "stats") and hasattr(f, "py_func")]
+    misses = {d.py_func.__name__: sum(d.stats.cache_misses.values()) for d in dispatchers}
+    hits = sum(sum(d.stats.cache_hits.values()) for d in dispatchers)
+    print(json.dumps({"misses": {k: v for k, v in misses.items() if v}, "hits": hits,
+                      "seconds": time.perf_counter() - start}))
+""")
+
+
+def test_second_process_loads_every_kernel_from_cache():
+    def probe():
+        out = subprocess.run([sys.executable, "-c", CACHE_PROBE], capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    probe()  # compiles whatever an earlier test or run has not
+    second = probe()
+    assert second["misses"] == {}
+    assert second["hits"] > 0
+    assert second["seconds"] < 3.0
