@@ -60,185 +60,146 @@ def _i8(v):
     return v - 256 if v > 127 else v
 
 
+# -- the loop nest shared by every integer kernel --------------------------------------------
+# A `block` function handles one weight block of one row against one token:
+#     block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb) -> (acc, corr)
+# accumulating vector partial sums in `acc` and a scalar correction in `corr`; the output is
+# hsum(acc) + corr. Tiles of 4 rows x 4 tokens call it 16 times per block step: the weight decode
+# (and the activation loads) are the same expressions on the same bytes, which LLVM computes once,
+# so each block is unpacked once for four tokens.
+
+
+@njit(inline="always")
+def _tile_1(isa, block, w, o0, o1, o2, o3, xq, xd, xs, t, nb, block_bytes, ahead):
+    a0 = S.zero_f32x8()
+    a1 = S.zero_f32x8()
+    a2 = S.zero_f32x8()
+    a3 = S.zero_f32x8()
+    c0 = c1 = c2 = c3 = np.float32(0)
+    for b in range(nb):
+        _prefetch_group(w, ahead, b, GROUP * block_bytes)
+        o = b * block_bytes
+        a0, c0 = block(isa, a0, c0, w, o0 + o, xq, xd, xs, t, b, nb)
+        a1, c1 = block(isa, a1, c1, w, o1 + o, xq, xd, xs, t, b, nb)
+        a2, c2 = block(isa, a2, c2, w, o2 + o, xq, xd, xs, t, b, nb)
+        a3, c3 = block(isa, a3, c3, w, o3 + o, xq, xd, xs, t, b, nb)
+    return S.hsum_f32x8(a0) + c0, S.hsum_f32x8(a1) + c1, S.hsum_f32x8(a2) + c2, S.hsum_f32x8(a3) + c3
+
+
+@njit(inline="always")
+def _column_4(isa, block, w, off, xq, xd, xs, t, b, nb, a0, a1, a2, a3, c0, c1, c2, c3):
+    """One weight row's block against tokens t..t+3."""
+    a0, c0 = block(isa, a0, c0, w, off, xq, xd, xs, t, b, nb)
+    a1, c1 = block(isa, a1, c1, w, off, xq, xd, xs, t + 1, b, nb)
+    a2, c2 = block(isa, a2, c2, w, off, xq, xd, xs, t + 2, b, nb)
+    a3, c3 = block(isa, a3, c3, w, off, xq, xd, xs, t + 3, b, nb)
+    return a0, a1, a2, a3, c0, c1, c2, c3
+
+
+@njit(inline="always")
+def _tile_4(isa, block, w, o0, o1, o2, o3, xq, xd, xs, t, nb, block_bytes, ahead, out, r0, m):
+    z = S.zero_f32x8()
+    f = np.float32(0)
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = z
+    c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = f
+    c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = f
+    for b in range(nb):
+        _prefetch_group(w, ahead, b, GROUP * block_bytes)
+        o = b * block_bytes
+        a00, a01, a02, a03, c00, c01, c02, c03 = _column_4(
+            isa, block, w, o0 + o, xq, xd, xs, t, b, nb, a00, a01, a02, a03, c00, c01, c02, c03)
+        a10, a11, a12, a13, c10, c11, c12, c13 = _column_4(
+            isa, block, w, o1 + o, xq, xd, xs, t, b, nb, a10, a11, a12, a13, c10, c11, c12, c13)
+        a20, a21, a22, a23, c20, c21, c22, c23 = _column_4(
+            isa, block, w, o2 + o, xq, xd, xs, t, b, nb, a20, a21, a22, a23, c20, c21, c22, c23)
+        a30, a31, a32, a33, c30, c31, c32, c33 = _column_4(
+            isa, block, w, o3 + o, xq, xd, xs, t, b, nb, a30, a31, a32, a33, c30, c31, c32, c33)
+    h = S.hsum_f32x8
+    _store4(out, t, r0, m, h(a00) + c00, h(a10) + c10, h(a20) + c20, h(a30) + c30)
+    _store4(out, t + 1, r0, m, h(a01) + c01, h(a11) + c11, h(a21) + c21, h(a31) + c31)
+    _store4(out, t + 2, r0, m, h(a02) + c02, h(a12) + c12, h(a22) + c22, h(a32) + c32)
+    _store4(out, t + 3, r0, m, h(a03) + c03, h(a13) + c13, h(a23) + c23, h(a33) + c33)
+
+
+@njit(inline="always")
+def _matmul(xq, xd, xs, w, row_bytes, m, out, isa, block, block_bytes):
+    """Tiles of 4 rows x 1 token: every token re-reads the row group's blocks (from L1)."""
+    n_tok, nb = xd.shape
+    for g in prange((m + GROUP - 1) // GROUP):
+        r0 = g * GROUP
+        o0, o1, o2, o3 = _row_offsets(r0, m, row_bytes)
+        ahead = (r0 + AHEAD * GROUP) * row_bytes
+        for t in range(n_tok):
+            v0, v1, v2, v3 = _tile_1(isa, block, w, o0, o1, o2, o3, xq, xd, xs, t, nb, block_bytes, ahead)
+            _store4(out, t, r0, m, v0, v1, v2, v3)
+
+
+@njit(inline="always")
+def _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, block, block_bytes):
+    """Tiles of 4 rows x 4 tokens, then 4 x 1 for the leftover tokens. Only for small block
+    bodies: 16 inlined copies of a k-quant block cost LLVM most of a minute per kernel."""
+    n_tok, nb = xd.shape
+    for g in prange((m + GROUP - 1) // GROUP):
+        r0 = g * GROUP
+        o0, o1, o2, o3 = _row_offsets(r0, m, row_bytes)
+        ahead = (r0 + AHEAD * GROUP) * row_bytes
+        t = 0
+        while t + 4 <= n_tok:
+            _tile_4(isa, block, w, o0, o1, o2, o3, xq, xd, xs, t, nb, block_bytes, ahead, out, r0, m)
+            t += 4
+        while t < n_tok:
+            v0, v1, v2, v3 = _tile_1(isa, block, w, o0, o1, o2, o3, xq, xd, xs, t, nb, block_bytes, ahead)
+            _store4(out, t, r0, m, v0, v1, v2, v3)
+            t += 1
+
+
 # -- Q8_0 activations: Q8_0, Q4_0, Q5_0 weights -----------------------------------------
 
 
 @njit(inline="always")
-def _q8_0_block(isa, acc, w, off, xv, dx):
-    return S.fma_f32x8(acc, S.dot_i8x32(isa, S.load_i8x32(w, off + 2), xv), S.load_f16(w, off) * dx)
+def _q8_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    xv = S.load_i8x32(xq, (t * nb + b) * 32)
+    scale = S.load_f16(w, off) * xd[t, b]
+    return S.fma_f32x8(acc, S.dot_i8x32(isa, S.load_i8x32(w, off + 2), xv), scale), corr
 
 
 @njit(inline="always")
-def _q4_0_block(isa, acc, w, off, xv, dx):
+def _q4_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    xv = S.load_i8x32(xq, (t * nb + b) * 32)
     codes = S.add_i8x32(S.load_nibbles_i8x32(w, off + 2), -8)
-    return S.fma_f32x8(acc, S.dot_i8x32(isa, codes, xv), S.load_f16(w, off) * dx)
+    return S.fma_f32x8(acc, S.dot_i8x32(isa, codes, xv), S.load_f16(w, off) * xd[t, b]), corr
 
 
 @njit(inline="always")
-def _q5_0_block(isa, acc, w, off, xv, dx):
+def _q5_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    xv = S.load_i8x32(xq, (t * nb + b) * 32)
     high = S.bits_i8x32(S.load_u32(w, off + 2), 16)
     codes = S.add_i8x32(S.or_i8x32(S.load_nibbles_i8x32(w, off + 6), high), -16)
-    return S.fma_f32x8(acc, S.dot_i8x32(isa, codes, xv), S.load_f16(w, off) * dx)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q8_0(xq, xd, xs, w, row_bytes, m, out, isa):
-    n_tok, nb = xd.shape
-    step = GROUP * 34
-    for g in prange((m + GROUP - 1) // GROUP):
-        r0 = g * GROUP
-        o0, o1, o2, o3 = _row_offsets(r0, m, row_bytes)
-        ahead = (r0 + AHEAD * GROUP) * row_bytes
-        for t in range(n_tok):
-            a0 = S.zero_f32x8()
-            a1 = S.zero_f32x8()
-            a2 = S.zero_f32x8()
-            a3 = S.zero_f32x8()
-            for b in range(nb):
-                _prefetch_group(w, ahead, b, step)
-                xv = S.load_i8x32(xq, (t * nb + b) * 32)
-                dx = xd[t, b]
-                o = b * 34
-                a0 = _q8_0_block(isa, a0, w, o0 + o, xv, dx)
-                a1 = _q8_0_block(isa, a1, w, o1 + o, xv, dx)
-                a2 = _q8_0_block(isa, a2, w, o2 + o, xv, dx)
-                a3 = _q8_0_block(isa, a3, w, o3 + o, xv, dx)
-            _store4(out, t, r0, m, S.hsum_f32x8(a0), S.hsum_f32x8(a1), S.hsum_f32x8(a2), S.hsum_f32x8(a3))
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q4_0(xq, xd, xs, w, row_bytes, m, out, isa):
-    n_tok, nb = xd.shape
-    step = GROUP * 18
-    for g in prange((m + GROUP - 1) // GROUP):
-        r0 = g * GROUP
-        o0, o1, o2, o3 = _row_offsets(r0, m, row_bytes)
-        ahead = (r0 + AHEAD * GROUP) * row_bytes
-        for t in range(n_tok):
-            a0 = S.zero_f32x8()
-            a1 = S.zero_f32x8()
-            a2 = S.zero_f32x8()
-            a3 = S.zero_f32x8()
-            for b in range(nb):
-                _prefetch_group(w, ahead, b, step)
-                xv = S.load_i8x32(xq, (t * nb + b) * 32)
-                dx = xd[t, b]
-                o = b * 18
-                a0 = _q4_0_block(isa, a0, w, o0 + o, xv, dx)
-                a1 = _q4_0_block(isa, a1, w, o1 + o, xv, dx)
-                a2 = _q4_0_block(isa, a2, w, o2 + o, xv, dx)
-                a3 = _q4_0_block(isa, a3, w, o3 + o, xv, dx)
-            _store4(out, t, r0, m, S.hsum_f32x8(a0), S.hsum_f32x8(a1), S.hsum_f32x8(a2), S.hsum_f32x8(a3))
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q5_0(xq, xd, xs, w, row_bytes, m, out, isa):
-    n_tok, nb = xd.shape
-    step = GROUP * 22
-    for g in prange((m + GROUP - 1) // GROUP):
-        r0 = g * GROUP
-        o0, o1, o2, o3 = _row_offsets(r0, m, row_bytes)
-        ahead = (r0 + AHEAD * GROUP) * row_bytes
-        for t in range(n_tok):
-            a0 = S.zero_f32x8()
-            a1 = S.zero_f32x8()
-            a2 = S.zero_f32x8()
-            a3 = S.zero_f32x8()
-            for b in range(nb):
-                _prefetch_group(w, ahead, b, step)
-                xv = S.load_i8x32(xq, (t * nb + b) * 32)
-                dx = xd[t, b]
-                o = b * 22
-                a0 = _q5_0_block(isa, a0, w, o0 + o, xv, dx)
-                a1 = _q5_0_block(isa, a1, w, o1 + o, xv, dx)
-                a2 = _q5_0_block(isa, a2, w, o2 + o, xv, dx)
-                a3 = _q5_0_block(isa, a3, w, o3 + o, xv, dx)
-            _store4(out, t, r0, m, S.hsum_f32x8(a0), S.hsum_f32x8(a1), S.hsum_f32x8(a2), S.hsum_f32x8(a3))
+    return S.fma_f32x8(acc, S.dot_i8x32(isa, codes, xv), S.load_f16(w, off) * xd[t, b]), corr
 
 
 # -- Q8_1 activations: Q4_1, Q5_1 weights (unsigned codes plus a per-block min) ----------
 
 
 @njit(inline="always")
-def _q4_1_codes(w, off):
-    return S.load_nibbles_i8x32(w, off + 4)
+def _q4_1_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    xv = S.load_i8x32(xq, (t * nb + b) * 32)
+    dot = S.dot_u8i8x32(isa, S.load_nibbles_i8x32(w, off + 4), xv)
+    return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr + S.load_f16(w, off + 2) * xs[t, b]
 
 
 @njit(inline="always")
-def _q5_1_codes(w, off):
-    return S.or_i8x32(S.load_nibbles_i8x32(w, off + 8), S.bits_i8x32(S.load_u32(w, off + 4), 16))
+def _q5_1_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    xv = S.load_i8x32(xq, (t * nb + b) * 32)
+    codes = S.or_i8x32(S.load_nibbles_i8x32(w, off + 8), S.bits_i8x32(S.load_u32(w, off + 4), 16))
+    dot = S.dot_u8i8x32(isa, codes, xv)
+    return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr + S.load_f16(w, off + 2) * xs[t, b]
 
 
-@njit(inline="always")
-def _q_1_block(isa, acc, w, off, codes, xv, dx):
-    return S.fma_f32x8(acc, S.dot_u8i8x32(isa, codes, xv), S.load_f16(w, off) * dx)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q4_1(xq, xd, xs, w, row_bytes, m, out, isa):
-    n_tok, nb = xd.shape
-    step = GROUP * 20
-    for g in prange((m + GROUP - 1) // GROUP):
-        r0 = g * GROUP
-        o0, o1, o2, o3 = _row_offsets(r0, m, row_bytes)
-        ahead = (r0 + AHEAD * GROUP) * row_bytes
-        for t in range(n_tok):
-            a0 = S.zero_f32x8()
-            a1 = S.zero_f32x8()
-            a2 = S.zero_f32x8()
-            a3 = S.zero_f32x8()
-            m0 = m1 = m2 = m3 = np.float32(0)
-            for b in range(nb):
-                _prefetch_group(w, ahead, b, step)
-                xv = S.load_i8x32(xq, (t * nb + b) * 32)
-                dx, sx = xd[t, b], xs[t, b]
-                o = b * 20
-                a0 = _q_1_block(isa, a0, w, o0 + o, _q4_1_codes(w, o0 + o), xv, dx)
-                a1 = _q_1_block(isa, a1, w, o1 + o, _q4_1_codes(w, o1 + o), xv, dx)
-                a2 = _q_1_block(isa, a2, w, o2 + o, _q4_1_codes(w, o2 + o), xv, dx)
-                a3 = _q_1_block(isa, a3, w, o3 + o, _q4_1_codes(w, o3 + o), xv, dx)
-                m0 += S.load_f16(w, o0 + o + 2) * sx
-                m1 += S.load_f16(w, o1 + o + 2) * sx
-                m2 += S.load_f16(w, o2 + o + 2) * sx
-                m3 += S.load_f16(w, o3 + o + 2) * sx
-            _store4(out, t, r0, m, S.hsum_f32x8(a0) + m0, S.hsum_f32x8(a1) + m1,
-                    S.hsum_f32x8(a2) + m2, S.hsum_f32x8(a3) + m3)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def matmul_q5_1(xq, xd, xs, w, row_bytes, m, out, isa):
-    n_tok, nb = xd.shape
-    step = GROUP * 24
-    for g in prange((m + GROUP - 1) // GROUP):
-        r0 = g * GROUP
-        o0, o1, o2, o3 = _row_offsets(r0, m, row_bytes)
-        ahead = (r0 + AHEAD * GROUP) * row_bytes
-        for t in range(n_tok):
-            a0 = S.zero_f32x8()
-            a1 = S.zero_f32x8()
-            a2 = S.zero_f32x8()
-            a3 = S.zero_f32x8()
-            m0 = m1 = m2 = m3 = np.float32(0)
-            for b in range(nb):
-                _prefetch_group(w, ahead, b, step)
-                xv = S.load_i8x32(xq, (t * nb + b) * 32)
-                dx, sx = xd[t, b], xs[t, b]
-                o = b * 24
-                a0 = _q_1_block(isa, a0, w, o0 + o, _q5_1_codes(w, o0 + o), xv, dx)
-                a1 = _q_1_block(isa, a1, w, o1 + o, _q5_1_codes(w, o1 + o), xv, dx)
-                a2 = _q_1_block(isa, a2, w, o2 + o, _q5_1_codes(w, o2 + o), xv, dx)
-                a3 = _q_1_block(isa, a3, w, o3 + o, _q5_1_codes(w, o3 + o), xv, dx)
-                m0 += S.load_f16(w, o0 + o + 2) * sx
-                m1 += S.load_f16(w, o1 + o + 2) * sx
-                m2 += S.load_f16(w, o2 + o + 2) * sx
-                m3 += S.load_f16(w, o3 + o + 2) * sx
-            _store4(out, t, r0, m, S.hsum_f32x8(a0) + m0, S.hsum_f32x8(a1) + m1,
-                    S.hsum_f32x8(a2) + m2, S.hsum_f32x8(a3) + m3)
-
-
-# -- Q8_K activations: k-quants -------------------------------------------------------------
-# Each `_q*_k_block` returns (integer dot with sub-block scales applied [8 x i32],
-# integer correction) for one 256-element super-block; the caller scales both in float.
+# -- Q8_K activations: k-quants ----------------------------------------------------------
+# The `_q*_k_sums` return, for one 256-element super-block, the integer dot with the sub-block
+# scales applied (8 x i32) and an integer correction (the mins, or the stored code offset).
 
 
 @njit(inline="always")
@@ -252,7 +213,13 @@ def _k4_scale_min(w, off, j):
 
 
 @njit(inline="always")
-def _q4_k_block(isa, w, off, xq, xo, bs, bo):
+def _pair_sums(bs, bo, c):
+    """Sums of activation codes of the two 32-element sub-blocks 2c and 2c + 1."""
+    return bs[bo + 4 * c] + bs[bo + 4 * c + 1], bs[bo + 4 * c + 2] + bs[bo + 4 * c + 3]
+
+
+@njit(inline="always")
+def _q4_k_sums(isa, w, off, xq, xo, bs, bo):
     isum = S.zero_i32x8()
     mins = 0
     for c in range(4):  # 32 bytes of codes: sub-block 2c in the low nibbles, 2c + 1 in the high
@@ -262,12 +229,13 @@ def _q4_k_block(isa, w, off, xq, xo, bs, bo):
         lo = S.dot_u8i8x32(isa, S.field_i8x32(packed, 0, 15), S.load_i8x32(xq, xo + 64 * c))
         hi = S.dot_u8i8x32(isa, S.field_i8x32(packed, 4, 15), S.load_i8x32(xq, xo + 64 * c + 32))
         isum = S.add_i32x8(isum, S.add_i32x8(S.scale_i32x8(lo, sc_a, sc_a), S.scale_i32x8(hi, sc_b, sc_b)))
-        mins += mn_a * (bs[bo + 4 * c] + bs[bo + 4 * c + 1]) + mn_b * (bs[bo + 4 * c + 2] + bs[bo + 4 * c + 3])
+        sum_a, sum_b = _pair_sums(bs, bo, c)
+        mins += mn_a * sum_a + mn_b * sum_b
     return isum, mins
 
 
 @njit(inline="always")
-def _q5_k_block(isa, w, off, xq, xo, bs, bo):
+def _q5_k_sums(isa, w, off, xq, xo, bs, bo):
     isum = S.zero_i32x8()
     mins = 0
     high = S.load_i8x32(w, off + 16)  # bit p of byte j: fifth bit of element 32p + j
@@ -280,12 +248,13 @@ def _q5_k_block(isa, w, off, xq, xo, bs, bo):
         lo = S.dot_u8i8x32(isa, codes_a, S.load_i8x32(xq, xo + 64 * c))
         hi = S.dot_u8i8x32(isa, codes_b, S.load_i8x32(xq, xo + 64 * c + 32))
         isum = S.add_i32x8(isum, S.add_i32x8(S.scale_i32x8(lo, sc_a, sc_a), S.scale_i32x8(hi, sc_b, sc_b)))
-        mins += mn_a * (bs[bo + 4 * c] + bs[bo + 4 * c + 1]) + mn_b * (bs[bo + 4 * c + 2] + bs[bo + 4 * c + 3])
+        sum_a, sum_b = _pair_sums(bs, bo, c)
+        mins += mn_a * sum_a + mn_b * sum_b
     return isum, mins
 
 
 @njit(inline="always")
-def _q6_k_block(isa, w, off, xq, xo, bs, bo):
+def _q6_k_sums(isa, w, off, xq, xo, bs, bo):
     isum = S.zero_i32x8()
     offset_sum = 0  # codes are stored + 32
     for h in range(2):
@@ -311,14 +280,15 @@ def _q3_k_scale(w, off, j):
 
 
 @njit(inline="always")
-def _q3_k_block(isa, w, off, xq, xo, bs, bo):
+def _q3_k_sums(isa, w, off, xq, xo, bs, bo):
     isum = S.zero_i32x8()
     offset_sum = 0  # codes are stored + 4
     hmask = S.load_i8x32(w, off)
     for h in range(2):
         packed = S.load_i8x32(w, off + 32 + 32 * h)
         for r in range(4):
-            codes = S.or_i8x32(S.field_i8x32(packed, 2 * r, 3), S.shl_i8x32(S.field_i8x32(hmask, 4 * h + r, 1), 2))
+            high_bit = S.shl_i8x32(S.field_i8x32(hmask, 4 * h + r, 1), 2)
+            codes = S.or_i8x32(S.field_i8x32(packed, 2 * r, 3), high_bit)
             j = 8 * h + 2 * r
             sc_a, sc_b = _q3_k_scale(w, off + 96, j), _q3_k_scale(w, off + 96, j + 1)
             dot = S.dot_u8i8x32(isa, codes, S.load_i8x32(xq, xo + 128 * h + 32 * r))
@@ -328,7 +298,7 @@ def _q3_k_block(isa, w, off, xq, xo, bs, bo):
 
 
 @njit(inline="always")
-def _q2_k_block(isa, w, off, xq, xo, bs, bo):
+def _q2_k_sums(isa, w, off, xq, xo, bs, bo):
     isum = S.zero_i32x8()
     mins = 0
     for h in range(2):
@@ -342,81 +312,93 @@ def _q2_k_block(isa, w, off, xq, xo, bs, bo):
     return isum, mins
 
 
-# Byte offsets of the float16 scales in each k-quant block: (d, dmin or -1), and block bytes.
-_Q2_K = (80, 82, 84)
-_Q3_K = (108, -1, 110)
-_Q4_K = (0, 2, 144)
-_Q5_K = (0, 2, 176)
-_Q6_K = (208, -1, 210)
+@njit(inline="always")
+def _k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb, sums, d_at, dmin_at):
+    """One super-block: d * dx * isum, minus dmin * dx * mins (Q2_K/Q4_K/Q5_K, dmin_at >= 0)
+    or minus d * dx * the code offset (Q3_K/Q6_K)."""
+    isum, extra = sums(isa, w, off, xq, (t * nb + b) * 256, xs[t], b * 16)
+    dx = xd[t, b]
+    d = S.load_f16(w, off + d_at) * dx
+    scale = S.load_f16(w, off + dmin_at) * dx if dmin_at >= 0 else d
+    return S.fma_f32x8(acc, isum, d), corr - scale * np.float32(extra)
 
 
 @njit(inline="always")
-def _k_scales(w, off, layout, dx):
-    d = S.load_f16(w, off + layout[0]) * dx
-    dmin = S.load_f16(w, off + layout[1]) * dx if layout[1] >= 0 else np.float32(0)
-    return d, dmin
+def _q2_k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    return _k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb, _q2_k_sums, 80, 82)
 
 
 @njit(inline="always")
-def _k_row(isa, block, acc, corr, w, off, xq, xo, bs, bo, dx, layout):
-    isum, extra = block(isa, w, off, xq, xo, bs, bo)
-    d, dmin = _k_scales(w, off, layout, dx)
-    # Q2_K/Q4_K/Q5_K subtract dmin * mins; Q3_K/Q6_K subtract their code offset times d.
-    scale = dmin if layout[1] >= 0 else d
-    return S.fma_f32x8(acc, isum, d), corr + scale * np.float32(extra)
+def _q3_k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    return _k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb, _q3_k_sums, 108, -1)
 
 
 @njit(inline="always")
-def _matmul_k(xq, xd, xs, w, row_bytes, m, out, isa, block, layout):
-    n_tok, nb = xd.shape
-    block_bytes = layout[2]
-    step = GROUP * block_bytes
-    for g in prange((m + GROUP - 1) // GROUP):
-        r0 = g * GROUP
-        o0, o1, o2, o3 = _row_offsets(r0, m, row_bytes)
-        ahead = (r0 + AHEAD * GROUP) * row_bytes
-        for t in range(n_tok):
-            a0 = S.zero_f32x8()
-            a1 = S.zero_f32x8()
-            a2 = S.zero_f32x8()
-            a3 = S.zero_f32x8()
-            c0 = c1 = c2 = c3 = np.float32(0)
-            bs = xs[t]
-            for b in range(nb):
-                _prefetch_group(w, ahead, b, step)
-                xo, bo, dx = (t * nb + b) * 256, b * 16, xd[t, b]
-                o = b * block_bytes
-                a0, c0 = _k_row(isa, block, a0, c0, w, o0 + o, xq, xo, bs, bo, dx, layout)
-                a1, c1 = _k_row(isa, block, a1, c1, w, o1 + o, xq, xo, bs, bo, dx, layout)
-                a2, c2 = _k_row(isa, block, a2, c2, w, o2 + o, xq, xo, bs, bo, dx, layout)
-                a3, c3 = _k_row(isa, block, a3, c3, w, o3 + o, xq, xo, bs, bo, dx, layout)
-            _store4(out, t, r0, m, S.hsum_f32x8(a0) - c0, S.hsum_f32x8(a1) - c1,
-                    S.hsum_f32x8(a2) - c2, S.hsum_f32x8(a3) - c3)
+def _q4_k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    return _k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb, _q4_k_sums, 0, 2)
+
+
+@njit(inline="always")
+def _q5_k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    return _k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb, _q5_k_sums, 0, 2)
+
+
+@njit(inline="always")
+def _q6_k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    return _k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb, _q6_k_sums, 208, -1)
+
+
+# -- the kernels: one per weight type ------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q8_0(xq, xd, xs, w, row_bytes, m, out, isa):
+    _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, _q8_0_block, 34)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q4_0(xq, xd, xs, w, row_bytes, m, out, isa):
+    _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, _q4_0_block, 18)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q5_0(xq, xd, xs, w, row_bytes, m, out, isa):
+    _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, _q5_0_block, 22)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q4_1(xq, xd, xs, w, row_bytes, m, out, isa):
+    _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, _q4_1_block, 20)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q5_1(xq, xd, xs, w, row_bytes, m, out, isa):
+    _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, _q5_1_block, 24)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q2_k(xq, xd, xs, w, row_bytes, m, out, isa):
-    _matmul_k(xq, xd, xs, w, row_bytes, m, out, isa, _q2_k_block, _Q2_K)
+    _matmul(xq, xd, xs, w, row_bytes, m, out, isa, _q2_k_block, 84)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q3_k(xq, xd, xs, w, row_bytes, m, out, isa):
-    _matmul_k(xq, xd, xs, w, row_bytes, m, out, isa, _q3_k_block, _Q3_K)
+    _matmul(xq, xd, xs, w, row_bytes, m, out, isa, _q3_k_block, 110)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q4_k(xq, xd, xs, w, row_bytes, m, out, isa):
-    _matmul_k(xq, xd, xs, w, row_bytes, m, out, isa, _q4_k_block, _Q4_K)
+    _matmul(xq, xd, xs, w, row_bytes, m, out, isa, _q4_k_block, 144)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q5_k(xq, xd, xs, w, row_bytes, m, out, isa):
-    _matmul_k(xq, xd, xs, w, row_bytes, m, out, isa, _q5_k_block, _Q5_K)
+    _matmul(xq, xd, xs, w, row_bytes, m, out, isa, _q5_k_block, 176)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q6_k(xq, xd, xs, w, row_bytes, m, out, isa):
-    _matmul_k(xq, xd, xs, w, row_bytes, m, out, isa, _q6_k_block, _Q6_K)
+    _matmul(xq, xd, xs, w, row_bytes, m, out, isa, _q6_k_block, 210)
 
 
 # -- float weights: F32, F16, BF16 ------------------------------------------------------------
