@@ -16,6 +16,7 @@ from llmx.errors import UsageError
 from llmx.formats.chat_template import chat_template_for
 from llmx.formats.gguf_file import GGUFFile
 from llmx.formats.tokenizer import Tokenizer
+from llmx.formats.vocab import describe_tokenizer
 from llmx.quant.qtypes import QType, block_size, type_size
 
 # Bytes per cached K or V element for the cache types llmx offers.
@@ -128,12 +129,10 @@ def _shape_info(gguf: GGUFFile, config: ModelConfig | None) -> dict[str, Any]:
 def _tokenizer_info(gguf: GGUFFile) -> dict[str, Any]:
     tokens = gguf.get(Keys.Tokenizer.LIST)
     tokens = tokens if isinstance(tokens, list) else []
-    model = gguf.get(Keys.Tokenizer.MODEL)
-    kinds = {"llama": "SentencePiece (llama)", "gpt2": f"BPE (gpt2, pre={gguf.get(Keys.Tokenizer.PRE)})"}
     template = chat_template_for(gguf.metadata, gguf.architecture, tokens)
     return {
         "vocab_size": len(tokens),
-        "tokenizer": kinds.get(model, model),
+        "tokenizer": describe_tokenizer(gguf.get(Keys.Tokenizer.MODEL), gguf.get(Keys.Tokenizer.PRE)),
         "chat_template": template.origin,
     }
 

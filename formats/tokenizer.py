@@ -40,6 +40,7 @@ BPE_PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "gpt2": (_GPT2_REGEX,),
     "llama-bpe": (_LLAMA3_REGEX,),
     "llama3": (_LLAMA3_REGEX,),
+    "llama-v3": (_LLAMA3_REGEX,),
     "smaug-bpe": (_LLAMA3_REGEX,),
     "dbrx": (_LLAMA3_REGEX,),
     "qwen2": (_QWEN2_REGEX,),
@@ -47,8 +48,8 @@ BPE_PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "stablelm2": (_QWEN2_REGEX,),
     "deepseek-r1-qwen": (_QWEN2_REGEX,),
 }
-# Pre-tokenizers whose words are looked up whole before any merge (llama.cpp `ignore_merges`).
-_IGNORE_MERGES_PRE = {"llama-bpe", "llama3", "smaug-bpe", "dbrx"}
+# Pre-tokenizers whose words are looked up whole before any merge (llama.cpp's LLAMA3 type).
+_IGNORE_MERGES_PRE = {"llama-bpe", "llama3", "llama-v3"}
 
 
 class Tokenizer:
@@ -68,10 +69,6 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> Tokenizer:
         return cls(vocab_from_gguf(gguf))
-
-    @property
-    def kind(self) -> str:
-        return "SentencePiece (llama)" if self.vocab.model == "llama" else f"BPE (gpt2, pre={self.vocab.pre})"
 
     @property
     def n_vocab(self) -> int:

@@ -57,6 +57,15 @@ class Vocab:
         return frozenset(int(i) for i in ids)
 
 
+def describe_tokenizer(model: str | None, pre: str | None) -> str:
+    """How `llmx info` names a tokenizer: 'SentencePiece (llama)' or 'BPE (gpt2, pre=qwen2)'."""
+    if model == "llama":
+        return "SentencePiece (llama)"
+    if model == "gpt2":
+        return f"BPE (gpt2, pre={pre or 'default'})"
+    return str(model)
+
+
 def vocab_from_gguf(gguf: GGUFFile) -> Vocab:
     meta = gguf.metadata
     model = meta.get(Keys.Tokenizer.MODEL)
