@@ -140,9 +140,10 @@ class Transformer:
         local = bool(c.sliding_layers and c.sliding_layers[layer] and c.rope_base_local)
         base = c.rope_base_local if local else c.rope_base
         freq_scale = 1.0 / c.rope_scale_factor if c.rope_scaling == "linear" else 1.0
-        # theta_i = pos * base^(-2i / rope_dim), as ggml_rope_ext for modes normal and neox
+        # theta_i = pos * base^(-2i / rope_dim). (Emulating ggml's float32 running product
+        # instead moved gemma's logits no closer to llama.cpp's, so the angles are exact.)
         inv_freq = base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
-        angles = (positions[:, None] * freq_scale) * inv_freq[None, :]  # [n, rope_dim / 2]
+        angles = (positions[:, None] * freq_scale) * inv_freq[None, :]
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
@@ -155,9 +156,16 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 def activate(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "silu":
         return x / (np.float32(1) + np.exp(-x))
-    # GELU, tanh approximation
-    return np.float32(0.5) * x * (np.float32(1) + np.tanh(np.float32(math.sqrt(2 / math.pi))
-                                                          * (x + np.float32(0.044715) * x * x * x)))
+    return gelu_tanh_f16(x)
+
+
+def gelu_tanh_f16(x: np.ndarray) -> np.ndarray:
+    """GELU (tanh approximation) as ggml's CPU backend computes it: a float16 lookup table
+    indexed by the input rounded to float16, and the identity / zero beyond +-10."""
+    h = x.astype(np.float16).astype(np.float32)
+    inner = np.float32(math.sqrt(2 / math.pi)) * (h + np.float32(0.044715) * h * h * h)
+    table = (np.float32(0.5) * h * (np.float32(1) + np.tanh(inner))).astype(np.float16).astype(np.float32)
+    return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, table))
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> np.ndarray:
