@@ -3,4 +3,22 @@
 Kept import-light: `import llmx` and `llmx --help` must not pull in numba or the engine.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from llmx.engine.model import Model
+
+
+def load(path: str | Path | None = None, threads: int | None = None, ctx: int = 4096, device: str = "cpu",
+         cache_dir: str | Path | None = None) -> Model:
+    """Open a GGUF model (the default gemma-3-270m when `path` is None) for inference."""
+    from llmx.engine.default_model import resolve_model_path
+    from llmx.engine.model import Model
+
+    cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "llmx"
+    return Model(resolve_model_path(path, cache), threads=threads, ctx=ctx, device=device)

@@ -132,6 +132,101 @@ def tokenize(
         print(ids)
 
 
+Temp = Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")]
+
+
+@app.command()
+def run(
+    args: Annotated[list[str] | None, typer.Argument(
+        metavar="[MODEL] [PROMPT]", show_default=False,
+        help="A .gguf model (default: gemma-3-270m), then the prompt.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("-f", "--file", help="Read the prompt from a file.")] = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=1, help="Tokens to generate at most.")] = 256,
+    temperature: Temp = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", min=0.0)] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")] = None,
+    threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
+    ctx: Annotated[int, typer.Option("-c", "--ctx-size", min=1, help="Context size in tokens.")] = 4096,
+    chat_mode: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the chat template.")] = False,
+    system: Annotated[str | None, typer.Option("--system", help="System message (implies --chat).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Timings on stderr.")] = False,
+) -> None:
+    """Generate text from a prompt, streamed to stdout."""
+    import time
+
+    from llmx.cli.generate import gather_prompt, report_json, report_verbose, split_model_and_prompt, stream
+    from llmx.engine.model import GenerationStats, Model
+
+    wall_start = time.perf_counter()
+    model_arg, prompt_arg = split_model_and_prompt(args or [])
+    prompt = gather_prompt(prompt_arg, prompt_file)
+    model = Model(model_path(model_arg), threads=threads, ctx=ctx)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repeat_penalty=repeat_penalty, seed=seed)
+    stats = GenerationStats()
+    if chat_mode or system:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        pieces = model.chat(messages, max_tokens, stop or (), stats, **sampling)
+    else:
+        pieces = model.generate(prompt, max_tokens, stop or (), stats, **sampling)
+    if json_out:
+        report_json("".join(pieces), model, stats, wall_start)
+        return
+    try:
+        stream(pieces)
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if verbose:
+        report_verbose(model, stats, wall_start)
+
+
+@app.command()
+def chat(
+    model_arg: ModelArg = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message.")] = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", min=1)] = 512,
+    temperature: Temp = 0.8,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
+    ctx: Annotated[int, typer.Option("-c", "--ctx-size", min=1)] = 4096,
+) -> None:
+    """Chat with a model: /clear forgets the conversation, /exit (or Ctrl-D) leaves."""
+    from rich.console import Console
+
+    from llmx.cli.generate import stream
+    from llmx.engine.model import Model
+
+    model = Model(model_path(model_arg), threads=threads, ctx=ctx)
+    interactive = sys.stdin.isatty()
+    console = Console(stderr=True, highlight=False)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        if interactive:
+            console.print("[bold cyan]>>> [/]", end="")
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit", "/bye"):
+            break
+        if text == "/clear":
+            history = history[:1] if system else []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        reply = stream(model.chat(history, max_tokens, temperature=temperature, seed=seed))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": reply})
+
+
 def read_stdin_text() -> str:
     from llmx.errors import UsageError
 

@@ -119,13 +119,16 @@ class Tokenizer:
         """The bytes one token stands for; control tokens only when `special`."""
         if not 0 <= token_id < self.n_vocab:
             raise TokenizerError(f"token id {token_id} is outside the vocabulary (0..{self.n_vocab - 1})")
-        if self.vocab.types[token_id] == TokenType.CONTROL:
-            return self._token_texts[token_id] if special else b""
-        return self._token_texts[token_id]
+        if not special and self.vocab.types[token_id] == TokenType.CONTROL:
+            return b""
+        cached = self._token_texts.get(token_id)
+        if cached is None:  # filled on demand: building all 262,144 up front costs a second
+            cached = self._token_texts[token_id] = self._backend.token_bytes(token_id)
+        return cached
 
     @cached_property
-    def _token_texts(self) -> list[bytes]:
-        return [self._backend.token_bytes(i) for i in range(self.n_vocab)]
+    def _token_texts(self) -> dict[int, bytes]:
+        return {}
 
     def piece(self, token_id: int) -> str:
         """A token's text for display (`llmx tokenize --pieces`), control tokens included."""

@@ -1,0 +1,100 @@
+"""`llmx run` and `llmx chat`: prompt plumbing, streaming to stdout, timings to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmx.errors import UsageError
+
+
+def looks_like_model(arg: str) -> bool:
+    return arg.endswith(".gguf") or Path(arg).is_file()
+
+
+def split_model_and_prompt(args: list[str]) -> tuple[str | None, str | None]:
+    """`[MODEL] [PROMPT]`: one argument is the model if it names a .gguf file, else the prompt."""
+    if len(args) > 2:
+        raise UsageError("run takes [MODEL] [PROMPT]; quote a prompt that has spaces")
+    if len(args) == 2:
+        return args[0], args[1]
+    if len(args) == 1:
+        return (args[0], None) if looks_like_model(args[0]) else (None, args[0])
+    return None, None
+
+
+def read_utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def gather_prompt(argument: str | None, prompt_file: Path | None) -> str:
+    """The argument, then the file or piped stdin after it (`cat notes | llmx run m "Sum up:"`)."""
+    parts = [argument] if argument else []
+    if prompt_file is not None:
+        try:
+            parts.append(_strip_final_newline(read_utf8(prompt_file.read_bytes(), str(prompt_file))))
+        except OSError as e:
+            raise UsageError(f"cannot read the prompt file {prompt_file}: {e.strerror}") from None
+    elif not sys.stdin.isatty():
+        piped = _strip_final_newline(read_utf8(sys.stdin.buffer.read(), "standard input"))
+        if piped:
+            parts.append(piped)
+    if not parts:
+        raise UsageError("no prompt: give one as an argument, with -f FILE, or on standard input")
+    return "\n".join(parts)
+
+
+def _strip_final_newline(text: str) -> str:
+    """`echo` and editors end text with a newline the user did not mean as part of the prompt."""
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def stream(pieces, out=None) -> str:
+    """Write pieces to stdout as they come (flushing each); returns the whole text."""
+    out = out or sys.stdout
+    text = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        text.append(piece)
+    return "".join(text)
+
+
+def timings(model, stats, wall_start: float) -> dict[str, Any]:
+    # like llama.cpp's eval rate: the tokens after the first, over the time after the first
+    after_first = max(0, stats.completion_tokens - 1)
+    gen_tps = after_first / stats.generation_seconds if stats.generation_seconds and after_first else 0.0
+    return {
+        "load_s": model.load_seconds,
+        "prompt_s": stats.prompt_seconds,
+        "prompt_tokens_per_s": stats.prompt_tokens / stats.prompt_seconds if stats.prompt_seconds else 0.0,
+        "generation_s": stats.generation_seconds,
+        "generation_tokens_per_s": gen_tps,
+        "time_to_first_token_s": stats.first_token_seconds,
+        "total_s": time.perf_counter() - wall_start,
+    }
+
+
+def report_json(text: str, model, stats, wall_start: float) -> None:
+    print(json.dumps({
+        "text": text,
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "finish_reason": stats.finish_reason,
+        "timings": timings(model, stats, wall_start),
+    }, ensure_ascii=False))
+
+
+def report_verbose(model, stats, wall_start: float) -> None:
+    from llmx.cli.output import notice
+
+    t = timings(model, stats, wall_start)
+    notice(f"load {t['load_s']:.2f} s | prompt {stats.prompt_tokens} tokens, {t['prompt_tokens_per_s']:.1f} t/s | "
+           f"generation {stats.completion_tokens} tokens, {t['generation_tokens_per_s']:.1f} t/s | "
+           f"first token {t['time_to_first_token_s']:.2f} s | finish {stats.finish_reason}")

@@ -1,0 +1,137 @@
+"""`Model`: the public Python API (`llmx.load`): tokenize, detokenize, logits, generate, chat."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmx.engine.archs import config_from_gguf
+from llmx.engine.sampling import SamplingParams, StopMatcher, make_rng, make_sampler
+from llmx.engine.transformer import SequenceCache, Transformer
+from llmx.errors import LlmxError, UsageError
+from llmx.formats.chat_template import ChatTemplate, chat_template_for
+from llmx.formats.gguf_file import GGUFFile
+from llmx.formats.tokenizer import Tokenizer
+
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class GenerationStats:
+    """What one `generate` call did, filled in as it runs."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    finish_reason: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+
+class Model:
+    def __init__(self, path: Path, threads: int | None = None, ctx: int = DEFAULT_CTX, device: str = "cpu"):
+        if device != "cpu":
+            raise UsageError(f"device {device!r} is not available yet; use device='cpu'")
+        started = time.perf_counter()
+        self.path = Path(path)
+        self.gguf = GGUFFile.open(self.path)
+        self.config = config_from_gguf(self.gguf)
+        self.tokenizer = Tokenizer.from_gguf(self.gguf)
+        self.transformer = Transformer.from_gguf(self.gguf, self.config, threads)
+        self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
+        self.load_seconds = time.perf_counter() - started
+
+    # -- text <-> ids ---------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.tokenizer.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        return self.tokenizer.detokenize(ids, special=special)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(ids), n_vocab]: the next-token logits after each prefix of `ids`."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self._check_fits(len(ids))
+        return self.transformer.forward(ids, SequenceCache.empty(self.config, len(ids)))
+
+    # -- generation -------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, stop: Sequence[str] = (),
+                 stats: GenerationStats | None = None, **sampling: Any) -> Iterator[str]:
+        """Stream the continuation of `prompt` (text, special tokens parsed, BOS added; or ids)
+        as text pieces. Sampling keywords as `SamplingParams` (temperature=0 is greedy)."""
+        params = SamplingParams(**sampling)
+        stats = stats if stats is not None else GenerationStats()
+        ids = self.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
+        self._check_fits(len(ids))
+        return self._generate(ids, max_tokens, params, StopMatcher(stop), stats)
+
+    def _generate(self, ids: list[int], max_tokens: int, params: SamplingParams, stops: StopMatcher,
+                  stats: GenerationStats) -> Iterator[str]:
+        sample, rng = make_sampler(params), make_rng(params.seed)
+        cache = SequenceCache.empty(self.config, min(self.ctx, len(ids) + max_tokens))
+        decoder = self.tokenizer.decoder()
+        eog = self.tokenizer.vocab.eog_ids()
+        stats.prompt_tokens = len(ids)
+        started = time.perf_counter()
+        logits = self.transformer.forward(np.array(ids), cache, logits_for="last")[-1]
+        stats.prompt_seconds = time.perf_counter() - started
+        history = list(ids)
+        stats.finish_reason = "length"
+        for n in range(max_tokens):
+            token = sample(logits, history, rng)
+            if n == 0:
+                stats.first_token_seconds = time.perf_counter() - started
+            if token in eog:
+                stats.finish_reason = "stop"
+                break
+            history.append(token)
+            stats.tokens.append(token)
+            stats.completion_tokens += 1
+            piece = stops.push(decoder.push(token))
+            if piece:
+                yield piece
+            if stops.stopped:
+                stats.finish_reason = "stop"
+                break
+            if n + 1 == max_tokens or cache.length >= cache.capacity:
+                break
+            logits = self.transformer.forward(np.array([token]), cache, logits_for="last")[-1]
+        stats.generation_seconds = time.perf_counter() - started - stats.prompt_seconds
+        tail = stops.push(decoder.flush()) + stops.flush()
+        if tail:
+            yield tail
+
+    def _check_fits(self, n_tokens: int) -> None:
+        if n_tokens >= self.ctx:
+            raise LlmxError(f"the prompt is {n_tokens} tokens but the context holds {self.ctx}; "
+                            "shorten it or raise the context size (-c)")
+
+    # -- chat ---------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        vocab = self.tokenizer.vocab
+        bos = vocab.tokens[vocab.bos_id] if vocab.bos_id is not None else ""
+        eos = vocab.tokens[vocab.eos_id] if vocab.eos_id is not None else ""
+        return chat_template_for(self.gguf.metadata, self.gguf.architecture, vocab.tokens, bos, eos)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Prompt ids for a conversation: the template's text, special tokens parsed. A BOS the
+        template writes itself is not added a second time."""
+        template = self.chat_template
+        text = template.render(messages, add_generation_prompt=True)
+        add_bos = not (template.bos_token and text.startswith(template.bos_token))
+        return self.tokenize(text, add_bos=add_bos, special=True)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int = 256, stop: Sequence[str] = (),
+             stats: GenerationStats | None = None, **sampling: Any) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` (OpenAI-style role/content dicts)."""
+        return self.generate(self.chat_prompt(messages), max_tokens, stop, stats, **sampling)
