@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmx.errors import UsageError
+from llmx.errors import LlmxError, UsageError
 
 
 def looks_like_model(arg: str) -> bool:
@@ -30,7 +30,7 @@ def read_utf8(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise LlmxError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}); convert it first") from None
 
 
 def gather_prompt(argument: str | None, prompt_file: Path | None) -> str:

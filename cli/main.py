@@ -180,8 +180,9 @@ def run(
     try:
         stream(pieces)
     finally:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        if sys.stdout.isatty():  # end the line for the shell; pipes get the generated text only
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     if verbose:
         report_verbose(model, stats, wall_start)
 
@@ -228,12 +229,9 @@ def chat(
 
 
 def read_stdin_text() -> str:
-    from llmx.errors import UsageError
+    from llmx.cli.generate import read_utf8
 
-    try:
-        return sys.stdin.buffer.read().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return read_utf8(sys.stdin.buffer.read(), "standard input")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,7 @@ def test_tokenize_pieces(gemma_path):
 
 def test_tokenize_rejects_non_utf8_stdin(gemma_path):
     result = run_llmx("tokenize", str(gemma_path), "-", stdin=b"\xff\xfe bad")
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert b"not UTF-8" in result.stderr and b"Traceback" not in result.stderr
 
 
