@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from llmx.engine.archs import config_from_gguf
+from llmx.engine.kv_cache import KVCache
 from llmx.engine.sampling import SamplingParams, StopMatcher, make_rng, make_sampler
-from llmx.engine.transformer import SequenceCache, Transformer
+from llmx.engine.transformer import Transformer
 from llmx.errors import LlmxError, UsageError
 from llmx.formats.chat_template import ChatTemplate, chat_template_for
 from llmx.formats.gguf_file import GGUFFile
@@ -59,7 +60,8 @@ class Model:
         """float32 [len(ids), n_vocab]: the next-token logits after each prefix of `ids`."""
         ids = np.asarray(ids, dtype=np.int64)
         self._check_fits(len(ids))
-        return self.transformer.forward(ids, SequenceCache.empty(self.config, len(ids)))
+        cache = KVCache(self.config, len(ids))
+        return self.transformer.forward(ids, cache.new_sequence(), cache)
 
     # -- generation -------------------------------------------------------------------
 
@@ -76,12 +78,14 @@ class Model:
     def _generate(self, ids: list[int], max_tokens: int, params: SamplingParams, stops: StopMatcher,
                   stats: GenerationStats) -> Iterator[str]:
         sample, rng = make_sampler(params), make_rng(params.seed)
-        cache = SequenceCache.empty(self.config, min(self.ctx, len(ids) + max_tokens))
+        capacity = min(self.ctx, len(ids) + max_tokens)
+        cache = KVCache(self.config, capacity)
+        seq = cache.new_sequence()
         decoder = self.tokenizer.decoder()
         eog = self.tokenizer.vocab.eog_ids()
         stats.prompt_tokens = len(ids)
         started = time.perf_counter()
-        logits = self.transformer.forward(np.array(ids), cache, logits_for="last")[-1]
+        logits = self.transformer.forward(np.array(ids), seq, cache, logits_for="last")[-1]
         stats.prompt_seconds = time.perf_counter() - started
         history = list(ids)
         stats.finish_reason = "length"
@@ -101,9 +105,9 @@ class Model:
             if stops.stopped:
                 stats.finish_reason = "stop"
                 break
-            if n + 1 == max_tokens or cache.length >= cache.capacity:
+            if n + 1 == max_tokens or len(history) >= capacity:
                 break
-            logits = self.transformer.forward(np.array([token]), cache, logits_for="last")[-1]
+            logits = self.transformer.forward(np.array([token]), seq, cache, logits_for="last")[-1]
         stats.generation_seconds = time.perf_counter() - started - stats.prompt_seconds
         tail = stops.push(decoder.flush()) + stops.flush()
         if tail:

@@ -6,42 +6,26 @@ CPU backend does. The elementwise parts follow llama.cpp too: float32 math, RMSN
 float64, keys and values stored as float16 (llama.cpp's default cache type), queries and
 attention probabilities rounded to float16 where ggml's float16 matmuls round them.
 
-This first version keeps each sequence's cache in contiguous arrays (`SequenceCache`); the
-paged cache of DESIGN.md replaces it when the scheduler lands.
+A forward pass takes tokens of one or more sequences at once: their matmuls run as one batch,
+and attention reads each sequence's keys and values through its block table in the paged
+`KVCache`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmx.engine.attention import attend_paged
 from llmx.engine.config import ModelConfig
+from llmx.engine.kv_cache import KVCache, SequenceHandle
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
 from llmx.quant.cpu.linear import matmul
-
-
-@dataclass
-class SequenceCache:
-    """Keys and values of one sequence, per layer: float16 [n_ctx, n_head_kv, head_dim]."""
-
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-    length: int = 0
-
-    @classmethod
-    def empty(cls, config: ModelConfig, n_ctx: int) -> SequenceCache:
-        shape_k = (n_ctx, config.n_head_kv, config.head_dim)
-        shape_v = (n_ctx, config.n_head_kv, config.head_dim_v)
-        return cls([np.zeros(shape_k, np.float16) for _ in range(config.n_layer)],
-                   [np.zeros(shape_v, np.float16) for _ in range(config.n_layer)])
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[0]
 
 
 @dataclass
@@ -83,28 +67,38 @@ class Transformer:
 
     # -- forward ------------------------------------------------------------------------
 
-    def forward(self, tokens: np.ndarray, cache: SequenceCache, logits_for: str = "all") -> np.ndarray:
-        """Run `tokens` (continuing `cache`) and return float32 logits [n, n_vocab] for all
-        positions, or [1, n_vocab] for the last one with `logits_for="last"`."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        start = cache.length
-        if start + len(tokens) > cache.capacity:
-            raise LlmxError(f"context full: {start + len(tokens)} tokens do not fit in {cache.capacity}")
-        positions = np.arange(start, start + len(tokens))
+    def forward(self, tokens: np.ndarray, seq: SequenceHandle, cache: KVCache, logits_for: str = "all") -> np.ndarray:
+        """One sequence: float32 logits [n, n_vocab] (`logits_for="all"`) or [1, n_vocab] ("last")."""
+        return self.forward_batch([(seq, tokens)], cache, logits_for)[0]
+
+    def forward_batch(self, batch: Sequence[tuple[SequenceHandle, np.ndarray]], cache: KVCache,
+                      logits_for: str = "last") -> list[np.ndarray]:
+        """Continue several sequences at once; per sequence, logits for every new position
+        ("all") or for its last one ("last")."""
+        spans, start = [], 0
+        for seq, tokens in batch:
+            positions = cache.reserve(seq, len(tokens))
+            spans.append((seq, positions, slice(start, start + len(tokens))))
+            start += len(tokens)
+        tokens = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in batch])
         x = self._embed(tokens)  # [n_tok, n_embd]
         for layer in range(self.config.n_layer):
-            x = self._block(layer, x, positions, cache)
-        cache.length = start + len(tokens)
-        if logits_for == "last":
-            x = x[-1:]
-        x = rms_norm(x, self._vector("output_norm.weight"), self.config.rms_eps)
-        head = "token_embd" if self.config.tied_output else "output"
-        return self._linear(x, head)
+            x = self._block(layer, x, spans, cache)
+        for seq, positions, _ in spans:
+            cache.commit(seq, len(positions))
+        rows = [np.arange(sl.start, sl.stop) if logits_for == "all" else np.array([sl.stop - 1]) for _, _, sl in spans]
+        logits = self._logits(x[np.concatenate(rows)])
+        bounds = np.cumsum([0] + [len(r) for r in rows])
+        return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    def _block(self, layer: int, x: np.ndarray, positions: np.ndarray, cache: SequenceCache) -> np.ndarray:
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        x = rms_norm(x, self._vector("output_norm.weight"), self.config.rms_eps)
+        return self._linear(x, "token_embd" if self.config.tied_output else "output")
+
+    def _block(self, layer: int, x: np.ndarray, spans, cache: KVCache) -> np.ndarray:
         c, p = self.config, f"blk.{layer}."
         h = rms_norm(x, self._vector(p + "attn_norm.weight"), c.rms_eps)
-        attn = self._linear(self._attention(layer, h, positions, cache), p + "attn_output")
+        attn = self._linear(self._attention(layer, h, spans, cache), p + "attn_output")
         if c.post_norms:
             attn = rms_norm(attn, self._vector(p + "post_attention_norm.weight"), c.rms_eps)
         x = x + attn
@@ -115,24 +109,24 @@ class Transformer:
             ffn = rms_norm(ffn, self._vector(p + "post_ffw_norm.weight"), c.rms_eps)
         return x + ffn
 
-    def _attention(self, layer: int, h: np.ndarray, positions: np.ndarray, cache: SequenceCache) -> np.ndarray:
+    def _attention(self, layer: int, h: np.ndarray, spans, cache: KVCache) -> np.ndarray:
         c, p = self.config, f"blk.{layer}."
-        n = len(positions)
+        n = len(h)
         q = self._linear(h, p + "attn_q").reshape(n, c.n_head, c.head_dim)
         k = self._linear(h, p + "attn_k").reshape(n, c.n_head_kv, c.head_dim)
         v = self._linear(h, p + "attn_v").reshape(n, c.n_head_kv, c.head_dim_v)
         if c.qk_norm:
             q = rms_norm(q, self._vector(p + "attn_q_norm.weight"), c.rms_eps)
             k = rms_norm(k, self._vector(p + "attn_k_norm.weight"), c.rms_eps)
+        positions = np.concatenate([pos for _, pos, _ in spans])
         cos, sin = self._rope(layer, positions)
         q, k = apply_rope(q, cos, sin, c.rope_layout), apply_rope(k, cos, sin, c.rope_layout)
-        start = positions[0]
-        cache.keys[layer][start:start + n] = k
-        cache.values[layer][start:start + n] = v
-        keys = cache.keys[layer][: start + n].astype(np.float32)  # [n_kv, n_head_kv, head_dim]
-        values = cache.values[layer][: start + n].astype(np.float32)
         window = c.sliding_window if c.sliding_layers and c.sliding_layers[layer] else None
-        out = attend(q, keys, values, positions, window, c.n_head // c.n_head_kv)
+        out = np.empty((n, c.n_head, c.head_dim_v), np.float32)
+        for seq, pos, rows in spans:
+            cache.write(seq, layer, pos, k[rows], v[rows])
+            out[rows] = attend_paged(q[rows], cache.keys[layer], cache.values[layer], cache.block_table(seq), pos,
+                                     window, c.n_head // c.n_head_kv)
         return out.reshape(n, c.n_head * c.head_dim_v)
 
     def _rope(self, layer: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,30 +177,4 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> 
         out[..., 0 : 2 * half : 2], out[..., 1 : 2 * half : 2] = ra, rb
     else:
         out[..., :half], out[..., half : 2 * half] = ra, rb
-    return out
-
-
-def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.ndarray,
-           window: int | None, group: int) -> np.ndarray:
-    """Causal (optionally sliding-window) attention with grouped KV heads.
-
-    q [n, n_head, d], keys [n_kv, n_head_kv, d], values [n_kv, n_head_kv, dv] -> [n, n_head, dv].
-    """
-    n, n_head, d = q.shape
-    q16 = q.astype(np.float16).astype(np.float32)  # ggml's f16 matmul rounds the queries
-    kv_pos = np.arange(keys.shape[0])
-    allowed = kv_pos[None, :] <= positions[:, None]  # [n, n_kv]
-    if window:
-        allowed &= positions[:, None] - kv_pos[None, :] < window
-    out = np.empty((n, n_head, values.shape[2]), np.float32)
-    scale = np.float32(1.0 / math.sqrt(d))
-    for head in range(n_head):
-        kv_head = head // group
-        scores = (q16[:, head, :] @ keys[:, kv_head, :].T) * scale  # [n, n_kv]
-        scores = np.where(allowed, scores, -np.inf)
-        scores -= scores.max(axis=1, keepdims=True)
-        probs = np.exp(scores)
-        probs /= probs.sum(axis=1, keepdims=True)
-        probs = probs.astype(np.float16).astype(np.float32)  # rounded again for the f16 V matmul
-        out[:, head, :] = probs @ values[:, kv_head, :]
     return out

@@ -7,7 +7,8 @@ import pytest
 from conftest import MODELS_DIR, REFERENCE_DIR
 
 from llmx.engine.archs import config_from_gguf
-from llmx.engine.transformer import SequenceCache, Transformer
+from llmx.engine.kv_cache import KVCache
+from llmx.engine.transformer import Transformer
 from llmx.formats.gguf_file import GGUFFile
 from llmx.formats.tokenizer import Tokenizer
 
@@ -33,7 +34,7 @@ def test_all_tiny_models_are_checked(reference):
 def test_tiny_logits_match_llama_cpp(stem, reference, tiny_logits):
     model, config = load(MODELS_DIR / f"{stem}.gguf")
     ids = np.array(reference["tiny"][stem]["ids"])
-    logits = model.forward(ids, SequenceCache.empty(config, len(ids)))
+    logits = run_fresh(model, config, ids)
     expected = tiny_logits[stem]
     assert logits.shape == expected.shape == (80, 512)
     err = np.abs(logits - expected) / expected.std()
@@ -44,16 +45,22 @@ def test_tiny_logits_match_llama_cpp(stem, reference, tiny_logits):
         assert (logits.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.85
 
 
+def run_fresh(model, config, ids):
+    cache = KVCache(config, len(ids))
+    return model.forward(np.asarray(ids), cache.new_sequence(), cache)
+
+
 def greedy(model, config, prompt, n, eos=None):
-    cache = SequenceCache.empty(config, len(prompt) + n + 1)
-    logits = model.forward(np.array(prompt), cache, logits_for="last")
+    cache = KVCache(config, len(prompt) + n + 1)
+    seq = cache.new_sequence()
+    logits = model.forward(np.array(prompt), seq, cache, logits_for="last")
     out = []
     for _ in range(n):
         token = int(logits[-1].argmax())
         out.append(token)
         if token == eos:
             break
-        logits = model.forward(np.array([token]), cache, logits_for="last")
+        logits = model.forward(np.array([token]), seq, cache, logits_for="last")
     return out
 
 
@@ -76,7 +83,7 @@ def test_gemma_logits_match_llama_cpp(gemma, reference):
     model, config, _ = gemma
     arrays = np.load(REFERENCE_DIR / "gemma_logits.npz")
     for prompt, case in reference["gemma"]["logits"].items():
-        logits = model.forward(np.array(case["ids"]), SequenceCache.empty(config, len(case["ids"])))
+        logits = run_fresh(model, config, case["ids"])
         top10 = np.argsort(-logits, axis=1)[:, :10]
         expected = arrays[f"top10_{case['index']}"]
         assert (top10[:, 0] == expected[:, 0]).mean() >= 0.9, prompt
@@ -106,7 +113,7 @@ def test_gemma_perplexity_matches_llama_cpp(gemma):
     ctx, nll, count = 512, 0.0, 0
     for chunk in range(min(8, len(tokens) // ctx)):
         ids = [tokenizer.vocab.bos_id] + tokens[chunk * ctx + 1 : (chunk + 1) * ctx]
-        logits = model.forward(np.array(ids), SequenceCache.empty(config, ctx)).astype(np.float64)
+        logits = run_fresh(model, config, ids).astype(np.float64)
         scored = logits[ctx // 2 : ctx - 1]
         top = scored.max(axis=1)
         log_norm = top + np.log(np.exp(scored - top[:, None]).sum(axis=1))

@@ -1,0 +1,72 @@
+"""The paged KV cache: one pool of fixed-size blocks, a block table per sequence (PagedAttention).
+
+Keys and values are stored as float16 (llama.cpp's default cache type) in
+    keys   [n_layer, n_blocks, block_size, n_head_kv, head_dim]
+    values [n_layer, n_blocks, block_size, n_head_kv, head_dim_v]
+A sequence owns the blocks listed in its table, in position order; position p lives in block
+table[p // block_size], slot p % block_size. Outside this module a sequence is an opaque
+`SequenceHandle`. One request in `llmx run` uses the same path as many in `llmx serve`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmx.engine.config import ModelConfig
+from llmx.errors import LlmxError
+
+BLOCK_SIZE = 16
+
+
+@dataclass(eq=False)
+class SequenceHandle:
+    """A sequence's place in the cache; only `KVCache` looks inside."""
+
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0  # positions written
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, n_tokens: int, block_size: int = BLOCK_SIZE):
+        self.block_size = block_size
+        n_blocks = max(1, -(-n_tokens // block_size))
+        shape = (config.n_layer, n_blocks, block_size, config.n_head_kv)
+        self.keys = np.zeros((*shape, config.head_dim), np.float16)
+        self.values = np.zeros((*shape, config.head_dim_v), np.float16)
+        self._free = list(range(n_blocks - 1, -1, -1))  # pop() hands out low blocks first
+
+    @property
+    def free_tokens(self) -> int:
+        return len(self._free) * self.block_size
+
+    def new_sequence(self) -> SequenceHandle:
+        return SequenceHandle()
+
+    def release(self, seq: SequenceHandle) -> None:
+        self._free.extend(reversed(seq.blocks))
+        seq.blocks.clear()
+        seq.length = 0
+
+    def reserve(self, seq: SequenceHandle, n_new: int) -> np.ndarray:
+        """Make room for `n_new` more positions; returns their positions (int64 [n_new])."""
+        needed = -(-(seq.length + n_new) // self.block_size) - len(seq.blocks)
+        if needed > len(self._free):
+            raise LlmxError(f"the KV cache is full: {seq.length + n_new} positions do not fit; "
+                            "raise the context size (-c)")
+        seq.blocks.extend(self._free.pop() for _ in range(needed))
+        return np.arange(seq.length, seq.length + n_new)
+
+    def write(self, seq: SequenceHandle, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """k [n, n_head_kv, head_dim], v [n, n_head_kv, head_dim_v] at `positions` of `seq`."""
+        table = np.asarray(seq.blocks, dtype=np.int64)
+        blocks, slots = table[positions // self.block_size], positions % self.block_size
+        self.keys[layer, blocks, slots] = k
+        self.values[layer, blocks, slots] = v
+
+    def commit(self, seq: SequenceHandle, n_new: int) -> None:
+        seq.length += n_new
+
+    def block_table(self, seq: SequenceHandle) -> np.ndarray:
+        return np.asarray(seq.blocks, dtype=np.int32)
