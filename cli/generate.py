@@ -11,6 +11,22 @@ from typing import Any
 from llmx.errors import LlmxError, UsageError
 
 
+def warm_up(model) -> float:
+    """Compile or load the kernels, saying so on stderr when it takes a while (the first run)."""
+    import threading
+
+    from rich.console import Console
+
+    status = Console(stderr=True).status("compiling kernels (first run only)")
+    timer = threading.Timer(0.75, status.start)
+    timer.start()
+    try:
+        return model.warm_up()
+    finally:
+        timer.cancel()
+        status.stop()
+
+
 def looks_like_model(arg: str) -> bool:
     return arg.endswith(".gguf") or Path(arg).is_file()
 
@@ -66,12 +82,13 @@ def stream(pieces, out=None) -> str:
     return "".join(text)
 
 
-def timings(model, stats, wall_start: float) -> dict[str, Any]:
+def timings(model, stats, wall_start: float, compile_s: float = 0.0) -> dict[str, Any]:
     # like llama.cpp's eval rate: the tokens after the first, over the time after the first
     after_first = max(0, stats.completion_tokens - 1)
     gen_tps = after_first / stats.generation_seconds if stats.generation_seconds and after_first else 0.0
     return {
         "load_s": model.load_seconds,
+        "compile_s": compile_s,
         "prompt_s": stats.prompt_seconds,
         "prompt_tokens_per_s": stats.prompt_tokens / stats.prompt_seconds if stats.prompt_seconds else 0.0,
         "generation_s": stats.generation_seconds,
@@ -81,20 +98,21 @@ def timings(model, stats, wall_start: float) -> dict[str, Any]:
     }
 
 
-def report_json(text: str, model, stats, wall_start: float) -> None:
+def report_json(text: str, model, stats, wall_start: float, compile_s: float) -> None:
     print(json.dumps({
         "text": text,
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.completion_tokens,
         "finish_reason": stats.finish_reason,
-        "timings": timings(model, stats, wall_start),
+        "timings": timings(model, stats, wall_start, compile_s),
     }, ensure_ascii=False))
 
 
-def report_verbose(model, stats, wall_start: float) -> None:
+def report_verbose(model, stats, wall_start: float, compile_s: float) -> None:
     from llmx.cli.output import notice
 
-    t = timings(model, stats, wall_start)
-    notice(f"load {t['load_s']:.2f} s | prompt {stats.prompt_tokens} tokens, {t['prompt_tokens_per_s']:.1f} t/s | "
+    t = timings(model, stats, wall_start, compile_s)
+    notice(f"load {t['load_s']:.2f} s | compile {t['compile_s']:.2f} s | "
+           f"prompt {stats.prompt_tokens} tokens, {t['prompt_tokens_per_s']:.1f} t/s | "
            f"generation {stats.completion_tokens} tokens, {t['generation_tokens_per_s']:.1f} t/s | "
            f"first token {t['time_to_first_token_s']:.2f} s | finish {stats.finish_reason}")

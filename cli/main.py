@@ -159,13 +159,14 @@ def run(
     """Generate text from a prompt, streamed to stdout."""
     import time
 
-    from llmx.cli.generate import gather_prompt, report_json, report_verbose, split_model_and_prompt, stream
+    from llmx.cli.generate import gather_prompt, report_json, report_verbose, split_model_and_prompt, stream, warm_up
     from llmx.engine.model import GenerationStats, Model
 
     wall_start = time.perf_counter()
     model_arg, prompt_arg = split_model_and_prompt(args or [])
     prompt = gather_prompt(prompt_arg, prompt_file)
     model = Model(model_path(model_arg), threads=threads, ctx=ctx)
+    compile_s = warm_up(model)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repeat_penalty=repeat_penalty, seed=seed)
     stats = GenerationStats()
@@ -175,7 +176,7 @@ def run(
     else:
         pieces = model.generate(prompt, max_tokens, stop or (), stats, **sampling)
     if json_out:
-        report_json("".join(pieces), model, stats, wall_start)
+        report_json("".join(pieces), model, stats, wall_start, compile_s)
         return
     try:
         stream(pieces)
@@ -184,7 +185,7 @@ def run(
             sys.stdout.write("\n")
             sys.stdout.flush()
     if verbose:
-        report_verbose(model, stats, wall_start)
+        report_verbose(model, stats, wall_start, compile_s)
 
 
 @app.command()
@@ -200,10 +201,11 @@ def chat(
     """Chat with a model: /clear forgets the conversation, /exit (or Ctrl-D) leaves."""
     from rich.console import Console
 
-    from llmx.cli.generate import stream
+    from llmx.cli.generate import stream, warm_up
     from llmx.engine.model import Model
 
     model = Model(model_path(model_arg), threads=threads, ctx=ctx)
+    warm_up(model)
     interactive = sys.stdin.isatty()
     console = Console(stderr=True, highlight=False)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []

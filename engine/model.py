@@ -48,6 +48,14 @@ class Model:
         self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
         self.load_seconds = time.perf_counter() - started
 
+    def warm_up(self) -> float:
+        """Run one token through the model so every kernel it needs is compiled (first run) or
+        loaded from Numba's cache; returns the seconds it took."""
+        started = time.perf_counter()
+        cache = KVCache(self.config, 1)
+        self.transformer.forward(np.array([self.tokenizer.vocab.bos_id or 0]), cache.new_sequence(), cache, "last")
+        return time.perf_counter() - started
+
     # -- text <-> ids ---------------------------------------------------------------
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
