@@ -4,8 +4,8 @@ Activations are quantized once per call to the type llama.cpp pairs with the wei
 `quant.activations`), then every weight block is dotted with integer arithmetic (`simd.dot_*`)
 and scaled in float. Rows go four at a time (each activation block is loaded once for four rows)
 and row groups are spread over threads with `prange`. Each block step also prefetches the bytes
-of the row group two groups ahead: on the machines measured here hardware prefetch alone reads
-memory at a quarter of the speed the prefetched loop reaches.
+of the row group two groups ahead: four interleaved row streams defeat the hardware prefetcher
+here (the Q8_0 kernel read 7 GB/s on one thread without this, 41 GB/s with it).
 
 Kernel arguments, all kernels alike:
     xq   int8 [n_tok * k]       activation codes, flattened
