@@ -105,6 +105,7 @@ def report_json(text: str, model, stats, wall_start: float, compile_s: float) ->
         "completion_tokens": stats.completion_tokens,
         "finish_reason": stats.finish_reason,
         "timings": timings(model, stats, wall_start, compile_s),
+        **({"logprobs": stats.logprobs} if stats.logprobs else {}),
     }, ensure_ascii=False))
 
 

@@ -154,6 +154,8 @@ def run(
     chat_mode: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the chat template.")] = False,
     system: Annotated[str | None, typer.Option("--system", help="System message (implies --chat).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    logprobs: Annotated[int | None, typer.Option("--logprobs", min=0,
+                                                 help="With --json: logprob of each token and the N best.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Timings on stderr.")] = False,
 ) -> None:
     """Generate text from a prompt, streamed to stdout."""
@@ -172,9 +174,9 @@ def run(
     stats = GenerationStats()
     if chat_mode or system:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        pieces = model.chat(messages, max_tokens, stop or (), stats, **sampling)
+        pieces = model.chat(messages, max_tokens, stop or (), stats, logprobs=logprobs, **sampling)
     else:
-        pieces = model.generate(prompt, max_tokens, stop or (), stats, **sampling)
+        pieces = model.generate(prompt, max_tokens, stop or (), stats, logprobs=logprobs, **sampling)
     if json_out:
         report_json("".join(pieces), model, stats, wall_start, compile_s)
         return

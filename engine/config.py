@@ -24,6 +24,7 @@ class ModelConfig:
     rope_dim: int
     rope_scaling: str | None = None  # "linear" or "yarn"
     rope_scale_factor: float = 1.0
+    rope_orig_ctx: int = 0  # YaRN: the context the model was trained with before scaling
     rope_base_local: float | None = None  # rope base of sliding-window layers, where it differs
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()  # per layer: does it attend within the window only

@@ -12,7 +12,7 @@ import numpy as np
 
 from llmx.engine.archs import config_from_gguf
 from llmx.engine.kv_cache import KVCache
-from llmx.engine.sampling import SamplingParams, StopMatcher, make_rng, make_sampler
+from llmx.engine.sampling import SamplingParams, StopMatcher, logprob_of, make_rng, make_sampler, top_logprobs
 from llmx.engine.transformer import Transformer
 from llmx.errors import LlmxError, UsageError
 from llmx.formats.chat_template import ChatTemplate, chat_template_for
@@ -33,6 +33,7 @@ class GenerationStats:
     first_token_seconds: float = 0.0
     finish_reason: str = ""
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # with generate(logprobs=N)
 
 
 class Model:
@@ -74,17 +75,18 @@ class Model:
     # -- generation -------------------------------------------------------------------
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, stop: Sequence[str] = (),
-                 stats: GenerationStats | None = None, **sampling: Any) -> Iterator[str]:
+                 stats: GenerationStats | None = None, logprobs: int | None = None, **sampling: Any) -> Iterator[str]:
         """Stream the continuation of `prompt` (text, special tokens parsed, BOS added; or ids)
-        as text pieces. Sampling keywords as `SamplingParams` (temperature=0 is greedy)."""
+        as text pieces. Sampling keywords as `SamplingParams` (temperature=0 is greedy). With
+        `logprobs=N`, `stats.logprobs` gets each token's log-probability and the N most likely."""
         params = SamplingParams(**sampling)
         stats = stats if stats is not None else GenerationStats()
         ids = self.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
         self._check_fits(len(ids))
-        return self._generate(ids, max_tokens, params, StopMatcher(stop), stats)
+        return self._generate(ids, max_tokens, params, StopMatcher(stop), stats, logprobs)
 
     def _generate(self, ids: list[int], max_tokens: int, params: SamplingParams, stops: StopMatcher,
-                  stats: GenerationStats) -> Iterator[str]:
+                  stats: GenerationStats, logprobs: int | None) -> Iterator[str]:
         sample, rng = make_sampler(params), make_rng(params.seed)
         capacity = min(self.ctx, len(ids) + max_tokens)
         cache = KVCache(self.config, capacity)
@@ -104,6 +106,8 @@ class Model:
             if token in eog:
                 stats.finish_reason = "stop"
                 break
+            if logprobs is not None:
+                stats.logprobs.append(_logprob_entry(logits, token, logprobs))
             history.append(token)
             stats.tokens.append(token)
             stats.completion_tokens += 1
@@ -144,6 +148,11 @@ class Model:
         return self.tokenize(text, add_bos=add_bos, special=True)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int = 256, stop: Sequence[str] = (),
-             stats: GenerationStats | None = None, **sampling: Any) -> Iterator[str]:
+             stats: GenerationStats | None = None, logprobs: int | None = None, **sampling: Any) -> Iterator[str]:
         """Stream the assistant's reply to `messages` (OpenAI-style role/content dicts)."""
-        return self.generate(self.chat_prompt(messages), max_tokens, stop, stats, **sampling)
+        return self.generate(self.chat_prompt(messages), max_tokens, stop, stats, logprobs, **sampling)
+
+
+def _logprob_entry(logits: np.ndarray, token: int, n: int) -> dict[str, Any]:
+    """The chosen token's log-probability under the raw logits, and the n most likely tokens."""
+    return {"token": token, "logprob": logprob_of(logits, token), "top_logprobs": top_logprobs(logits, n) if n else []}

@@ -107,12 +107,22 @@ def make_rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _log_norm(logits: np.ndarray) -> float:
+    return float(logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+
+
 def top_logprobs(logits: np.ndarray, n: int) -> list[tuple[int, float]]:
     """The n most likely tokens with their log-probabilities under the raw logits."""
     logits = np.asarray(logits, np.float64)
-    log_norm = logits.max() + np.log(np.exp(logits - logits.max()).sum())
-    best = np.argsort(-logits)[:n]
+    log_norm = _log_norm(logits)
+    best = np.argpartition(-logits, n - 1)[:n]
+    best = best[np.argsort(-logits[best], kind="stable")]
     return [(int(i), float(logits[i] - log_norm)) for i in best]
+
+
+def logprob_of(logits: np.ndarray, token: int) -> float:
+    logits = np.asarray(logits, np.float64)
+    return float(logits[token] - _log_norm(logits))
 
 
 class StopMatcher:

@@ -133,12 +133,31 @@ class Transformer:
         c = self.config
         local = bool(c.sliding_layers and c.sliding_layers[layer] and c.rope_base_local)
         base = c.rope_base_local if local else c.rope_base
-        freq_scale = 1.0 / c.rope_scale_factor if c.rope_scaling == "linear" else 1.0
         # theta_i = pos * base^(-2i / rope_dim). (Emulating ggml's float32 running product
         # instead moved gemma's logits no closer to llama.cpp's, so the angles are exact.)
         inv_freq = base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
-        angles = (positions[:, None] * freq_scale) * inv_freq[None, :]
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        theta = positions[:, None] * inv_freq[None, :]  # [n, rope_dim / 2]
+        scale = 1.0 / c.rope_scale_factor if c.rope_scaling in ("linear", "yarn") else 1.0
+        if c.rope_scaling != "yarn":
+            return np.cos(theta * scale).astype(np.float32), np.sin(theta * scale).astype(np.float32)
+        mix, mscale = yarn_mix(c.rope_dim, c.rope_orig_ctx, base, scale)
+        theta = theta * scale * (1 - mix) + theta * mix
+        return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
+
+
+def yarn_mix(rope_dim: int, orig_ctx: int, base: float, freq_scale: float,
+             beta_fast: float = 32.0, beta_slow: float = 1.0) -> tuple[np.ndarray, float]:
+    """YaRN as ggml's rope_yarn (ext_factor 1, attn_factor 1): per rotated pair, how much of the
+    unscaled (extrapolated) angle to keep, ramping from 1 for fast dims to 0 for slow ones, and
+    the magnitude correction 1 + 0.1 ln(1 / freq_scale)."""
+    def corr_dim(n_rot: float) -> float:
+        return rope_dim * math.log(orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(0.0, math.floor(corr_dim(beta_fast)))
+    high = min(rope_dim - 1.0, math.ceil(corr_dim(beta_slow)))
+    pair = np.arange(rope_dim // 2, dtype=np.float64)  # ggml's i0 / 2
+    ramp = 1 - np.clip((pair - low) / max(0.001, high - low), 0, 1)
+    return ramp[None, :], 1.0 + 0.1 * math.log(1.0 / freq_scale)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

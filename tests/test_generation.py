@@ -131,3 +131,17 @@ def test_run_errors_are_one_line(gemma_path, tmp_path):
         stderr = result.stderr.decode()
         assert result.returncode == 1 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
         assert what in stderr and "Traceback" not in stderr
+
+
+def test_logprobs_follow_the_logits(model):
+    from llmx.engine.model import GenerationStats
+
+    stats = GenerationStats()
+    list(model.generate("The capital of France is", max_tokens=3, temperature=0, logprobs=4, stats=stats))
+    assert [e["token"] for e in stats.logprobs] == stats.tokens and len(stats.tokens) == 3
+    for entry in stats.logprobs:
+        ranked = [lp for _, lp in entry["top_logprobs"]]
+        assert ranked == sorted(ranked, reverse=True) and len(ranked) == 4
+        assert entry["top_logprobs"][0][0] == entry["token"]  # greedy picks the most likely
+        assert entry["logprob"] == ranked[0] <= 0
+        assert sum(np.exp(ranked)) <= 1.0 + 1e-9

@@ -32,6 +32,7 @@ def base_config(gguf: GGUFFile, **flags: Any) -> ModelConfig:
         rope_dim=arch_int(gguf, "rope.dimension_count", head_dim),
         rope_scaling=_rope_scaling(gguf),
         rope_scale_factor=arch_float(gguf, "rope.scaling.factor", 1.0),
+        rope_orig_ctx=arch_int(gguf, "rope.scaling.original_context_length", arch_int(gguf, "context_length", 2048)),
         tied_output="output.weight" not in gguf.tensors,
         qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
     )

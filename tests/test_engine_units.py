@@ -1,0 +1,74 @@
+"""Engine pieces on their own: paged cache, batched forward, rope scaling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import MODELS_DIR
+
+from llmx.engine.archs import config_from_gguf
+from llmx.engine.kv_cache import KVCache
+from llmx.engine.transformer import Transformer, yarn_mix
+from llmx.errors import LlmxError
+from llmx.formats.gguf_file import GGUFFile
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    gguf = GGUFFile.open(MODELS_DIR / "tiny-qwen2-q8_0.gguf")
+    config = config_from_gguf(gguf)
+    return Transformer.from_gguf(gguf, config), config
+
+
+def test_blocks_are_handed_out_and_back(tiny):
+    _, config = tiny
+    cache = KVCache(config, 64, block_size=16)  # 4 blocks
+    a, b = cache.new_sequence(), cache.new_sequence()
+    assert cache.reserve(a, 20).tolist() == list(range(20))
+    cache.commit(a, 20)
+    cache.reserve(b, 16)
+    assert len(a.blocks) == 2 and len(b.blocks) == 1 and cache.free_tokens == 16
+    with pytest.raises(LlmxError, match="KV cache is full"):
+        cache.reserve(b, 40)
+    cache.release(a)
+    assert cache.free_tokens == 48 and a.blocks == [] and a.length == 0
+
+
+def test_batched_forward_equals_one_sequence_at_a_time(tiny):
+    model, config = tiny
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, size=n) for n in (7, 19, 3)]
+    alone = []
+    for p in prompts:
+        cache = KVCache(config, 64)
+        seq = cache.new_sequence()
+        first = model.forward(p, seq, cache, "all")
+        alone.append((first, model.forward(np.array([5]), seq, cache, "last")))
+    cache = KVCache(config, 128)
+    seqs = [cache.new_sequence() for _ in prompts]
+    together = model.forward_batch(list(zip(seqs, prompts, strict=True)), cache, "all")
+    step = model.forward_batch([(s, np.array([5])) for s in seqs], cache, "last")
+    for (first, nxt), batched, batched_next in zip(alone, together, step, strict=True):
+        np.testing.assert_allclose(batched, first, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(batched_next, nxt, rtol=1e-4, atol=1e-3)
+
+
+def test_yarn_keeps_fast_dims_and_interpolates_slow_ones():
+    mix, mscale = yarn_mix(rope_dim=128, orig_ctx=4096, base=10000.0, freq_scale=0.25)
+    assert mix[0, 0] == 1.0 and mix[0, -1] == 0.0  # first pairs extrapolate, last interpolate
+    assert np.all(np.diff(mix[0]) <= 0)
+    assert mscale == pytest.approx(1 + 0.1 * np.log(4))
+    same, one = yarn_mix(rope_dim=128, orig_ctx=4096, base=10000.0, freq_scale=1.0)
+    assert one == 1.0
+
+
+def test_yarn_factor_one_changes_nothing(tiny):
+    model, config = tiny
+    ids = np.arange(3, 40)
+    plain_cache = KVCache(config, 64)
+    plain = model.forward(ids, plain_cache.new_sequence(), plain_cache)
+    yarn = Transformer(dataclasses.replace(config, rope_scaling="yarn", rope_scale_factor=1.0), model.tensors)
+    yarn_cache = KVCache(config, 64)
+    np.testing.assert_allclose(yarn.forward(ids, yarn_cache.new_sequence(), yarn_cache), plain, rtol=1e-5, atol=1e-4)
