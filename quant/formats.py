@@ -318,6 +318,18 @@ def _two_bit_planes(qs: np.ndarray) -> np.ndarray:
     return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, QK_K)
 
 
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 128 code bytes -> uint8 [n, 8, 32]: 32 bytes hold sub-block 2c in their low
+    nibbles and 2c + 1 in their high nibbles."""
+    return ((qs.reshape(-1, 4, 1, 32) >> _NIBBLE_SHIFTS.reshape(1, 1, 2, 1)) & 0x0F).reshape(-1, 8, 32)
+
+
+def _pack_k_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 [n, 256] codes below 16 -> Q4_K/Q5_K's 128 code bytes."""
+    q = q.reshape(-1, 4, 2, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
 def _pack_two_bit_planes(q: np.ndarray) -> np.ndarray:
     q = q.reshape(-1, 2, 4, 32).astype(np.uint8)
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
@@ -393,16 +405,14 @@ class Q4_K(BlockFormat):
         sc, mn = unpack_k_scales(b["scales"])
         dl = (_f32(b["d"])[:, None] * _f32(sc))[:, :, None]  # [n, 8, 1]
         ml = (_f32(b["dmin"])[:, None] * _f32(mn))[:, :, None]
-        q = ((b["qs"].reshape(n, 4, 1, 32) >> _NIBBLE_SHIFTS.reshape(1, 1, 2, 1)) & 0x0F)
-        return (dl * _f32(q).reshape(n, 8, 32) - ml).reshape(n, QK_K)
+        return (dl * _f32(_k_nibbles(b["qs"])) - ml).reshape(n, QK_K)
 
     @classmethod
     def quantize_blocks(cls, x, weights):
         d, dmin, sc, mn, q = kquants.quantize_q4_k(x, weights)
         out = np.empty(len(x), cls.layout)
         out["d"], out["dmin"], out["scales"] = d, dmin, pack_k_scales(sc, mn)
-        q = q.reshape(-1, 4, 2, 32).astype(np.uint8)
-        out["qs"] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+        out["qs"] = _pack_k_nibbles(q)
         return out
 
 
@@ -417,9 +427,8 @@ class Q5_K(BlockFormat):
         sc, mn = unpack_k_scales(b["scales"])
         dl = (_f32(b["d"])[:, None] * _f32(sc))[:, :, None]
         ml = (_f32(b["dmin"])[:, None] * _f32(mn))[:, :, None]
-        low = ((b["qs"].reshape(n, 4, 1, 32) >> _NIBBLE_SHIFTS.reshape(1, 1, 2, 1)) & 0x0F).reshape(n, 8, 32)
         high = _bit_planes(b["qh"], 8).reshape(n, 8, 32) << 4
-        return (dl * _f32(low | high) - ml).reshape(n, QK_K)
+        return (dl * _f32(_k_nibbles(b["qs"]) | high) - ml).reshape(n, QK_K)
 
     @classmethod
     def quantize_blocks(cls, x, weights):
@@ -428,8 +437,7 @@ class Q5_K(BlockFormat):
         out["d"], out["dmin"], out["scales"] = d, dmin, pack_k_scales(sc, mn)
         q = q.astype(np.uint8)
         out["qh"] = _pack_bit_planes(q >> 4)
-        low = (q & 0x0F).reshape(-1, 4, 2, 32)
-        out["qs"] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+        out["qs"] = _pack_k_nibbles(q & 0x0F)
         return out
 
 

@@ -17,6 +17,17 @@ def test_subpackages_import_under_llmx():
         assert (REPO / name).resolve() in [p.resolve() for p in map(type(REPO), module.__path__)]
 
 
+def test_every_package_folder_is_in_the_distribution():
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = {REPO / folder for folder in config["package-dir"].values()}
+    assert set(config["packages"]) == set(config["package-dir"])
+    folders = {p.parent for p in REPO.rglob("__init__.py") if "tests" not in p.parts and ".venv" not in str(p)}
+    folders = {f for f in folders if not any(part.startswith(".") for part in f.relative_to(REPO).parts)}
+    assert folders == mapped
+
+
 def test_errors_form_one_tree():
     from llmx import errors
 

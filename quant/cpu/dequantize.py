@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from llmx.quant.cpu import blocks as B
 from llmx.quant.cpu import simd as S
 from llmx.quant.qtypes import QType, block_size, type_size
 
@@ -17,14 +18,9 @@ f32 = np.float32
 
 
 @njit(inline="always")
-def _u(w, i):
-    return np.int32(w[i])
-
-
-@njit(inline="always")
 def _nibble(w, qs, j):
     """Element j (0..31) of a 32-element block whose 16 code bytes start at `qs`."""
-    return _u(w, qs + j) & 0x0F if j < 16 else _u(w, qs + j - 16) >> 4
+    return B.byte(w, qs + j) & 0x0F if j < 16 else B.byte(w, qs + j - 16) >> 4
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -34,7 +30,7 @@ def _rows_q8_0(w, out):
         for b in range(out.shape[1] // 32):
             d = S.load_f16(row, 34 * b)
             for j in range(32):
-                q = _u(row, 34 * b + 2 + j)
+                q = B.byte(row, 34 * b + 2 + j)
                 out[r, 32 * b + j] = d * f32(q - 256 if q > 127 else q)
 
 
@@ -89,16 +85,9 @@ def _rows_q2_k(w, out):
             d, dmin = S.load_f16(row, o + 80), S.load_f16(row, o + 82)
             for e in range(256):
                 h, r4, j = e // 128, (e // 32) % 4, e % 32
-                sc = _u(row, o + e // 16)
-                q = (_u(row, o + 16 + 32 * h + j) >> (2 * r4)) & 3
+                sc = B.byte(row, o + e // 16)
+                q = (B.byte(row, o + 16 + 32 * h + j) >> (2 * r4)) & 3
                 out[r, 256 * b + e] = (d * f32(sc & 0x0F)) * f32(q) - dmin * f32(sc >> 4)
-
-
-@njit(inline="always")
-def _q3_k_scale(row, off, k):
-    low = (_u(row, off + k) & 0x0F) if k < 8 else (_u(row, off + k - 8) >> 4)
-    high = (_u(row, off + 8 + k % 4) >> (2 * (k // 4))) & 3
-    return (low | (high << 4)) - 32
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -110,19 +99,10 @@ def _rows_q3_k(w, out):
             d = S.load_f16(row, o + 108)
             for e in range(256):
                 h, r4, j = e // 128, (e // 32) % 4, e % 32
-                low = (_u(row, o + 32 + 32 * h + j) >> (2 * r4)) & 3
-                high = (_u(row, o + j) >> (e // 32)) & 1
-                dl = d * f32(_q3_k_scale(row, o + 96, e // 16))
+                low = (B.byte(row, o + 32 + 32 * h + j) >> (2 * r4)) & 3
+                high = (B.byte(row, o + j) >> (e // 32)) & 1
+                dl = d * f32(B.q3_k_scale(row, o + 96, e // 16))
                 out[r, 256 * b + e] = dl * f32(low - 4 * (1 - high))
-
-
-@njit(inline="always")
-def _k4_scale_min(row, off, j):
-    if j < 4:
-        return _u(row, off + j) & 63, _u(row, off + j + 4) & 63
-    sc = (_u(row, off + j + 4) & 0x0F) | ((_u(row, off + j - 4) >> 6) << 4)
-    mn = (_u(row, off + j + 4) >> 4) | ((_u(row, off + j) >> 6) << 4)
-    return sc, mn
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -133,10 +113,10 @@ def _rows_q4_k(w, out):
             o = 144 * b
             d, dmin = S.load_f16(row, o), S.load_f16(row, o + 2)
             for s in range(8):
-                sc, mn = _k4_scale_min(row, o + 4, s)
+                sc, mn = B.k4_scale_min(row, o + 4, s)
                 dl, ml = d * f32(sc), dmin * f32(mn)
                 for j in range(32):
-                    byte = _u(row, o + 16 + 32 * (s // 2) + j)
+                    byte = B.byte(row, o + 16 + 32 * (s // 2) + j)
                     q = (byte & 0x0F) if s % 2 == 0 else (byte >> 4)
                     out[r, 256 * b + 32 * s + j] = dl * f32(q) - ml
 
@@ -149,11 +129,11 @@ def _rows_q5_k(w, out):
             o = 176 * b
             d, dmin = S.load_f16(row, o), S.load_f16(row, o + 2)
             for s in range(8):
-                sc, mn = _k4_scale_min(row, o + 4, s)
+                sc, mn = B.k4_scale_min(row, o + 4, s)
                 dl, ml = d * f32(sc), dmin * f32(mn)
                 for j in range(32):
-                    byte = _u(row, o + 48 + 32 * (s // 2) + j)
-                    q = ((byte & 0x0F) if s % 2 == 0 else (byte >> 4)) | (((_u(row, o + 16 + j) >> s) & 1) << 4)
+                    byte = B.byte(row, o + 48 + 32 * (s // 2) + j)
+                    q = ((byte & 0x0F) if s % 2 == 0 else (byte >> 4)) | (((B.byte(row, o + 16 + j) >> s) & 1) << 4)
                     out[r, 256 * b + 32 * s + j] = dl * f32(q) - ml
 
 
@@ -166,10 +146,10 @@ def _rows_q6_k(w, out):
             d = S.load_f16(row, o + 208)
             for e in range(256):
                 h, r4, j = e // 128, (e // 32) % 4, e % 32
-                ql = _u(row, o + 64 * h + 32 * (r4 % 2) + j)
+                ql = B.byte(row, o + 64 * h + 32 * (r4 % 2) + j)
                 low = (ql & 0x0F) if r4 < 2 else (ql >> 4)
-                high = (_u(row, o + 128 + 32 * h + j) >> (2 * r4)) & 3
-                sc = _u(row, o + 192 + e // 16)
+                high = (B.byte(row, o + 128 + 32 * h + j) >> (2 * r4)) & 3
+                sc = B.byte(row, o + 192 + e // 16)
                 dl = d * f32(sc - 256 if sc > 127 else sc)
                 out[r, 256 * b + e] = dl * f32((low | (high << 4)) - 32)
 
@@ -179,7 +159,7 @@ def _f16_exact(row, off):
     """float16 -> float32 keeping a NaN's payload as is (the hardware conversion sets the quiet
     bit; numpy and so gguf-py do not). Only plain F16 tensors need it: scales feed arithmetic,
     which quiets NaNs on both sides."""
-    h = _u(row, off) | (_u(row, off + 1) << 8)
+    h = B.byte(row, off) | (B.byte(row, off + 1) << 8)
     if (h & 0x7C00) == 0x7C00 and (h & 0x03FF) != 0:
         bits = np.uint32(((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x03FF) << 13))
         return S.bits_to_f32(bits)

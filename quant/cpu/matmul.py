@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from llmx.quant.cpu import blocks as B
 from llmx.quant.cpu import simd as S
 
 GROUP = 4  # rows per pass
@@ -47,17 +48,6 @@ def _store4(out, t, r0, m, v0, v1, v2, v3):
         out[t, r0 + 2] = v2
     if r0 + 3 < m:
         out[t, r0 + 3] = v3
-
-
-@njit(inline="always")
-def _byte(w, i):
-    """w[i] as an int32 (Numba would mix uint8 and int64 arithmetic into float64)."""
-    return np.int32(w[i])
-
-
-@njit(inline="always")
-def _i8(v):
-    return v - 256 if v > 127 else v
 
 
 # -- the loop nest shared by every integer kernel --------------------------------------------
@@ -203,16 +193,6 @@ def _q5_1_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
 
 
 @njit(inline="always")
-def _k4_scale_min(w, off, j):
-    """Q4_K/Q5_K's 6-bit scale and min of sub-block j from the 12 packed bytes at `off`."""
-    if j < 4:
-        return _byte(w, off + j) & 63, _byte(w, off + j + 4) & 63
-    sc = (_byte(w, off + j + 4) & 0x0F) | ((_byte(w, off + j - 4) >> 6) << 4)
-    mn = (_byte(w, off + j + 4) >> 4) | ((_byte(w, off + j) >> 6) << 4)
-    return sc, mn
-
-
-@njit(inline="always")
 def _pair_sums(bs, bo, c):
     """Sums of activation codes of the two 32-element sub-blocks 2c and 2c + 1."""
     return bs[bo + 4 * c] + bs[bo + 4 * c + 1], bs[bo + 4 * c + 2] + bs[bo + 4 * c + 3]
@@ -224,8 +204,8 @@ def _q4_k_sums(isa, w, off, xq, xo, bs, bo):
     mins = 0
     for c in range(4):  # 32 bytes of codes: sub-block 2c in the low nibbles, 2c + 1 in the high
         packed = S.load_i8x32(w, off + 16 + 32 * c)
-        sc_a, mn_a = _k4_scale_min(w, off + 4, 2 * c)
-        sc_b, mn_b = _k4_scale_min(w, off + 4, 2 * c + 1)
+        sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
+        sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
         lo = S.dot_u8i8x32(isa, S.field_i8x32(packed, 0, 15), S.load_i8x32(xq, xo + 64 * c))
         hi = S.dot_u8i8x32(isa, S.field_i8x32(packed, 4, 15), S.load_i8x32(xq, xo + 64 * c + 32))
         isum = S.add_i32x8(isum, S.add_i32x8(S.scale_i32x8(lo, sc_a, sc_a), S.scale_i32x8(hi, sc_b, sc_b)))
@@ -241,8 +221,8 @@ def _q5_k_sums(isa, w, off, xq, xo, bs, bo):
     high = S.load_i8x32(w, off + 16)  # bit p of byte j: fifth bit of element 32p + j
     for c in range(4):
         packed = S.load_i8x32(w, off + 48 + 32 * c)
-        sc_a, mn_a = _k4_scale_min(w, off + 4, 2 * c)
-        sc_b, mn_b = _k4_scale_min(w, off + 4, 2 * c + 1)
+        sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
+        sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
         codes_a = S.or_i8x32(S.field_i8x32(packed, 0, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c, 1), 4))
         codes_b = S.or_i8x32(S.field_i8x32(packed, 4, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c + 1, 1), 4))
         lo = S.dot_u8i8x32(isa, codes_a, S.load_i8x32(xq, xo + 64 * c))
@@ -265,18 +245,11 @@ def _q6_k_sums(isa, w, off, xq, xo, bs, bo):
             low = S.field_i8x32(first if r % 2 == 0 else second, 4 * (r // 2), 15)
             codes = S.or_i8x32(low, S.shl_i8x32(S.field_i8x32(high, 2 * r, 3), 4))
             j = 8 * h + 2 * r  # sub-blocks of 16
-            sc_a, sc_b = _i8(_byte(w, off + 192 + j)), _i8(_byte(w, off + 193 + j))
+            sc_a, sc_b = B.signed_byte(B.byte(w, off + 192 + j)), B.signed_byte(B.byte(w, off + 193 + j))
             dot = S.dot_u8i8x32(isa, codes, S.load_i8x32(xq, xo + 128 * h + 32 * r))
             isum = S.add_i32x8(isum, S.scale_i32x8(dot, sc_a, sc_b))
             offset_sum += sc_a * bs[bo + j] + sc_b * bs[bo + j + 1]
     return isum, 32 * offset_sum
-
-
-@njit(inline="always")
-def _q3_k_scale(w, off, j):
-    low = (_byte(w, off + j) & 0x0F) if j < 8 else (_byte(w, off + j - 8) >> 4)
-    high = (_byte(w, off + 8 + j % 4) >> (2 * (j // 4))) & 3
-    return (low | (high << 4)) - 32
 
 
 @njit(inline="always")
@@ -290,7 +263,7 @@ def _q3_k_sums(isa, w, off, xq, xo, bs, bo):
             high_bit = S.shl_i8x32(S.field_i8x32(hmask, 4 * h + r, 1), 2)
             codes = S.or_i8x32(S.field_i8x32(packed, 2 * r, 3), high_bit)
             j = 8 * h + 2 * r
-            sc_a, sc_b = _q3_k_scale(w, off + 96, j), _q3_k_scale(w, off + 96, j + 1)
+            sc_a, sc_b = B.q3_k_scale(w, off + 96, j), B.q3_k_scale(w, off + 96, j + 1)
             dot = S.dot_u8i8x32(isa, codes, S.load_i8x32(xq, xo + 128 * h + 32 * r))
             isum = S.add_i32x8(isum, S.scale_i32x8(dot, sc_a, sc_b))
             offset_sum += sc_a * bs[bo + j] + sc_b * bs[bo + j + 1]
@@ -305,7 +278,7 @@ def _q2_k_sums(isa, w, off, xq, xo, bs, bo):
         packed = S.load_i8x32(w, off + 16 + 32 * h)
         for r in range(4):
             j = 8 * h + 2 * r
-            sa, sb = _byte(w, off + j), _byte(w, off + j + 1)  # low nibble scale, high nibble min
+            sa, sb = B.byte(w, off + j), B.byte(w, off + j + 1)  # low nibble scale, high nibble min
             dot = S.dot_u8i8x32(isa, S.field_i8x32(packed, 2 * r, 3), S.load_i8x32(xq, xo + 128 * h + 32 * r))
             isum = S.add_i32x8(isum, S.scale_i32x8(dot, sa & 0x0F, sb & 0x0F))
             mins += (sa >> 4) * bs[bo + j] + (sb >> 4) * bs[bo + j + 1]
