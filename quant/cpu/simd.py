@@ -17,6 +17,8 @@ and 4-7).
 
 from __future__ import annotations
 
+import functools
+
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
@@ -33,6 +35,7 @@ _V8I32, _V16I32 = ir.VectorType(_I32, 8), ir.VectorType(_I32, 16)
 _V8F32 = ir.VectorType(_F32, 8)
 
 
+@functools.cache  # asking LLVM for the host's features costs ~150 us, and every matmul needs the answer
 def host_isa():
     """The best instruction-set marker for this CPU."""
     features = llvm.get_host_cpu_features()
