@@ -1,0 +1,1 @@
+"""The command line: `llmx` (cli.main), its output helpers and generation plumbing."""

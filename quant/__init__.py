@@ -1,0 +1,1 @@
+"""Tensor types and block formats (numpy references); Numba kernels in `quant.cpu`."""
