@@ -243,10 +243,9 @@ def dot_i8x32(typingctx, isa, a, b):
         _, a_v, b_v = args
         if not avx2:
             return _portable_dot(builder, a_v, b_v, a_unsigned=False)
-        # pmaddubsw needs one unsigned operand: |a| times b with a's sign moved onto it.
-        negative = builder.icmp_signed("<", a_v, _const_vec(_V32I8, 0))
-        abs_a = builder.select(negative, builder.neg(a_v), a_v)
-        signed_b = builder.select(negative, builder.neg(b_v), b_v)
+        # pmaddubsw needs one unsigned operand: |a| times b with a's sign moved onto it (psignb).
+        abs_a = _call(builder, "llvm.abs.v32i8", _V32I8, [a_v, ir.Constant(ir.IntType(1), 0)])
+        signed_b = _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [b_v, a_v])
         return _avx2_dot_unsigned(builder, abs_a, signed_b)
 
     return sig, codegen
