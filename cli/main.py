@@ -232,6 +232,36 @@ def chat(
         history.append({"role": "assistant", "content": reply})
 
 
+@app.command()
+def perplexity(
+    model_arg: ModelArg = None,
+    text_file: Annotated[Path, typer.Option("-f", "--file", help="The text to score.")] = ...,
+    ctx: Annotated[int, typer.Option("-c", "--ctx-size", min=8, help="Tokens per chunk.")] = 512,
+    max_chunks: Annotated[int | None, typer.Option("--chunks", min=1, help="Score at most this many chunks.")] = None,
+    threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
+) -> None:
+    """Perplexity of a text, as llama-perplexity computes it (BOS first, second half of each chunk)."""
+    from llmx.cli.generate import read_utf8, warm_up
+    from llmx.engine.model import Model
+    from llmx.engine.perplexity import perplexity as compute
+
+    try:
+        text = read_utf8(text_file.read_bytes(), str(text_file))
+    except OSError as e:
+        from llmx.errors import UsageError
+
+        raise UsageError(f"cannot read {text_file}: {e.strerror}") from None
+    model = Model(model_path(model_arg), threads=threads, ctx=ctx)
+    warm_up(model)
+
+    def progress(result, running_ppl: float) -> None:
+        sys.stdout.write(f"[{result.index + 1}]{running_ppl:.4f},")
+        sys.stdout.flush()
+
+    ppl, error = compute(model, text, ctx, max_chunks, on_chunk=progress)
+    print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {error:.5f}")
+
+
 def read_stdin_text() -> str:
     from llmx.cli.generate import read_utf8
 

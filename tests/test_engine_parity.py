@@ -106,18 +106,13 @@ def test_gemma_greedy_matches_llama_cpp(gemma, reference):
 
 
 @pytest.mark.slow
-def test_gemma_perplexity_matches_llama_cpp(gemma):
-    model, config, tokenizer = gemma
-    text = (REFERENCE_DIR / "gpl-3.txt").read_text(encoding="utf-8")
-    tokens = tokenizer.tokenize(text, add_bos=False)
-    ctx, nll, count = 512, 0.0, 0
-    for chunk in range(min(8, len(tokens) // ctx)):
-        ids = [tokenizer.vocab.bos_id] + tokens[chunk * ctx + 1 : (chunk + 1) * ctx]
-        logits = run_fresh(model, config, ids).astype(np.float64)
-        scored = logits[ctx // 2 : ctx - 1]
-        top = scored.max(axis=1)
-        log_norm = top + np.log(np.exp(scored - top[:, None]).sum(axis=1))
-        nll += float((log_norm - scored[np.arange(len(scored)), ids[ctx // 2 + 1 :]]).sum())
-        count += len(scored)
-    ppl = float(np.exp(nll / count))
+def test_gemma_perplexity_matches_llama_cpp(gemma_path):
+    from conftest import run_llmx
+
+    result = run_llmx("perplexity", str(gemma_path), "-f", str(REFERENCE_DIR / "gpl-3.txt"), "-c", "512",
+                      "--chunks", "8", "-t", "2", timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert out.startswith("[1]") and "[8]" in out
+    ppl = float(out.split("Final estimate: PPL = ")[1].split()[0])
     assert abs(ppl / 15.0614 - 1) <= 0.005, ppl
