@@ -105,36 +105,33 @@ def _rows_q3_k(w, out):
                 out[r, 256 * b + e] = dl * f32(low - 4 * (1 - high))
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _rows_q4_k(w, out):
+@njit(inline="always")
+def _rows_k_scale_min(w, out, block_bytes, qs_at, qh_at):
+    """Q4_K (qh_at < 0) and Q5_K (fifth bits at qh_at): 8 sub-blocks of 32 with a scale and min."""
     for r in prange(w.shape[0]):
         row = w[r]
         for b in range(out.shape[1] // 256):
-            o = 144 * b
+            o = block_bytes * b
             d, dmin = S.load_f16(row, o), S.load_f16(row, o + 2)
             for s in range(8):
                 sc, mn = B.k4_scale_min(row, o + 4, s)
                 dl, ml = d * f32(sc), dmin * f32(mn)
                 for j in range(32):
-                    byte = B.byte(row, o + 16 + 32 * (s // 2) + j)
+                    byte = B.byte(row, o + qs_at + 32 * (s // 2) + j)
                     q = (byte & 0x0F) if s % 2 == 0 else (byte >> 4)
+                    if qh_at >= 0:
+                        q |= ((B.byte(row, o + qh_at + j) >> s) & 1) << 4
                     out[r, 256 * b + 32 * s + j] = dl * f32(q) - ml
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _rows_q4_k(w, out):
+    _rows_k_scale_min(w, out, 144, 16, -1)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _rows_q5_k(w, out):
-    for r in prange(w.shape[0]):
-        row = w[r]
-        for b in range(out.shape[1] // 256):
-            o = 176 * b
-            d, dmin = S.load_f16(row, o), S.load_f16(row, o + 2)
-            for s in range(8):
-                sc, mn = B.k4_scale_min(row, o + 4, s)
-                dl, ml = d * f32(sc), dmin * f32(mn)
-                for j in range(32):
-                    byte = B.byte(row, o + 48 + 32 * (s // 2) + j)
-                    q = ((byte & 0x0F) if s % 2 == 0 else (byte >> 4)) | (((B.byte(row, o + 16 + j) >> s) & 1) << 4)
-                    out[r, 256 * b + 32 * s + j] = dl * f32(q) - ml
+    _rows_k_scale_min(w, out, 176, 48, 16)
 
 
 @njit(cache=True, nogil=True, parallel=True)
