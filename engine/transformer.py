@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,7 +33,6 @@ class Transformer:
     config: ModelConfig
     tensors: dict[str, GGUFTensor]
     threads: int | None = None
-    _rope_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, config: ModelConfig, threads: int | None = None) -> Transformer:
