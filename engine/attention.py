@@ -1,15 +1,17 @@
-"""Causal attention over the paged KV cache.
+"""Causal attention over the paged KV cache: a Numba kernel that reads K/V through the block table.
 
-Each sequence's keys and values are gathered through its block table, then attention runs as
-llama.cpp's CPU graph does without flash attention: queries rounded to float16 (its K is float16),
-scores scaled and masked (causal, and for sliding-window layers only the last `window`
-positions), softmax in float32, probabilities rounded to float16 for the V product.
-
-The products go through numpy's BLAS. Numba kernels that follow ggml's own accumulation orders
-were tried (ggml_vec_dot_f16's 4 x 8 lanes, and its flash-attention order): they matched the tiny
-models no better, and on gemma-3-270m, whose logits are chaotically sensitive to the last bits of
-attention (a 3e-7 relative change of one layer's output moves the logits by ~0.1), they matched
-llama.cpp's greedy text worse than this. A Numba kernel comes back with the batching work.
+It computes what llama.cpp's CPU graph computes without flash attention, in the same order:
+- queries rounded to float16 (ggml converts the f32 side of an F16 matmul to F16);
+- scores q.k: in a batch of 2+ tokens ggml's mul_mat goes to llamafile's tinyBLAS (one 8-lane
+  accumulator over the head dimension, then its hsum); for a single token it goes to
+  ggml_vec_dot_f16 (4 x 8 lanes, ggml's reduction, leftovers added in double);
+- softmax: scores * kq_scale, masked (causal; sliding-window layers keep the last `window`
+  positions), max subtracted, ggml's AVX2 vector exp, sums of 8 in float then in double,
+  multiplied by float(1 / sum);
+- probabilities rounded to float16, times V in the same two orders (lanes run over KV cells).
+Products of two float16 values are exact in float32, so only the order of additions matters,
+and that is what this file reproduces. On gemma-3 a last-bit change in one layer moves the
+logits by ~0.1, so the order is worth keeping.
 """
 
 from __future__ import annotations
@@ -17,35 +19,148 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit, prange
+
+from llmx.quant.cpu import simd as S
+
+# ggml_v_expf (AVX2): exp(x) = 2^n * (1 + p(b)) with n = round(x / ln 2), b = x - n ln 2.
+_SHIFT = np.float32(float.fromhex("0x1.8p23"))
+_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
+_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
+_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_C1 = np.float32(float.fromhex("0x1.ffffecp-1"))
+_C2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
+_C3 = np.float32(float.fromhex("0x1.555e66p-3"))
+_C4 = np.float32(float.fromhex("0x1.573e2ep-5"))
+_C5 = np.float32(float.fromhex("0x1.0e4020p-7"))
+_ZERO = np.float32(0.0)
 
 
-def gather(pool: np.ndarray, table: np.ndarray, n_positions: int) -> np.ndarray:
-    """float16 pool [n_blocks, block_size, heads, dim] -> float32 [n_positions, heads, dim]."""
-    blocks = pool[table]  # [n_seq_blocks, block_size, heads, dim]
-    return blocks.reshape(-1, *pool.shape[2:])[:n_positions].astype(np.float32)
+@njit(cache=True, nogil=True, inline="always")
+def vector_exp(x):
+    """ggml_v_expf for x <= 0 (softmax inputs); below ~-87 the result is 0 where ggml's is a
+    denormal that float16 rounding turns into 0 anyway."""
+    z = S.fma_f32(x, _LOG2E, _SHIFT)
+    n = z - _SHIFT
+    if n < -126:
+        return _ZERO
+    b = S.fma_f32(-n, _LN2_LO, S.fma_f32(-n, _LN2_HI, x))
+    u = b * b
+    j = S.fma_f32(S.fma_f32(S.fma_f32(_C5, b, _C4), u, S.fma_f32(_C3, b, _C2)), u, _C1 * b)
+    k = np.float32(math.ldexp(1.0, int(n)))  # 2^n, as ggml builds it from z's bits
+    return S.fma_f32(j, k, k)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def dot_tiled(q, q_at, pool, k_at, d):
+    """tinyBLAS: float32 q (bytes from q_at) . float16 k (bytes from k_at), one 8-lane accumulator."""
+    acc = S.zero_f32x8()
+    for c in range(d // 8):
+        acc = S.fmadd_f32x8(acc, S.load_f32x8(q, q_at + 32 * c), S.load_f16x8(pool, k_at + 16 * c))
+    return S.hsum_f32x8(acc)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def dot_ggml(q, q_at, pool, k_at, d):
+    """ggml_vec_dot_f16: 4 accumulators of 8 lanes over steps of 32, reduced, leftovers in double."""
+    a0, a1, a2, a3 = S.zero_f32x8(), S.zero_f32x8(), S.zero_f32x8(), S.zero_f32x8()
+    whole = d - d % 32
+    for c in range(0, whole, 32):
+        a0 = S.fmadd_f32x8(a0, S.load_f32x8(q, q_at + 4 * c), S.load_f16x8(pool, k_at + 2 * c))
+        a1 = S.fmadd_f32x8(a1, S.load_f32x8(q, q_at + 4 * c + 32), S.load_f16x8(pool, k_at + 2 * c + 16))
+        a2 = S.fmadd_f32x8(a2, S.load_f32x8(q, q_at + 4 * c + 64), S.load_f16x8(pool, k_at + 2 * c + 32))
+        a3 = S.fmadd_f32x8(a3, S.load_f32x8(q, q_at + 4 * c + 96), S.load_f16x8(pool, k_at + 2 * c + 48))
+    total = np.float64(S.hadd_sum_f32x8(S.add_f32x8(S.add_f32x8(a0, a2), S.add_f32x8(a1, a3))))
+    for i in range(whole, d):
+        total += np.float64(S.load_f32(q, q_at + 4 * i) * S.load_f16(pool, k_at + 2 * i))
+    return np.float32(total)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def sum8_tree(v):
+    """(v0+v4 + v2+v6) + (v1+v5 + v3+v7): the hsum order of tinyBLAS and of ggml's softmax."""
+    q0, q1, q2, q3 = v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]
+    return (q0 + q2) + (q1 + q3)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def sum32_ggml(v):
+    """ggml_vec_dot_f16's reduction of 4 x 8 lanes (lane l of accumulator a is v[8a + l])."""
+    y = np.empty(8, np.float32)
+    for m in range(8):
+        y[m] = (v[m] + v[16 + m]) + (v[8 + m] + v[24 + m])
+    t0, t1, t2, t3 = y[0] + y[4], y[1] + y[5], y[2] + y[6], y[3] + y[7]
+    return (t0 + t1) + (t2 + t3)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def softmax_f16(scores, first, last):
+    """In place over scores[first..last]: probabilities, rounded to float16 as ggml feeds them to V."""
+    top = scores[first]
+    for j in range(first + 1, last + 1):
+        top = max(top, scores[j])
+    group = np.zeros(8, np.float32)
+    total = 0.0
+    for start in range(first - first % 8, last + 1, 8):
+        for lane in range(8):
+            j = start + lane
+            group[lane] = vector_exp(scores[j] - top) if first <= j <= last else _ZERO
+            if first <= j <= last:
+                scores[j] = group[lane]
+        total += np.float64(sum8_tree(group))
+    inverse = np.float32(1.0 / total)
+    for j in range(first, last + 1):
+        scores[j] = S.round_f16(scores[j] * inverse)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def attend_kernel(q, k_pool, v_pool, table, block_size, positions, window, group, kq_scale, tiled, out):
+    """q float32 [n, n_head, d] (float16-exact values); k_pool/v_pool one layer's cache as bytes of
+    float16 [n_blocks, block_size, n_head_kv, d or dv]; table int32 [n_seq_blocks] the sequence's
+    blocks; positions int64 [n]; out float32 [n, n_head, dv]. `tiled`: the batch has 2+ tokens."""
+    n, n_head, d = q.shape
+    dv = out.shape[2]
+    n_head_kv = n_head // group
+    q_flat = q.reshape(-1)
+    k_tiled = tiled and d % 8 == 0
+    v_lanes = 8 if tiled and dv % 4 == 0 else 32  # tinyBLAS needs rows % 4 == 0
+    for item in prange(n * n_head):
+        t, h = item // n_head, item % n_head
+        kv_head = h // group
+        last = positions[t]
+        first = max(0, last - window + 1) if window > 0 else 0
+        scores = np.empty(last + 1, np.float32)
+        q_at = 4 * (t * n_head + h) * d
+        for j in range(first, last + 1):
+            cell = (table[j // block_size] * block_size + j % block_size) * n_head_kv + kv_head
+            s = dot_tiled(q_flat, q_at, k_pool, 2 * cell * d, d) if k_tiled else dot_ggml(
+                q_flat, q_at, k_pool, 2 * cell * d, d)
+            scores[j] = s * kq_scale
+        softmax_f16(scores, first, last)
+        # V product: lane j % v_lanes of every output dimension accumulates p_j * v_j (exact products).
+        acc = np.zeros((v_lanes, dv), np.float32)
+        for j in range(first, last + 1):
+            p = scores[j]
+            if p == 0:
+                continue
+            cell = (table[j // block_size] * block_size + j % block_size) * n_head_kv + kv_head
+            row = acc[j % v_lanes]
+            v_at = 2 * cell * dv
+            for i in range(dv):
+                row[i] += p * S.load_f16(v_pool, v_at + 2 * i)
+        for i in range(dv):
+            out[t, h, i] = sum8_tree(acc[:, i]) if v_lanes == 8 else sum32_ggml(acc[:, i])
 
 
 def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, table: np.ndarray, positions: np.ndarray,
-                 window: int | None, group: int) -> np.ndarray:
-    """q [n, n_head, d] -> [n, n_head, dv]; keys/values a layer's float16 pool, `table` the
-    sequence's block ids, `positions` the queries' positions (all already written)."""
-    n_kv = int(positions.max()) + 1
-    k, v = gather(keys, table, n_kv), gather(values, table, n_kv)
-    n, n_head, d = q.shape
-    q16 = q.astype(np.float16).astype(np.float32)
-    kv_pos = np.arange(n_kv)
-    allowed = kv_pos[None, :] <= positions[:, None]  # [n, n_kv]
-    if window:
-        allowed &= positions[:, None] - kv_pos[None, :] < window
-    out = np.empty((n, n_head, v.shape[2]), np.float32)
-    scale = np.float32(1.0 / math.sqrt(d))
-    for head in range(n_head):
-        kv_head = head // group
-        scores = (q16[:, head, :] @ k[:, kv_head, :].T) * scale  # [n, n_kv]
-        scores = np.where(allowed, scores, -np.inf)
-        scores -= scores.max(axis=1, keepdims=True)
-        probs = np.exp(scores)
-        probs /= probs.sum(axis=1, keepdims=True)
-        probs = probs.astype(np.float16).astype(np.float32)
-        out[:, head, :] = probs @ v[:, kv_head, :]
+                 window: int | None, group: int, kq_scale: float, tiled: bool) -> np.ndarray:
+    """q float32 [n, n_head, d] -> [n, n_head, dv]. keys/values: one layer's float16 pool
+    [n_blocks, block_size, n_head_kv, d]; `table` the sequence's block ids; `positions` the
+    queries' positions (their K/V already written). `kq_scale` multiplies the scores; `tiled`
+    says the whole batch has 2+ tokens (which ggml kernel llama.cpp would use)."""
+    q16 = np.ascontiguousarray(q, dtype=np.float32).astype(np.float16).astype(np.float32)
+    out = np.empty((q.shape[0], q.shape[1], values.shape[-1]), np.float32)
+    attend_kernel(q16, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8),
+                  np.ascontiguousarray(table, dtype=np.int32), keys.shape[1], positions.astype(np.int64),
+                  window or 0, group, np.float32(kq_scale), tiled, out)
     return out

@@ -31,6 +31,7 @@ class ModelConfig:
     qk_norm: bool = False
     qkv_bias: bool = False
     post_norms: bool = False  # norms after attention and after the FFN (gemma)
+    scale_queries: bool = False  # 1/sqrt(head_dim) multiplies q before q.k (gemma), not the scores
     embed_scale: float = 1.0
     activation: Literal["silu", "gelu_tanh"] = "silu"
     tied_output: bool = False

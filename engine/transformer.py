@@ -121,11 +121,17 @@ class Transformer:
         cos, sin = self._rope(layer, positions)
         q, k = apply_rope(q, cos, sin, c.rope_layout), apply_rope(k, cos, sin, c.rope_layout)
         window = c.sliding_window if c.sliding_layers and c.sliding_layers[layer] else None
+        # llama.cpp computes 1/sqrt(head_dim) in float32; gemma3 applies it to q, the others to the scores.
+        scale = np.float32(1.0) / np.sqrt(np.float32(c.head_dim))
+        if c.scale_queries:
+            q, kq_scale = q * scale, np.float32(1.0)
+        else:
+            kq_scale = scale
         out = np.empty((n, c.n_head, c.head_dim_v), np.float32)
         for seq, pos, rows in spans:
             cache.write(seq, layer, pos, k[rows], v[rows])
             out[rows] = attend_paged(q[rows], cache.keys[layer], cache.values[layer], cache.block_table(seq), pos,
-                                     window, c.n_head // c.n_head_kv)
+                                     window, c.n_head // c.n_head_kv, kq_scale, tiled=n >= 2)
         return out.reshape(n, c.n_head * c.head_dim_v)
 
     def _rope(self, layer: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

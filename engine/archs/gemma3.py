@@ -23,6 +23,7 @@ def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
         sliding_layers=sliding_layers(n_layer) if window else (),
         qk_norm=True,
         post_norms=True,
+        scale_queries=True,
         embed_scale=math.sqrt(n_embd),
         activation="gelu_tanh",
     )

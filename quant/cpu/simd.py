@@ -465,3 +465,34 @@ def bits_to_f32(typingctx, bits):
         return builder.bitcast(args[0], _F32)
 
     return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def add_f32x8(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1])
+
+    return F32x8(F32x8, F32x8), codegen
+
+
+@intrinsic
+def hadd_sum_f32x8(typingctx, v):
+    """Sum of 8 lanes in the order of ggml's AVX reduction (two `haddps`):
+    t = low half + high half, then (t0 + t1) + (t2 + t3). (`hsum_f32x8` is tinyBLAS's order.)"""
+    def codegen(context, builder, signature, args):
+        vec = args[0]
+        quad = builder.fadd(_shuffle(builder, vec, [0, 1, 2, 3]), _shuffle(builder, vec, [4, 5, 6, 7]))
+        pair = builder.fadd(_shuffle(builder, quad, [0, 2]), _shuffle(builder, quad, [1, 3]))
+        zero, one = ir.Constant(_I32, 0), ir.Constant(_I32, 1)
+        return builder.fadd(builder.extract_element(pair, zero), builder.extract_element(pair, one))
+
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
+def fma_f32(typingctx, a, b, c):
+    """a * b + c with one rounding (`vfmadd`), as ggml's vector exp computes."""
+    def codegen(context, builder, signature, args):
+        return _call(builder, "llvm.fma.f32", _F32, list(args))
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
