@@ -262,6 +262,72 @@ def perplexity(
     print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {error:.5f}")
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """llama-bench's list syntax: "1,2,4" (repeating the flag also works)."""
+    from llmx.errors import UsageError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise UsageError(f"{flag} takes non-negative integers, got {text!r}")
+    return values
+
+
+@app.command()
+def bench(
+    model_arg: ModelArg = None,
+    n_prompt: Annotated[list[str] | None, typer.Option(
+        "-p", "--n-prompt", help="Prompt lengths (pp tests) [default: 512].")] = None,
+    n_gen: Annotated[list[str] | None, typer.Option(
+        "-n", "--n-gen", help="Generated lengths (tg tests) [default: 128].")] = None,
+    prompt_gen: Annotated[list[str] | None, typer.Option("-pg", help="Prompt then generation, e.g. 512,128.")] = None,
+    threads: Annotated[list[str] | None, typer.Option("-t", "--threads", help="Thread counts, e.g. 1,2.")] = None,
+    repetitions: Annotated[int, typer.Option("-r", "--repetitions", min=1, help="Timed runs per test.")] = 5,
+    batches: Annotated[list[str] | None, typer.Option(
+        "-b", "--batch", help="Batched decode: sequences decoding together, e.g. 1,4,16.")] = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="md (table) or json.")] = "md",
+) -> None:
+    """Speed, as llama-bench measures it: pp (prompt) and tg (generation) tokens per second."""
+    import json
+
+    from llmx.cli.generate import warm_up
+    from llmx.engine import bench as B
+    from llmx.engine.model import Model, check_threads, max_threads
+    from llmx.errors import UsageError
+
+    if output not in ("md", "json"):
+        raise UsageError(f"-o takes md or json, got {output!r}")
+    pairs = []
+    for text in prompt_gen or []:
+        values = int_list(text, "-pg")
+        if len(values) != 2:
+            raise UsageError(f"-pg takes two integers, prompt,gen; got {text!r}")
+        pairs.append((values[0], values[1]))
+    tests = B.plan(sum((int_list(t, "-p") for t in n_prompt or ["512"]), []),
+                   sum((int_list(t, "-n") for t in n_gen or ["128"]), []),
+                   pairs, sum((int_list(t, "-b") for t in batches or []), []))
+    thread_counts = sum((int_list(t, "-t") for t in threads), []) if threads else [max_threads()]
+    for n in thread_counts:
+        check_threads(n)
+    if not tests:
+        raise UsageError("nothing to run: every test length is 0")
+    model = Model(model_path(model_arg), threads=thread_counts[0], ctx=0)
+    warm_up(model)
+    desc = B.model_description(model)
+    if output == "md":
+        print(B.markdown_header(), flush=True)
+
+    def show(result) -> None:
+        if output == "md":
+            print(B.markdown_row(desc, result), flush=True)
+
+    results = B.run_all(B.Bench(model), tests, thread_counts, repetitions, show)
+    if output == "json":
+        print(json.dumps([B.json_record(desc, r, llmx.__version__) for r in results], indent=2))
+
+
 def read_stdin_text() -> str:
     from llmx.cli.generate import read_utf8
 

@@ -36,10 +36,23 @@ class GenerationStats:
     logprobs: list[dict[str, Any]] = field(default_factory=list)  # with generate(logprobs=N)
 
 
+def max_threads() -> int:
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and not 1 <= threads <= max_threads():
+        raise UsageError(f"{threads} threads: this machine runs 1 to {max_threads()} "
+                         "(set NUMBA_NUM_THREADS to allow more)")
+
+
 class Model:
     def __init__(self, path: Path, threads: int | None = None, ctx: int = DEFAULT_CTX, device: str = "cpu"):
         if device != "cpu":
             raise UsageError(f"device {device!r} is not available yet; use device='cpu'")
+        check_threads(threads)
         started = time.perf_counter()
         self.path = Path(path)
         self.gguf = GGUFFile.open(self.path)

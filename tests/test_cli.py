@@ -143,6 +143,8 @@ def test_usage_errors_exit_2():
     assert run_llmx("no-such-command").returncode == 2
     assert run_llmx("info", "--ctx", "0").returncode == 2
     assert run_llmx("tokenize", "a", "b", "c").returncode == 2
+    too_many = run_llmx("run", str(MODELS_DIR / "tiny-llama-q8_0.gguf"), "hi", "-t", "9999")
+    assert too_many.returncode == 2 and b"9999 threads" in too_many.stderr and b"Traceback" not in too_many.stderr
 
 
 def test_version_and_help_import_nothing_heavy():
