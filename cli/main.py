@@ -235,31 +235,79 @@ def chat(
 @app.command()
 def perplexity(
     model_arg: ModelArg = None,
-    text_file: Annotated[Path, typer.Option("-f", "--file", help="The text to score.")] = ...,
+    text_file: Annotated[Path | None, typer.Option("-f", "--file", help="The text to score.")] = None,
     ctx: Annotated[int, typer.Option("-c", "--ctx-size", min=8, help="Tokens per chunk.")] = 512,
     max_chunks: Annotated[int | None, typer.Option("--chunks", min=1, help="Score at most this many chunks.")] = None,
     threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
+    kld_base: Annotated[Path | None, typer.Option(
+        "--kl-divergence-base", help="Save the log-probabilities here (or, with --kl-divergence, read them).")] = None,
+    kld: Annotated[bool, typer.Option(
+        "--kl-divergence", help="Compare this model with --kl-divergence-base's (its text and chunks).")] = False,
 ) -> None:
     """Perplexity of a text, as llama-perplexity computes it (BOS first, second half of each chunk)."""
     from llmx.cli.generate import read_utf8, warm_up
     from llmx.engine.model import Model
-    from llmx.engine.perplexity import perplexity as compute
+    from llmx.errors import UsageError
 
+    if kld:
+        if kld_base is None:
+            raise UsageError("--kl-divergence needs --kl-divergence-base FILE (written by an earlier run)")
+        return kl_divergence(model_arg, kld_base, max_chunks, threads)
+    if text_file is None:
+        raise UsageError("perplexity needs the text: -f FILE")
     try:
         text = read_utf8(text_file.read_bytes(), str(text_file))
     except OSError as e:
-        from llmx.errors import UsageError
-
         raise UsageError(f"cannot read {text_file}: {e.strerror}") from None
     model = Model(model_path(model_arg), threads=threads, ctx=ctx)
     warm_up(model)
+    writer = None
+    if kld_base is not None:
+        from llmx.engine.kl_divergence import BaseWriter
+
+        writer = BaseWriter(kld_base, ctx, model.config.n_vocab)
+    ppl, error = scored_text(model, text, ctx, max_chunks, writer)
+    print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {error:.5f}")
+
+
+def scored_text(model, text: str, ctx: int, max_chunks: int | None, writer) -> tuple[float, float]:
+    """Run llama-perplexity's loop, printing [i]ppl as it goes; with a base writer, keep its file
+    only when every chunk is in."""
+    from llmx.engine.perplexity import perplexity as compute
 
     def progress(result, running_ppl: float) -> None:
         sys.stdout.write(f"[{result.index + 1}]{running_ppl:.4f},")
         sys.stdout.flush()
 
-    ppl, error = compute(model, text, ctx, max_chunks, on_chunk=progress)
-    print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {error:.5f}")
+    try:
+        result = compute(model, text, ctx, max_chunks, on_chunk=progress,
+                         save_logits=None if writer is None else writer.add)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.finish()
+    return result
+
+
+def kl_divergence(model_arg: str | None, base_path: Path, max_chunks: int | None, threads: int | None) -> None:
+    import numpy as np
+
+    from llmx.cli.generate import warm_up
+    from llmx.engine.kl_divergence import Base, compare, report
+    from llmx.engine.model import Model
+
+    base = Base(base_path)
+    model = Model(model_path(model_arg), threads=threads, ctx=base.ctx)
+    warm_up(model)
+    print(f"{'chunk':>5} {'PPL(Q)':>10} {'KLD':>10} {'same top':>9}")
+
+    def progress(index: int, stats) -> None:
+        print(f"{index + 1:5d} {np.exp(stats.nll_q.mean()):10.4f} {stats.kld.mean():10.6f} "
+              f"{100 * stats.same_top.mean():8.3f}%", flush=True)
+
+    print("\n" + report(compare(model, base, max_chunks, on_chunk=progress)))
 
 
 def int_list(text: str, flag: str) -> list[int]:

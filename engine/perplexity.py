@@ -36,25 +36,39 @@ def chunks(model: Model, text: str, ctx: int, max_chunks: int | None) -> Iterato
         yield ([bos] + ids[1:]) if bos is not None else ids
 
 
-def score_chunk(model: Model, ids: list[int], index: int) -> ChunkResult:
+def chunk_log_probs(model: Model, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """float64 log-softmax [n_scored, n_vocab] of the scored (second-half) positions, and the
+    token each of them predicts."""
     cache = KVCache(model.config, len(ids))
-    logits = model.transformer.forward(np.asarray(ids), cache.new_sequence(), cache).astype(np.float64)
     half = len(ids) // 2
-    scored = logits[half : len(ids) - 1]  # predicting ids[half + 1:]
+    logits = model.transformer.forward(np.asarray(ids), cache.new_sequence(), cache)
+    scored = logits[half : len(ids) - 1].astype(np.float64)  # predicting ids[half + 1:]
     top = scored.max(axis=1, keepdims=True)
     log_probs = scored - (top + np.log(np.exp(scored - top).sum(axis=1, keepdims=True)))
-    targets = np.asarray(ids[half + 1 :])
+    return log_probs, np.asarray(ids[half + 1 :])
+
+
+def score_chunk(model: Model, ids: list[int], index: int, log_probs: np.ndarray | None = None) -> ChunkResult:
+    if log_probs is None:
+        log_probs, targets = chunk_log_probs(model, ids)
+    else:
+        targets = np.asarray(ids[len(ids) // 2 + 1 :])
     nll = -log_probs[np.arange(len(targets)), targets]
     return ChunkResult(index, float(nll.sum()), float((nll * nll).sum()), len(targets))
 
 
 def perplexity(model: Model, text: str, ctx: int = 512, max_chunks: int | None = None,
-               on_chunk: Callable[[ChunkResult, float], None] = lambda r, p: None) -> tuple[float, float]:
-    """(PPL, its uncertainty as llama-perplexity estimates it from the per-token NLL spread)."""
+               on_chunk: Callable[[ChunkResult, float], None] = lambda r, p: None,
+               save_logits: Callable[[list[int], np.ndarray], None] | None = None) -> tuple[float, float]:
+    """(PPL, its uncertainty as llama-perplexity estimates it from the per-token NLL spread).
+    `save_logits(ids, log_probs)` receives each chunk's scored log-probabilities (KL-divergence base)."""
     total = total_sq = 0.0
     count = 0
     for index, ids in enumerate(chunks(model, text, ctx, max_chunks)):
-        result = score_chunk(model, ids, index)
+        log_probs, _ = chunk_log_probs(model, ids)
+        if save_logits is not None:
+            save_logits(ids, log_probs)
+        result = score_chunk(model, ids, index, log_probs)
         total, total_sq, count = total + result.nll_sum, total_sq + result.nll_sq_sum, count + result.count
         on_chunk(result, float(np.exp(total / count)))
     mean = total / count
