@@ -1,0 +1,87 @@
+"""Where one decode step's time goes: per-op wall time, as a percent of the step.
+
+Wraps the Transformer's pieces (each matmul by tensor role and weight type, attention, norms,
+rope, activations, cache writes) with timers, prefills a prompt, then decodes N tokens one at a
+time and prints each op's share. What is not inside a wrapped op is "python/other".
+
+Usage: python scripts/profile_decode.py [MODEL] [--threads 2] [--prompt 128] [--steps 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from llmx.engine import kv_cache, transformer
+from llmx.engine.model import Model
+
+TIMES: dict[str, float] = defaultdict(float)
+
+
+def timed(name, fn):
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            TIMES[name(*args) if callable(name) else name] += time.perf_counter() - started
+    return wrapper
+
+
+def linear_name(self, x, name):
+    role = name.rsplit(".", 1)[-1] if name.startswith("blk.") else name
+    return f"matmul {role} ({self._tensor(name + '.weight').qtype.name})"
+
+
+def instrument() -> None:
+    T = transformer.Transformer
+    T._linear = timed(linear_name, T._linear)
+    T._embed = timed("embed", T._embed)
+    transformer.attend_paged = timed("attention", transformer.attend_paged)
+    transformer.rms_norm = timed("rms_norm", transformer.rms_norm)
+    transformer.apply_rope = timed("rope", transformer.apply_rope)
+    transformer.activate = timed("activation", transformer.activate)
+    kv_cache.KVCache.write = timed("kv write", kv_cache.KVCache.write)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=64)
+    args = parser.parse_args()
+    if args.model:
+        path = Path(args.model)
+    else:
+        from llmx.cli.main import cache_dir
+        from llmx.engine import resolve_model_path
+
+        path = resolve_model_path(None, cache_dir())
+    model = Model(path, threads=args.threads, ctx=0)
+    model.warm_up()
+    rng = np.random.default_rng(0)
+    cache = kv_cache.KVCache(model.config, args.prompt + args.steps + 1)
+    seq = cache.new_sequence()
+    model.transformer.forward(rng.integers(0, model.config.n_vocab, args.prompt), seq, cache, "last")
+    instrument()
+    started = time.perf_counter()
+    for token in rng.integers(0, model.config.n_vocab, args.steps):
+        model.transformer.forward(np.array([token]), seq, cache, "last")
+    step = (time.perf_counter() - started) / args.steps
+    total = sum(TIMES.values()) / args.steps
+    print(f"{path.name}, {args.threads} threads, context {args.prompt}: {1e3 * step:.2f} ms per decode step "
+          f"({1 / step:.1f} t/s)\n")
+    print(f"{'op':40s} {'ms/step':>8s} {'share':>7s}")
+    rows = sorted(TIMES.items(), key=lambda kv: -kv[1]) + [("python/other", (step - total) * args.steps)]
+    for name, seconds in rows:
+        per_step = seconds / args.steps
+        print(f"{name:40s} {1e3 * per_step:8.3f} {100 * per_step / step:6.1f}%")
+
+
+if __name__ == "__main__":
+    main()
