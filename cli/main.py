@@ -310,6 +310,55 @@ def kl_divergence(model_arg: str | None, base_path: Path, max_chunks: int | None
     print("\n" + report(compare(model, base, max_chunks, on_chunk=progress)))
 
 
+@app.command()
+def quantize(
+    src: Annotated[Path, typer.Argument(metavar="IN", help="The model to quantize (.gguf).", show_default=False)],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Where to write the result.", show_default=False)],
+    type_name: Annotated[str, typer.Argument(
+        metavar="TYPE", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S/M/L Q4_K_S/M Q5_K_S/M Q6_K.",
+        show_default=False)],
+    threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
+    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="Importance matrix from `llmx imatrix`.")] = None,
+    allow_requantize: Annotated[bool, typer.Option(
+        "--allow-requantize", help="Accept an already quantized input (quality drops).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (type and size per tensor); write nothing.")
+                       ] = False,
+) -> None:
+    """Write a model in another quantization mix, with llama.cpp's per-tensor rules."""
+    from llmx.cli.progress import quantize_progress
+    from llmx.engine.model import check_threads, max_threads
+    from llmx.formats.gguf_file import GGUFFile
+    from llmx.quant import model_quantize as Q
+
+    check_threads(threads)
+    mix = Q.mix_named(type_name)
+    Q.check_paths(src, out)
+    gguf = GGUFFile.open(src)
+    plans = Q.make_plan(gguf, mix, allow_requantize)
+    if dry_run:
+        print_plan(plans)
+        return
+    importance, extra = None, {}
+    if imatrix is not None:
+        importance, extra = Q.load_importance(imatrix), Q.imatrix_metadata(imatrix)
+    if allow_requantize and any(p.tensor.qtype not in Q.FLOATS and p.target != p.tensor.qtype for p in plans):
+        from llmx.cli.output import notice
+
+        notice("requantizing an already quantized model: quality drops compared with quantizing the original")
+    with quantize_progress(plans) as on_tensor:
+        Q.write_model(gguf, plans, out, mix, threads or max_threads(), importance, extra, on_tensor)
+
+
+def print_plan(plans) -> None:
+    mib = 2**20
+    for i, p in enumerate(plans, 1):
+        t = p.tensor
+        print(f"[{i:4d}/{len(plans)}] {t.name:40s} {str(list(t.shape)):>16s} {t.qtype.name:>6s} -> {p.target.name:<6s}"
+              f" {t.nbytes / mib:9.2f} MiB -> {p.nbytes / mib:9.2f} MiB")
+    before, after = sum(p.tensor.nbytes for p in plans), sum(p.nbytes for p in plans)
+    print(f"total: {before / mib:.2f} MiB -> {after / mib:.2f} MiB ({len(plans)} tensors)")
+
+
 def int_list(text: str, flag: str) -> list[int]:
     """llama-bench's list syntax: "1,2,4" (repeating the flag also works)."""
     from llmx.errors import UsageError
@@ -394,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         app(args=args, prog_name="llmx")
         return 0
     except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C into exit 130
+            print_error("interrupted")
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except KeyboardInterrupt:
         print_error("interrupted")
