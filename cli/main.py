@@ -349,6 +349,41 @@ def quantize(
         Q.write_model(gguf, plans, out, mix, threads or max_threads(), importance, extra, on_tensor)
 
 
+@app.command()
+def imatrix(
+    model_arg: ModelArg = None,
+    text_file: Annotated[Path, typer.Option("-f", "--file", help="Calibration text.")] = ...,
+    out: Annotated[Path, typer.Option("-o", "--output", help="Where to write the imatrix (GGUF).")] = Path(
+        "imatrix.gguf"),
+    ctx: Annotated[int, typer.Option("-c", "--ctx-size", min=8, help="Tokens per chunk.")] = 512,
+    max_chunks: Annotated[int | None, typer.Option("--chunks", min=1, help="Use at most this many chunks.")] = None,
+    threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
+    process_output: Annotated[bool, typer.Option("--process-output", help="Collect output.weight too.")] = False,
+) -> None:
+    """Collect an importance matrix (mean squared activations per matmul input) for `quantize --imatrix`."""
+    from llmx.cli.generate import read_utf8, warm_up
+    from llmx.engine import imatrix as I
+    from llmx.engine.model import Model
+    from llmx.errors import UsageError
+
+    try:
+        text = read_utf8(text_file.read_bytes(), str(text_file))
+    except OSError as e:
+        raise UsageError(f"cannot read {text_file}: {e.strerror}") from None
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent} is not a directory")
+    model = Model(model_path(model_arg), threads=threads, ctx=ctx)
+    warm_up(model)
+
+    def progress(index: int) -> None:
+        sys.stderr.write(f"[{index + 1}]")
+        sys.stderr.flush()
+
+    collector, n_chunks = I.collect(model, text, ctx, max_chunks, process_output, on_chunk=progress)
+    I.write(collector, out, model.gguf.architecture, text_file.name, ctx, n_chunks)
+    sys.stderr.write(f"\nsaved {len(collector.sums)} entries from {n_chunks} chunks to {out}\n")
+
+
 def print_plan(plans) -> None:
     mib = 2**20
     for i, p in enumerate(plans, 1):

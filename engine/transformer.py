@@ -14,7 +14,7 @@ and attention reads each sequence's keys and values through its block table in t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,8 @@ class Transformer:
     config: ModelConfig
     tensors: dict[str, GGUFTensor]
     threads: int | None = None
+    # Called with (weight name, float32 input [n, k]) before each matmul: `llmx imatrix` listens here.
+    observe_matmul: Callable[[str, np.ndarray], None] | None = None
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, config: ModelConfig, threads: int | None = None) -> Transformer:
@@ -52,6 +54,8 @@ class Transformer:
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
         """x [n, k] @ W[name].T -> [n, m], plus the bias when the file has one."""
         tensor = self._tensor(f"{name}.weight")
+        if self.observe_matmul is not None:
+            self.observe_matmul(tensor.name, x)
         out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads)
         bias = self.tensors.get(f"{name}.bias")
         return out if bias is None else out + bias.data.astype(np.float32)

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from llmx.quant import kquants
+from llmx.quant import iquants, kquants
 from llmx.quant.qtypes import QType, block_size, type_size
 
 QK_K = 256
@@ -26,6 +26,8 @@ class BlockFormat:
 
     qtype: ClassVar[QType]
     layout: ClassVar[np.dtype]
+    weighted_nmax: ClassVar[int] = 0  # Q4_0..Q5_1: nmax of llama.cpp's importance-weighted search
+    has_min: ClassVar[bool] = False
 
     @classmethod
     def block_size(cls) -> int:
@@ -56,7 +58,13 @@ class BlockFormat:
         if importance is not None:
             columns = np.asarray(importance, dtype=np.float32).reshape(-1, n)  # [blocks per row, n]
             weights = np.tile(columns, (blocks.shape[0] // columns.shape[0], 1))
-        packed = cls.quantize_blocks(blocks, weights)
+        if weights is not None and cls.weighted_nmax:
+            # llama.cpp's quantize_row_q*_impl: error weights use the whole row's mean square
+            sigma2 = np.repeat(kquants.row_sigma2(x.reshape(-1, x.shape[-1])), x.shape[-1] // n)
+            d, m, q = kquants.quantize_32_weighted(blocks, weights, sigma2, cls.weighted_nmax, cls.has_min)
+            packed = cls.pack(d, m, q)
+        else:
+            packed = cls.quantize_blocks(blocks, weights)
         return packed.view(np.uint8).reshape(*x.shape[:-1], -1)
 
     @classmethod
@@ -183,6 +191,13 @@ class Q8_0(BlockFormat):
 class Q4_0(BlockFormat):
     qtype = QType.Q4_0
     layout = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
+    weighted_nmax = 8
+
+    @classmethod
+    def pack(cls, d, m, q):
+        out = np.empty(len(d), cls.layout)
+        out["d"], out["qs"] = _f16(d), _pack_nibbles(q)
+        return out
 
     @classmethod
     def dequantize_blocks(cls, b):
@@ -193,14 +208,19 @@ class Q4_0(BlockFormat):
     def quantize_blocks(cls, x, weights):
         d = _absmax_signed(x) / np.float32(-8)
         q = np.trunc(x * _safe_inverse(d)[:, None] + np.float32(8.5)).astype(np.uint8).clip(0, 15)
-        out = np.empty(len(x), cls.layout)
-        out["d"], out["qs"] = _f16(d), _pack_nibbles(q)
-        return out
+        return cls.pack(d, None, q)
 
 
 class Q4_1(BlockFormat):
     qtype = QType.Q4_1
     layout = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
+    weighted_nmax, has_min = 15, True
+
+    @classmethod
+    def pack(cls, d, m, q):
+        out = np.empty(len(d), cls.layout)
+        out["d"], out["m"], out["qs"] = _f16(d), _f16(m), _pack_nibbles(q)
+        return out
 
     @classmethod
     def dequantize_blocks(cls, b):
@@ -211,14 +231,19 @@ class Q4_1(BlockFormat):
         lo, hi = x.min(axis=1), x.max(axis=1)
         d = (hi - lo) / np.float32(15)
         q = np.trunc((x - lo[:, None]) * _safe_inverse(d)[:, None] + np.float32(0.5))
-        out = np.empty(len(x), cls.layout)
-        out["d"], out["m"], out["qs"] = _f16(d), _f16(lo), _pack_nibbles(q.astype(np.uint8).clip(0, 15))
-        return out
+        return cls.pack(d, lo, q.astype(np.uint8).clip(0, 15))
 
 
 class Q5_0(BlockFormat):
     qtype = QType.Q5_0
     layout = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
+    weighted_nmax = 16
+
+    @classmethod
+    def pack(cls, d, m, q):
+        out = np.empty(len(d), cls.layout)
+        out["d"], out["qh"], out["qs"] = _f16(d), _pack_high_bits(q), _pack_nibbles(q)
+        return out
 
     @classmethod
     def dequantize_blocks(cls, b):
@@ -229,14 +254,19 @@ class Q5_0(BlockFormat):
     def quantize_blocks(cls, x, weights):
         d = _absmax_signed(x) / np.float32(-16)
         q = np.trunc(x * _safe_inverse(d)[:, None] + np.float32(16.5)).astype(np.uint8).clip(0, 31)
-        out = np.empty(len(x), cls.layout)
-        out["d"], out["qh"], out["qs"] = _f16(d), _pack_high_bits(q), _pack_nibbles(q)
-        return out
+        return cls.pack(d, None, q)
 
 
 class Q5_1(BlockFormat):
     qtype = QType.Q5_1
     layout = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
+    weighted_nmax, has_min = 31, True
+
+    @classmethod
+    def pack(cls, d, m, q):
+        out = np.empty(len(d), cls.layout)
+        out["d"], out["m"], out["qh"], out["qs"] = _f16(d), _f16(m), _pack_high_bits(q), _pack_nibbles(q)
+        return out
 
     @classmethod
     def dequantize_blocks(cls, b):
@@ -248,9 +278,25 @@ class Q5_1(BlockFormat):
         lo, hi = x.min(axis=1), x.max(axis=1)
         d = (hi - lo) / np.float32(31)
         q = np.trunc((x - lo[:, None]) * _safe_inverse(d)[:, None] + np.float32(0.5))
-        q = q.astype(np.uint8).clip(0, 31)
+        return cls.pack(d, lo, q.astype(np.uint8).clip(0, 31))
+
+
+class IQ4_NL(BlockFormat):
+    """32 codes indexing a non-linear table of 16 int8 values, times a float16 scale."""
+
+    qtype = QType.IQ4_NL
+    layout = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
+
+    @classmethod
+    def dequantize_blocks(cls, b):
+        return _f32(b["d"])[:, None] * iquants.VALUES[_unpack_nibbles(b["qs"])]
+
+    @classmethod
+    def quantize_blocks(cls, x, weights):
+        w = np.zeros((0, 32), np.float32) if weights is None else np.ascontiguousarray(weights, np.float32)
+        scales, codes = iquants.quantize_iq4_nl_blocks(np.ascontiguousarray(x, np.float32), w)
         out = np.empty(len(x), cls.layout)
-        out["d"], out["m"], out["qh"], out["qs"] = _f16(d), _f16(lo), _pack_high_bits(q), _pack_nibbles(q)
+        out["d"], out["qs"] = _f16(scales), _pack_nibbles(codes)
         return out
 
 
@@ -501,7 +547,7 @@ class Q8_K(BlockFormat):
 
 FORMATS: dict[QType, type[BlockFormat]] = {
     cls.qtype: cls
-    for cls in (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)
+    for cls in (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)
 }
 
 # The layout is the byte format, so it must add up to ggml's block size. Q8_1 is exempt: it only

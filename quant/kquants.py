@@ -451,3 +451,43 @@ def _weights(importance):
     if importance is None:
         return _NO_WEIGHTS
     return np.ascontiguousarray(importance, dtype=np.float32).reshape(-1, QK_K)
+
+
+# -- Q4_0, Q4_1, Q5_0, Q5_1 with an importance matrix (llama.cpp's quantize_row_q*_impl) -------
+
+
+@njit(**_JIT)
+def row_sigma2(rows):
+    """float32 [n_rows, n] -> per row sum(x^2) / n, summed in order as ggml does."""
+    out = np.empty(rows.shape[0], np.float32)
+    for r in range(rows.shape[0]):
+        total = _ZERO
+        for v in rows[r]:
+            total += v * v
+        out[r] = total / F32(rows.shape[1])
+    return out
+
+
+@njit(**_JIT)
+def quantize_32_weighted(x, importance, sigma2, nmax, with_min):
+    """Blocks of 32 under weights importance * sqrt(sigma2 + x^2): signed codes stored + nmax by
+    make_qx_quants (Q4_0, Q5_0), or codes 0..nmax with a min by make_qkx3_quants (Q4_1, Q5_1).
+    Returns (d, m, codes) with m the block minimum (0 for the signed types)."""
+    n = x.shape[0]
+    d = np.empty(n, np.float32)
+    m = np.zeros(n, np.float32)
+    codes = np.empty((n, 32), np.uint8)
+    w = np.empty(32, np.float32)
+    L = np.empty(32, np.int32)
+    aux = np.empty(32, np.int32)
+    for b in range(n):
+        for j in range(32):
+            w[j] = importance[b, j] * np.sqrt(sigma2[b] + x[b, j] * x[b, j])
+        if with_min:
+            d[b], the_min = make_qkx2_quants(x[b], w, nmax, F32(-0.9), F32(0.05), 36, False, L, aux)
+            m[b] = -the_min
+        else:
+            d[b] = make_qx_quants(x[b], nmax, w, L)
+        for j in range(32):
+            codes[b, j] = L[j]
+    return d, m, codes

@@ -4,7 +4,8 @@ for the mixes llmx offers (numpy-free; the plan is data).
 A mix has a default type for 2-D weights; _M/_L mixes raise `attn_v`, `ffn_down` and
 `attn_output` in chosen layers; the output matrix (or the token embedding when the output is
 tied to it) gets Q6_K; a row length that is not a whole number of blocks falls back to a type
-whose blocks fit (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> IQ4_NL, then F16).
+whose blocks fit (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16), as the
+llama.cpp of the reference files (llama-cpp-python 0.3.36) does.
 Norms, biases and other 1-D tensors stay as they are.
 """
 
@@ -44,7 +45,7 @@ MIXES = {m.name: m for m in [
     Mix("Q6_K", LlamaFileType.MOSTLY_Q6_K, QType.Q6_K),
 ]}
 
-FALLBACK = {QType.Q2_K: QType.IQ4_NL, QType.Q3_K: QType.IQ4_NL, QType.Q4_K: QType.Q5_0,
+FALLBACK = {QType.Q2_K: QType.Q4_0, QType.Q3_K: QType.Q4_0, QType.Q4_K: QType.Q5_0,
             QType.Q5_K: QType.Q5_1, QType.Q6_K: QType.Q8_0}
 FLOATS = (QType.F32, QType.F16, QType.BF16)
 

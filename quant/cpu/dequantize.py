@@ -184,10 +184,23 @@ def _rows_f32(w, out):
             out[r, i] = S.load_f32(w[r], 4 * i)
 
 
+_IQ4_NL = np.array(S.IQ4_NL_VALUES, np.float32)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _rows_iq4_nl(w, out):
+    for r in prange(w.shape[0]):
+        row = w[r]
+        for b in range(out.shape[1] // 32):
+            d = S.load_f16(row, 18 * b)
+            for j in range(32):
+                out[r, 32 * b + j] = d * _IQ4_NL[_nibble(row, 18 * b + 2, j)]
+
+
 _ROWS = {
     QType.F32: _rows_f32, QType.F16: _rows_f16, QType.BF16: _rows_bf16,
     QType.Q8_0: _rows_q8_0, QType.Q4_0: _rows_q4_0, QType.Q4_1: _rows_q4_1,
-    QType.Q5_0: _rows_q5_0, QType.Q5_1: _rows_q5_1,
+    QType.Q5_0: _rows_q5_0, QType.Q5_1: _rows_q5_1, QType.IQ4_NL: _rows_iq4_nl,
     QType.Q2_K: _rows_q2_k, QType.Q3_K: _rows_q3_k, QType.Q4_K: _rows_q4_k,
     QType.Q5_K: _rows_q5_k, QType.Q6_K: _rows_q6_k,
 }

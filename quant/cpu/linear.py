@@ -15,6 +15,7 @@ _INTEGER = {
     QType.Q8_0: (activations.quantize_q8_0, kernels.matmul_q8_0),
     QType.Q4_0: (activations.quantize_q8_0, kernels.matmul_q4_0),
     QType.Q5_0: (activations.quantize_q8_0, kernels.matmul_q5_0),
+    QType.IQ4_NL: (activations.quantize_q8_0, kernels.matmul_iq4_nl),
     QType.Q4_1: (activations.quantize_q8_1, kernels.matmul_q4_1),
     QType.Q5_1: (activations.quantize_q8_1, kernels.matmul_q5_1),
     QType.Q2_K: (activations.quantize_q8_k, kernels.matmul_q2_k),

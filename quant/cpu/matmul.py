@@ -169,6 +169,13 @@ def _q5_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     return S.fma_f32x8(acc, S.dot_i8x32(isa, codes, xv), S.load_f16(w, off) * xd[t, b]), corr
 
 
+@njit(inline="always")
+def _iq4_nl_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    xv = S.load_i8x32(xq, (t * nb + b) * 32)
+    codes = S.iq4_nl_i8x32(isa, S.load_nibbles_i8x32(w, off + 2))
+    return S.fma_f32x8(acc, S.dot_i8x32(isa, codes, xv), S.load_f16(w, off) * xd[t, b]), corr
+
+
 # -- Q8_1 activations: Q4_1, Q5_1 weights (unsigned codes plus a per-block min) ----------
 
 
@@ -337,6 +344,11 @@ def matmul_q4_0(xq, xd, xs, w, row_bytes, m, out, isa):
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q5_0(xq, xd, xs, w, row_bytes, m, out, isa):
     _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, _q5_0_block, 22)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_iq4_nl(xq, xd, xs, w, row_bytes, m, out, isa):
+    _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, _iq4_nl_block, 18)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -496,3 +496,26 @@ def fma_f32(typingctx, a, b, c):
         return _call(builder, "llvm.fma.f32", _F32, list(args))
 
     return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
+
+
+@intrinsic
+def iq4_nl_i8x32(typingctx, isa, nibbles):
+    """32 indices 0..15 -> IQ4_NL's non-linear values: `vpshufb` on AVX2 (the 16-entry table in
+    both lanes), a chain of selects elsewhere."""
+    avx2 = _is_avx2(isa)
+
+    def codegen(context, builder, signature, args):
+        index = args[1]
+        if avx2:
+            table = ir.Constant(_V32I8, [ir.Constant(_I8, v) for v in IQ4_NL_VALUES * 2])
+            return _call(builder, "llvm.x86.avx2.pshuf.b", _V32I8, [table, index])
+        result = _const_vec(_V32I8, 0)
+        for i, value in enumerate(IQ4_NL_VALUES):
+            hit = builder.icmp_signed("==", index, _const_vec(_V32I8, i))
+            result = builder.select(hit, _const_vec(_V32I8, value), result)
+        return result
+
+    return I8x32(isa, I8x32), codegen
