@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from llmx.quant import iquants, kquants
+from llmx.quant import iquants, kquants, legacy
 from llmx.quant.qtypes import QType, block_size, type_size
 
 QK_K = 256
@@ -181,10 +181,9 @@ class Q8_0(BlockFormat):
 
     @classmethod
     def quantize_blocks(cls, x, weights):
-        d = np.abs(x).max(axis=1) / np.float32(127)
+        d, q = legacy.quantize_q8_0(np.ascontiguousarray(x, np.float32))
         out = np.empty(len(x), cls.layout)
-        out["qs"] = round_away(x * _safe_inverse(d)[:, None])
-        out["d"] = _f16(d)
+        out["qs"], out["d"] = q, _f16(d)
         return out
 
 
@@ -206,8 +205,7 @@ class Q4_0(BlockFormat):
 
     @classmethod
     def quantize_blocks(cls, x, weights):
-        d = _absmax_signed(x) / np.float32(-8)
-        q = np.trunc(x * _safe_inverse(d)[:, None] + np.float32(8.5)).astype(np.uint8).clip(0, 15)
+        d, q = legacy.quantize_signed_offset(np.ascontiguousarray(x, np.float32), 8)
         return cls.pack(d, None, q)
 
 
@@ -252,8 +250,7 @@ class Q5_0(BlockFormat):
 
     @classmethod
     def quantize_blocks(cls, x, weights):
-        d = _absmax_signed(x) / np.float32(-16)
-        q = np.trunc(x * _safe_inverse(d)[:, None] + np.float32(16.5)).astype(np.uint8).clip(0, 31)
+        d, q = legacy.quantize_signed_offset(np.ascontiguousarray(x, np.float32), 16)
         return cls.pack(d, None, q)
 
 

@@ -249,16 +249,13 @@ def _sub_block_weights(xs, importance, sigma2, rms_plus_abs, out):
 
 
 @njit(**_JIT)
-def _scale_min_block(xb, imp, sub, nmax, scale_max, rmin, rdelta, nstep, use_mad, sigma_factor, d_out, sc, mn, q):
+def _scale_min_block(xb, imp, sub, nmax, scale_max, rmin, rdelta, nstep, use_mad, sigma_factor, d_out, sc, mn, q,
+                     scratch):
     """One 256-value block of Q2_K/Q4_K/Q5_K: writes d_out[0:2] (d, dmin, float16-exact), the
-    sub-block scale and min codes, and the element codes."""
+    sub-block scale and min codes, and the element codes. `scratch` is reused across blocks."""
     n_sub = QK_K // sub
-    scales = np.empty(n_sub, np.float32)
-    mins = np.empty(n_sub, np.float32)
-    w = np.empty(sub, np.float32)
-    sw = np.zeros(n_sub, np.float32)
-    aux = np.empty(sub, np.int32)
-    codes = np.empty(QK_K, np.int32)
+    scales, mins, w, sw, aux, codes, ls, lm = scratch
+    sw[:] = 0
     sigma2 = _ZERO
     if imp.size:
         sum_x2 = _ZERO
@@ -276,8 +273,6 @@ def _scale_min_block(xb, imp, sub, nmax, scale_max, rmin, rdelta, nstep, use_mad
         else:
             scales[j], mins[j] = make_qkx2_quants(xs, w, nmax, rmin, rdelta, nstep, use_mad,
                                                   codes[j * sub:(j + 1) * sub], aux)
-    ls = np.zeros(n_sub, np.int32)
-    lm = np.zeros(n_sub, np.int32)
     if imp.size:
         d = round_f16(make_qp_quants(scales, scale_max, ls, sw))
         dmin = round_f16(make_qp_quants(mins, scale_max, lm, sw))
@@ -314,10 +309,14 @@ def _quantize_scale_min(x, importance, sub, nmax, scale_max, rmin, rdelta, nstep
     sc = np.zeros((n_blocks, QK_K // sub), np.uint8)
     mn = np.zeros((n_blocks, QK_K // sub), np.uint8)
     q = np.zeros((n_blocks, QK_K), np.uint8)
+    n_sub = QK_K // sub
+    scratch = (np.empty(n_sub, np.float32), np.empty(n_sub, np.float32), np.empty(sub, np.float32),
+               np.zeros(n_sub, np.float32), np.empty(sub, np.int32), np.empty(QK_K, np.int32),
+               np.zeros(n_sub, np.int32), np.zeros(n_sub, np.int32))
     for b in range(n_blocks):
         imp = importance[b] if importance.size else importance.reshape(-1)[:0]
         _scale_min_block(x[b], imp, sub, nmax, scale_max, rmin, rdelta, nstep, use_mad, sigma_factor,
-                         d[b], sc[b], mn[b], q[b])
+                         d[b], sc[b], mn[b], q[b], scratch)
     return d, sc, mn, q
 
 
