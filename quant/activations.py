@@ -19,7 +19,7 @@ from llmx.quant.qtypes import QType
 
 # Weight type -> activation type, as ggml's type_traits_cpu vec_dot_type.
 ACTIVATION_TYPE = {
-    QType.Q8_0: QType.Q8_0, QType.Q4_0: QType.Q8_0, QType.Q5_0: QType.Q8_0,
+    QType.Q8_0: QType.Q8_0, QType.Q4_0: QType.Q8_0, QType.Q5_0: QType.Q8_0, QType.IQ4_NL: QType.Q8_0,
     QType.Q4_1: QType.Q8_1, QType.Q5_1: QType.Q8_1,
     QType.Q2_K: QType.Q8_K, QType.Q3_K: QType.Q8_K, QType.Q4_K: QType.Q8_K,
     QType.Q5_K: QType.Q8_K, QType.Q6_K: QType.Q8_K,

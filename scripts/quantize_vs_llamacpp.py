@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -45,12 +45,13 @@ def llmx_quantize(base: Path, out: Path, mix: str, threads: int, imatrix: Path |
     cmd = [sys.executable, "-m", "llmx.cli.main", "quantize", str(base), str(out), mix, "-t", str(threads)]
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS, not all children's
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, max(peak, before) / 1024
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"llmx quantize {mix} failed")
+    return seconds, usage.ru_maxrss / 1024
 
 
 def compare_files(ours: Path, theirs: Path) -> dict:
