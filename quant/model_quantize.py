@@ -104,14 +104,16 @@ def imatrix_metadata(path: Path) -> dict[str, tuple]:
     return meta
 
 
-def convert(tensor: GGUFTensor, target: QType, importance: np.ndarray | None, pool: ThreadPoolExecutor) -> np.ndarray:
+def convert(tensor: GGUFTensor, target: QType, importance: np.ndarray | None, pool: ThreadPoolExecutor,
+            threads: int) -> np.ndarray:
     """The tensor's data in `target`, as uint8 [rows, row_bytes]."""
     raw = tensor.data.view(np.uint8).reshape(-1, row_nbytes(tensor.qtype, tensor.shape[0]))
     if target == tensor.qtype:
         return raw
     rows = raw.shape[0]
     out = np.empty((rows, row_nbytes(target, tensor.shape[0])), np.uint8)
-    step = max(1, CHUNK_ELEMENTS // tensor.shape[0])
+    # rows per task: at most ~1M values, and enough tasks to keep every thread busy on small tensors
+    step = max(1, min(CHUNK_ELEMENTS // tensor.shape[0], -(-rows // (2 * threads))))
 
     def work(start: int) -> None:
         part = raw[start : start + step]
@@ -198,13 +200,21 @@ def write_model(gguf: GGUFFile, plans: list[TensorPlan], out: Path, mix: Mix, th
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        # Tensor i is written by its own thread while tensor i + 1 is quantized.
+        with ThreadPoolExecutor(max_workers=threads) as pool, ThreadPoolExecutor(max_workers=1) as disk:
+            pending, previous = None, None
             for p in plans:
                 weights = None if importance is None else importance.get(p.tensor.name)
                 if weights is not None and p.target in FLOATS:
                     weights = None
-                writer.write_tensor_data(convert(p.tensor, p.target, weights, pool))
-                on_tensor(p)
+                data = convert(p.tensor, p.target, weights, pool, threads)
+                if pending is not None:
+                    pending.result()
+                    on_tensor(previous)
+                pending, previous = disk.submit(writer.write_tensor_data, data), p
+            if pending is not None:
+                pending.result()
+                on_tensor(previous)
         writer.close()
         os.replace(partial, out)
     except OSError as e:
