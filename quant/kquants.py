@@ -40,9 +40,12 @@ def clamp(v, lo, hi):
 
 
 @njit(**_JIT)
-def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
-    """Codes 0..nmax in L for x ~ scale * L - min; returns (scale, min). Also make_qkx3_quants."""
+def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, scratch):
+    """Codes 0..nmax in L for x ~ scale * L - min; returns (scale, min). Also make_qkx3_quants.
+    `scratch` is float32 [4, n]. Each pass computes the per-element values in one loop (which
+    vectorizes) and sums them in another, in ggml's order, so the float32 results are its own."""
     n = x.size
+    shifted, codes, best_codes, terms = scratch[0, :n], scratch[1, :n], scratch[2, :n], scratch[3, :n]
     lo, hi = x[0], x[0]
     sum_w = w[0]
     sum_x = sum_w * x[0]
@@ -55,22 +58,28 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
     if hi == lo:
         L[:n] = 0
         return _ZERO, -lo
-    iscale = F32(nmax) / (hi - lo)
+    top = F32(nmax)
+    for i in range(n):
+        shifted[i] = x[i] - lo
+    iscale = top / (hi - lo)
     scale = _ONE / iscale
+    for i in range(n):
+        best_codes[i] = min(max(np.rint(iscale * shifted[i]), _ZERO), top)
+        diff = scale * best_codes[i] + lo - x[i]
+        terms[i] = w[i] * (abs(diff) if use_mad else diff * diff)
     best = _ZERO
     for i in range(n):
-        L[i] = clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax)
-        diff = scale * F32(L[i]) + lo - x[i]
-        best += w[i] * (abs(diff) if use_mad else diff * diff)
+        best += terms[i]
     for step in range(nstep + 1):
-        iscale = (rmin + rdelta * F32(step) + F32(nmax)) / (hi - lo)
+        iscale = (rmin + rdelta * F32(step) + top) / (hi - lo)
+        for i in range(n):
+            codes[i] = min(max(np.rint(iscale * shifted[i]), _ZERO), top)
+            terms[i] = w[i] * codes[i]
         sum_l = sum_l2 = sum_xl = _ZERO
         for i in range(n):
-            Laux[i] = clamp(nearest_int(iscale * (x[i] - lo)), 0, nmax)
-            wl = w[i] * F32(Laux[i])
-            sum_l += wl
-            sum_l2 += wl * F32(Laux[i])
-            sum_xl += wl * x[i]
+            sum_l += terms[i]
+            sum_l2 += terms[i] * codes[i]
+            sum_xl += terms[i] * x[i]
         det = sum_w * sum_l2 - sum_l * sum_l
         if det > 0:
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -78,13 +87,19 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
             if this_min > 0:
                 this_min = _ZERO
                 this_scale = sum_xl / sum_l2
+            for i in range(n):
+                diff = this_scale * codes[i] + this_min - x[i]
+                terms[i] = w[i] * (abs(diff) if use_mad else diff * diff)
             err = _ZERO
             for i in range(n):
-                diff = this_scale * F32(Laux[i]) + this_min - x[i]
-                err += w[i] * (abs(diff) if use_mad else diff * diff)
+                err += terms[i]
             if err < best:
-                L[:n] = Laux[:n]
+                best_codes[:] = codes
                 best, scale, lo = err, this_scale, this_min
+                for i in range(n):  # ggml's later steps measure from the new min
+                    shifted[i] = x[i] - lo
+    for i in range(n):
+        L[i] = int(best_codes[i])
     return scale, -lo
 
 
@@ -311,7 +326,7 @@ def _quantize_scale_min(x, importance, sub, nmax, scale_max, rmin, rdelta, nstep
     q = np.zeros((n_blocks, QK_K), np.uint8)
     n_sub = QK_K // sub
     scratch = (np.empty(n_sub, np.float32), np.empty(n_sub, np.float32), np.empty(sub, np.float32),
-               np.zeros(n_sub, np.float32), np.empty(sub, np.int32), np.empty(QK_K, np.int32),
+               np.zeros(n_sub, np.float32), np.empty((4, sub), np.float32), np.empty(QK_K, np.int32),
                np.zeros(n_sub, np.int32), np.zeros(n_sub, np.int32))
     for b in range(n_blocks):
         imp = importance[b] if importance.size else importance.reshape(-1)[:0]
@@ -478,7 +493,7 @@ def quantize_32_weighted(x, importance, sigma2, nmax, with_min):
     codes = np.empty((n, 32), np.uint8)
     w = np.empty(32, np.float32)
     L = np.empty(32, np.int32)
-    aux = np.empty(32, np.int32)
+    aux = np.empty((4, 32), np.float32)
     for b in range(n):
         for j in range(32):
             w[j] = importance[b, j] * np.sqrt(sigma2[b] + x[b, j] * x[b, j])

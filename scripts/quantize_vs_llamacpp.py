@@ -1,14 +1,15 @@
 """`llmx quantize` against llama.cpp's `llama_model_quantize` on one F32 base, in one run.
 
 For each mix: wall time of both at the same thread count (llmx in a fresh process, as a user
-runs it; llama.cpp through llama-cpp-python's binding), llmx's peak RSS, whether the two files
+runs it; llama.cpp through llama-cpp-python's binding), the median of --reps alternating runs
+each (the disk cache makes single runs noisy), llmx's peak RSS, whether the two files
 hold the same tensor types and bytes, and (with --kld TEXT) each file's mean KL divergence from
 the base over TEXT, as `llmx perplexity --kl-divergence` measures it. With --imatrix FILE, llmx
 also quantizes with that importance matrix (llama.cpp's binding cannot take one from Python).
 llama-cpp-python is a benchmark-only dependency.
 
 Usage: python scripts/quantize_vs_llamacpp.py BASE.gguf OUT_DIR [--mixes Q4_K_M,Q3_K_M,Q2_K]
-           [--threads 2] [--kld gpl-3.txt --chunks 8] [--imatrix imatrix.gguf]
+           [--threads 2] [--reps 5] [--kld gpl-3.txt --chunks 8] [--imatrix imatrix.gguf]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--mixes", default="Q4_K_M,Q3_K_M,Q2_K")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--kld", type=Path, help="text for the KL divergence from the base")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--imatrix", type=Path)
@@ -88,8 +91,12 @@ def main() -> None:
     rows = []
     for mix in args.mixes.split(","):
         ours, theirs = args.out_dir / f"llmx-{mix}.gguf", args.out_dir / f"llamacpp-{mix}.gguf"
-        llama_s = llama_cpp_quantize(args.base, theirs, mix, args.threads)
-        llmx_s, rss = llmx_quantize(args.base, ours, mix, args.threads)
+        llama_runs, llmx_runs = [], []
+        for _ in range(args.reps):
+            llama_runs.append(llama_cpp_quantize(args.base, theirs, mix, args.threads))
+            seconds, rss = llmx_quantize(args.base, ours, mix, args.threads)
+            llmx_runs.append(seconds)
+        llama_s, llmx_s = statistics.median(llama_runs), statistics.median(llmx_runs)
         row = {"mix": mix, "llmx_s": round(llmx_s, 2), "llamacpp_s": round(llama_s, 2),
                "ratio": round(llmx_s / llama_s, 2), "llmx_peak_rss_mb": round(rss), **compare_files(ours, theirs)}
         if args.kld:
