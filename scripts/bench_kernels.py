@@ -139,7 +139,7 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.threads = [int(t) for t in args.threads.split(",")]
     if not args.json:
-        print(f"isa: {args.isa} (host: {'avx2' if simd.host_isa() is simd.AVX2 else 'portable'})")
+        print(f"isa: {args.isa} (host: {simd.isa_name(simd.host_isa())})")
     rows = run(args)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -21,7 +21,8 @@ from llmx.quant.qtypes import QType
 from llmx.quant.reference import matmul_reference, quantized_activations
 
 TYPES = sorted(SUPPORTED, key=int)
-ISAS = {"portable": simd.PORTABLE, **({"avx2": simd.AVX2} if simd.host_isa() is simd.AVX2 else {})}
+ISAS = {"portable": simd.PORTABLE, **({"avx2": simd.AVX2} if simd.has_avx2() else {}),
+        **({"vnni": simd.VNNI} if simd.host_isa() is simd.VNNI else {})}
 M, K = 37, 512  # 37 rows: a group of four is left incomplete
 
 
@@ -68,7 +69,7 @@ def test_activation_quantizers_match_reference():
 
 
 def test_avx2_build_uses_pmaddubsw():
-    if simd.host_isa() is not simd.AVX2:
+    if not simd.has_avx2():
         assert platform.machine().lower() not in ("x86_64", "amd64"), "x86-64 host without AVX2+FMA?"
         return
     # Cached code cannot be inspected, so compile a fresh, uncached copy of one kernel.
@@ -81,6 +82,18 @@ def test_avx2_build_uses_pmaddubsw():
     assert "vpmaddubsw" in asm
 
 
+def test_vnni_build_uses_vpdpbusd():
+    if simd.host_isa() is not simd.VNNI:
+        return  # no VNNI here: the AVX2 kernels run, as test_avx2_build_uses_pmaddubsw checks
+    fresh = numba.njit(kernels.matmul_q8_0.py_func)
+    w = quantize(np.ones((4, 32), np.float32), QType.Q8_0)
+    codes, scales = activations.quantize_q8_0(np.ones((1, 32), np.float32))
+    out = np.empty((1, 4), np.float32)
+    fresh(codes.reshape(-1), scales, np.zeros((1, 1), np.float32), w.reshape(-1), w.shape[1], 4, out, simd.VNNI)
+    assert "vpdpbusd" in fresh.inspect_asm(fresh.signatures[0])
+    assert out[0, 0] == pytest.approx(32.0, rel=1e-2)
+
+
 CACHE_PROBE = textwrap.dedent("""
     import json, time
     start = time.perf_counter()
@@ -89,7 +102,7 @@ CACHE_PROBE = textwrap.dedent("""
     from llmx.quant.cpu.linear import SUPPORTED, matmul
     from llmx.quant.formats import quantize
     from llmx.quant.qtypes import QType
-    isas = [simd.PORTABLE] + ([simd.AVX2] if simd.host_isa() is simd.AVX2 else [])
+    isas = [simd.PORTABLE] + ([simd.host_isa()] if simd.has_avx2() else [])
     for qtype in SUPPORTED:
         w = quantize(np.ones((4, 256), np.float32), qtype)
         dequantize.dequantize(w, qtype)

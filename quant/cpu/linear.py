@@ -37,7 +37,7 @@ _NO_SUMS = np.zeros((1, 1), np.float32)
 def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = None, isa=None) -> np.ndarray:
     """x float32 [n_tok, k] times W (uint8 [m, row_bytes] in `qtype`'s layout) transposed -> [n_tok, m].
 
-    `threads` sets Numba's thread count for this call; `isa` is `simd.AVX2` or `simd.PORTABLE`
+    `threads` sets Numba's thread count for this call; `isa` is `simd.VNNI`, `simd.AVX2` or `simd.PORTABLE`
     (default: the best this CPU has).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)

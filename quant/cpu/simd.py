@@ -5,7 +5,9 @@ type (`Vec`) whose values are LLVM vectors kept in registers, combined by tiny i
 in llvmlite IR. Each intrinsic that has an x86 form takes an instruction-set marker first:
 
 - `AVX2` (a numpy int16 scalar): `llvm.x86.avx2.pmadd.ub.sw` / `pmadd.wd`;
-- `PORTABLE` (a numpy int8 scalar): plain LLVM vector IR that any target lowers (ARM NEON, ...).
+- `PORTABLE` (a numpy int8 scalar): plain LLVM vector IR that any target lowers (ARM NEON, ...);
+- `VNNI` (a numpy int32 scalar): AVX2, with the byte dot products in one `vpdpbusd`
+  (`llvm.x86.avx512.vpdpbusd.256`, AVX512-VNNI + VL or AVX-VNNI) instead of pmaddubsw + pmaddwd.
 
 The marker's *type* picks the implementation, so each choice is compiled and cached separately
 and tests can run the portable path on an AVX2 machine.
@@ -27,6 +29,7 @@ from numba.extending import intrinsic, models, register_model
 
 PORTABLE = np.int8(0)
 AVX2 = np.int16(0)
+VNNI = np.int32(0)
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _V32I8, _V16I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16)
@@ -39,15 +42,32 @@ _V8F32 = ir.VectorType(_F32, 8)
 def host_isa():
     """The best instruction-set marker for this CPU."""
     features = llvm.get_host_cpu_features()
-    return AVX2 if features.get("avx2") and features.get("fma") else PORTABLE
+    if not (features.get("avx2") and features.get("fma")):
+        return PORTABLE
+    vnni = features.get("avxvnni") or (features.get("avx512vnni") and features.get("avx512vl"))
+    return VNNI if vnni else AVX2
+
+
+def has_avx2() -> bool:
+    """Whether this CPU runs the AVX2 paths (the AVX2 and VNNI markers)."""
+    return host_isa() is not PORTABLE
+
+
+def isa_name(isa) -> str:
+    return {PORTABLE.dtype: "portable", AVX2.dtype: "avx2", VNNI.dtype: "vnni"}[np.asarray(isa).dtype]
 
 
 def _is_avx2(marker_type) -> bool:
-    if marker_type == types.int16:
+    """AVX2 instructions allowed (the AVX2 and VNNI markers)."""
+    if marker_type in (types.int16, types.int32):
         return True
     if marker_type == types.int8:
         return False
-    raise TypeError(f"expected an ISA marker (simd.AVX2 or simd.PORTABLE), got {marker_type}")
+    raise TypeError(f"expected an ISA marker (simd.AVX2, simd.VNNI or simd.PORTABLE), got {marker_type}")
+
+
+def _is_vnni(marker_type) -> bool:
+    return _is_avx2(marker_type) and marker_type == types.int32
 
 
 class Vec(types.Type):
@@ -228,7 +248,10 @@ def _portable_dot(builder, a, b, a_unsigned):
     return builder.add(_shuffle(builder, pairs, range(0, 16, 2)), _shuffle(builder, pairs, range(1, 16, 2)))
 
 
-def _avx2_dot_unsigned(builder, u, s):
+def _avx2_dot_unsigned(builder, u, s, vnni=False):
+    if vnni:  # no 16-bit saturation either way: |u * s| pairs stay below 2^15 in our callers
+        words = [builder.bitcast(u, _V8I32), builder.bitcast(s, _V8I32)]
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [_const_vec(_V8I32, 0), *words])
     pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [u, s])
     return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [pairs, _const_vec(_V16I16, 1)])
 
@@ -236,7 +259,7 @@ def _avx2_dot_unsigned(builder, u, s):
 @intrinsic
 def dot_i8x32(typingctx, isa, a, b):
     """Signed x signed bytes (|values| <= 127) -> 8 x i32 partial sums."""
-    avx2 = _is_avx2(isa)
+    avx2, vnni = _is_avx2(isa), _is_vnni(isa)
     sig = I32x8(isa, I8x32, I8x32)
 
     def codegen(context, builder, signature, args):
@@ -246,7 +269,7 @@ def dot_i8x32(typingctx, isa, a, b):
         # pmaddubsw needs one unsigned operand: |a| times b with a's sign moved onto it (psignb).
         abs_a = _call(builder, "llvm.abs.v32i8", _V32I8, [a_v, ir.Constant(ir.IntType(1), 0)])
         signed_b = _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [b_v, a_v])
-        return _avx2_dot_unsigned(builder, abs_a, signed_b)
+        return _avx2_dot_unsigned(builder, abs_a, signed_b, vnni)
 
     return sig, codegen
 
@@ -254,13 +277,13 @@ def dot_i8x32(typingctx, isa, a, b):
 @intrinsic
 def dot_u8i8x32(typingctx, isa, u, s):
     """Unsigned (0..127) x signed bytes -> 8 x i32 partial sums."""
-    avx2 = _is_avx2(isa)
+    avx2, vnni = _is_avx2(isa), _is_vnni(isa)
     sig = I32x8(isa, I8x32, I8x32)
 
     def codegen(context, builder, signature, args):
         _, u_v, s_v = args
         if avx2:
-            return _avx2_dot_unsigned(builder, u_v, s_v)
+            return _avx2_dot_unsigned(builder, u_v, s_v, vnni)
         return _portable_dot(builder, u_v, s_v, a_unsigned=True)
 
     return sig, codegen
