@@ -82,9 +82,18 @@ def test_avx2_build_uses_pmaddubsw():
     assert "vpmaddubsw" in asm
 
 
+def test_host_isa_follows_cpu_features():
+    import llvmlite.binding as llvm
+
+    f = llvm.get_host_cpu_features()
+    avx2 = bool(f.get("avx2") and f.get("fma"))
+    vnni = avx2 and bool(f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")))
+    assert simd.host_isa() is (simd.VNNI if vnni else simd.AVX2 if avx2 else simd.PORTABLE)
+
+
 def test_vnni_build_uses_vpdpbusd():
     if simd.host_isa() is not simd.VNNI:
-        return  # no VNNI here: the AVX2 kernels run, as test_avx2_build_uses_pmaddubsw checks
+        return  # this CPU has no VNNI (test_host_isa_follows_cpu_features checks that choice)
     fresh = numba.njit(kernels.matmul_q8_0.py_func)
     w = quantize(np.ones((4, 32), np.float32), QType.Q8_0)
     codes, scales = activations.quantize_q8_0(np.ones((1, 32), np.float32))
