@@ -21,6 +21,7 @@ import numpy as np
 
 from llmx.engine.attention import attend_paged
 from llmx.engine.config import ModelConfig
+from llmx.engine.elementwise import gelu_tanh_f16, rms_norm
 from llmx.engine.kv_cache import KVCache, SequenceHandle
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
@@ -169,25 +170,10 @@ def yarn_mix(rope_dim: int, orig_ctx: int, base: float, freq_scale: float,
     return ramp[None, :], 1.0 + 0.1 * math.log(1.0 / freq_scale)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm over the last axis; the mean of squares in float64 as ggml sums it."""
-    mean_sq = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
-    return (x * (1.0 / np.sqrt(mean_sq + eps)).astype(np.float32)) * weight
-
-
 def activate(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "silu":
         return x / (np.float32(1) + np.exp(-x))
     return gelu_tanh_f16(x)
-
-
-def gelu_tanh_f16(x: np.ndarray) -> np.ndarray:
-    """GELU (tanh approximation) as ggml's CPU backend computes it: a float16 lookup table
-    indexed by the input rounded to float16, and the identity / zero beyond +-10."""
-    h = x.astype(np.float16).astype(np.float32)
-    inner = np.float32(math.sqrt(2 / math.pi)) * (h + np.float32(0.044715) * h * h * h)
-    table = (np.float32(0.5) * h * (np.float32(1) + np.tanh(inner))).astype(np.float16).astype(np.float32)
-    return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, table))
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> np.ndarray:

@@ -542,3 +542,12 @@ def iq4_nl_i8x32(typingctx, isa, nibbles):
         return result
 
     return I8x32(isa, I8x32), codegen
+
+
+@intrinsic
+def f16_bits(typingctx, value):
+    """float32 -> the bits of the nearest float16 (round half to even), as uint16."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
+
+    return types.uint16(types.float32), codegen

@@ -1,0 +1,39 @@
+"""The Numba RMSNorm and GELU give the same bits as the numpy expressions that define them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from llmx.engine.elementwise import gelu_tanh_f16, rms_norm
+
+
+def numpy_rms_norm(x, weight, eps):
+    mean_sq = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
+    return (x * (1.0 / np.sqrt(mean_sq + eps)).astype(np.float32)) * weight
+
+
+def numpy_gelu_tanh_f16(x):
+    h = x.astype(np.float16).astype(np.float32)
+    inner = np.float32(math.sqrt(2 / math.pi)) * (h + np.float32(0.044715) * h * h * h)
+    table = (np.float32(0.5) * h * (np.float32(1) + np.tanh(inner))).astype(np.float16).astype(np.float32)
+    return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, table))
+
+
+@pytest.mark.parametrize("shape", [(1, 640), (7, 4, 256), (33, 2048), (5, 100), (3, 7), (2, 5000), (1, 16384)])
+def test_rms_norm_same_bits_as_numpy(shape):
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    x = (rng.standard_normal(shape) * rng.uniform(0.01, 50)).astype(np.float32)
+    weight = rng.standard_normal(shape[-1]).astype(np.float32)
+    for eps in (1e-6, 1e-5):
+        assert np.array_equal(rms_norm(x, weight, eps), numpy_rms_norm(x, weight, eps))
+
+
+def test_gelu_same_bits_as_numpy():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.standard_normal(100_000) * 4, [-10.0, 10.0, -9.99, 9.99, 0.0, -0.0, 65504, -1e6]])
+    x = x.astype(np.float32).reshape(-1, 8)
+    with np.errstate(all="ignore"):
+        assert np.array_equal(gelu_tanh_f16(x), numpy_gelu_tanh_f16(x))
