@@ -78,7 +78,8 @@ class Planner:
         names = [t.name for t in tensors]
         self.has_output = "output.weight" in names
         self.n_attention_wv = sum("attn_v.weight" in n for n in names)
-        self.n_ffn_down = sum("ffn_down" in n for n in names)
+        # llama.cpp takes n_ffn_down from n_layer (not from names, which would count biases too)
+        self.n_ffn_down = len({n.split(".")[1] for n in names if n.startswith("blk.")})
         self.i_attention_wv = self.i_ffn_down = 0
 
     def type_for(self, spec: TensorSpec) -> QType | None:
