@@ -207,6 +207,9 @@ def write_model(gguf: GGUFFile, plans: list[TensorPlan], out: Path, mix: Mix, th
                 weights = None if importance is None else importance.get(p.tensor.name)
                 if weights is not None and p.target in FLOATS:
                     weights = None
+                if weights is not None and weights.size != p.tensor.shape[0]:
+                    raise UsageError(f"the imatrix has {weights.size} columns for {p.tensor.name}, the model "
+                                     f"{p.tensor.shape[0]}: it was made for another model")
                 data = convert(p.tensor, p.target, weights, pool, threads)
                 if pending is not None:
                     pending.result()

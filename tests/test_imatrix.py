@@ -79,3 +79,11 @@ def test_imatrix_lowers_the_weighted_error(imatrix, tmp_path, mix):
             t = f.tensors[name]
             errors[i] += (weights * (dequantize(np.asarray(t.data), t.qtype) - w) ** 2).sum()
     assert errors[1] < errors[0]
+
+
+def test_an_imatrix_for_another_model_is_refused(imatrix, tmp_path):
+    out = tmp_path / "o.gguf"
+    other = MODELS_DIR / "tiny-gemma3-f16.gguf"  # same tensor names as tiny llama, some of other widths
+    result = run_llmx("quantize", str(other), str(out), "Q4_K_M", "--imatrix", str(imatrix))
+    assert result.returncode == 2 and b"another model" in result.stderr
+    assert list(tmp_path.iterdir()) == []
