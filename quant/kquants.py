@@ -114,37 +114,44 @@ def _signed_max(x):
 
 
 @njit(**_JIT)
+def _signed_sums(x, w, nmax, iscale):
+    """(sum w x q, sum w q^2) for codes q = round(iscale * x) clamped to -nmax..nmax-1; w = x^2
+    when empty (rmse_type 1)."""
+    sumlx = suml2 = _ZERO
+    for i in range(x.size):
+        q = F32(clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1))
+        wi = w[i] if w.size else x[i] * x[i]
+        sumlx += wi * x[i] * q
+        suml2 += wi * q * q
+    return sumlx, suml2
+
+
+@njit(**_JIT)
+def _store_signed_codes(x, nmax, iscale, L):
+    for i in range(x.size):
+        L[i] = nmax + clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1)
+
+
+@njit(**_JIT)
 def make_qx_quants(x, nmax, w, L):
     """Signed codes (stored + nmax) for x ~ scale * code, scanning 19 scales; rmse_type 1:
     error weights `w`, or x^2 when `w` is empty. Returns the scale."""
-    n = x.size
     top, amax = _signed_max(x)
     if amax < _EPS:
-        L[:n] = 0
+        L[:x.size] = 0
         return _ZERO
     iscale = F32(-nmax) / top
-    sumlx = suml2 = _ZERO
-    for i in range(n):
-        q = clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1)
-        L[i] = q + nmax
-        wi = w[i] if w.size else x[i] * x[i]
-        sumlx += wi * x[i] * F32(q)
-        suml2 += wi * F32(q) * F32(q)
+    _store_signed_codes(x, nmax, iscale, L)
+    sumlx, suml2 = _signed_sums(x, w, nmax, iscale)
     scale = sumlx / suml2 if suml2 != 0 else _ZERO
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         iscale = -(F32(nmax) + _TENTH * F32(step)) / top
-        sumlx = suml2 = _ZERO
-        for i in range(n):
-            q = clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1)
-            wi = w[i] if w.size else x[i] * x[i]
-            sumlx += wi * x[i] * F32(q)
-            suml2 += wi * F32(q) * F32(q)
+        sumlx, suml2 = _signed_sums(x, w, nmax, iscale)
         if suml2 > 0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[i] = nmax + clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1)
+            _store_signed_codes(x, nmax, iscale, L)
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
