@@ -2,9 +2,10 @@
 
 Wraps the Transformer's pieces (each matmul by tensor role and weight type, attention, norms,
 rope, activations, cache writes) with timers, prefills a prompt, then decodes N tokens one at a
-time and prints each op's share. What is not inside a wrapped op is "python/other".
+time and prints each op's share. What is not inside a wrapped op is "python/other". With
+--batch B, B sequences (each with the prompt) decode together, as `llmx bench -b B` runs them.
 
-Usage: python scripts/profile_decode.py [MODEL] [--threads 2] [--prompt 128] [--steps 64]
+Usage: python scripts/profile_decode.py [MODEL] [--threads 2] [--prompt 128] [--steps 64] [--batch 1]
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     if args.model:
         path = Path(args.model)
@@ -65,17 +67,20 @@ def main() -> None:
     model = Model(path, threads=args.threads, ctx=0)
     model.warm_up()
     rng = np.random.default_rng(0)
-    cache = kv_cache.KVCache(model.config, args.prompt + args.steps + 1)
-    seq = cache.new_sequence()
-    model.transformer.forward(rng.integers(0, model.config.n_vocab, args.prompt), seq, cache, "last")
+    per_seq = -(-(args.prompt + args.steps + 1) // kv_cache.BLOCK_SIZE) * kv_cache.BLOCK_SIZE
+    cache = kv_cache.KVCache(model.config, args.batch * per_seq)
+    seqs = [cache.new_sequence() for _ in range(args.batch)]
+    for seq in seqs:
+        model.transformer.forward(rng.integers(0, model.config.n_vocab, args.prompt), seq, cache, "last")
     instrument()
     started = time.perf_counter()
-    for token in rng.integers(0, model.config.n_vocab, args.steps):
-        model.transformer.forward(np.array([token]), seq, cache, "last")
+    for _ in range(args.steps):
+        tokens = rng.integers(0, model.config.n_vocab, args.batch)
+        model.transformer.forward_batch([(s, tokens[i:i + 1]) for i, s in enumerate(seqs)], cache, "last")
     step = (time.perf_counter() - started) / args.steps
     total = sum(TIMES.values()) / args.steps
-    print(f"{path.name}, {args.threads} threads, context {args.prompt}: {1e3 * step:.2f} ms per decode step "
-          f"({1 / step:.1f} t/s)\n")
+    print(f"{path.name}, {args.threads} threads, context {args.prompt}, {args.batch} sequence(s): "
+          f"{1e3 * step:.2f} ms per decode step ({args.batch / step:.1f} t/s)\n")
     print(f"{'op':40s} {'ms/step':>8s} {'share':>7s}")
     rows = sorted(TIMES.items(), key=lambda kv: -kv[1]) + [("python/other", (step - total) * args.steps)]
     for name, seconds in rows:
