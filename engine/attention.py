@@ -114,10 +114,11 @@ def softmax_f16(scores, first, last):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def attend_kernel(q, k_pool, v_pool, table, block_size, positions, window, group, kq_scale, tiled, out):
+def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, tiled, out):
     """q float32 [n, n_head, d] (float16-exact values); k_pool/v_pool one layer's cache as bytes of
-    float16 [n_blocks, block_size, n_head_kv, d or dv]; table int32 [n_seq_blocks] the sequence's
-    blocks; positions int64 [n]; out float32 [n, n_head, dv]. `tiled`: the batch has 2+ tokens."""
+    float16 [n_blocks, block_size, n_head_kv, d or dv]; tables int32 [n_seqs, blocks] the block ids
+    of each sequence, row_seq int64 [n] the sequence of each query row; positions int64 [n];
+    out float32 [n, n_head, dv]. `tiled`: the batch has 2+ tokens."""
     n, n_head, d = q.shape
     dv = out.shape[2]
     n_head_kv = n_head // group
@@ -127,6 +128,7 @@ def attend_kernel(q, k_pool, v_pool, table, block_size, positions, window, group
     for item in prange(n * n_head):
         t, h = item // n_head, item % n_head
         kv_head = h // group
+        table = tables[row_seq[t]]
         last = positions[t]
         first = max(0, last - window + 1) if window > 0 else 0
         scores = np.empty(last + 1, np.float32)
@@ -152,15 +154,16 @@ def attend_kernel(q, k_pool, v_pool, table, block_size, positions, window, group
             out[t, h, i] = sum8_tree(acc[:, i]) if v_lanes == 8 else sum32_ggml(acc[:, i])
 
 
-def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, table: np.ndarray, positions: np.ndarray,
-                 window: int | None, group: int, kq_scale: float, tiled: bool) -> np.ndarray:
-    """q float32 [n, n_head, d] -> [n, n_head, dv]. keys/values: one layer's float16 pool
-    [n_blocks, block_size, n_head_kv, d]; `table` the sequence's block ids; `positions` the
-    queries' positions (their K/V already written). `kq_scale` multiplies the scores; `tiled`
+def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np.ndarray, row_seq: np.ndarray,
+                 positions: np.ndarray, window: int | None, group: int, kq_scale: float, tiled: bool) -> np.ndarray:
+    """q float32 [n, n_head, d] -> [n, n_head, dv], the query rows of one or more sequences.
+    keys/values: one layer's float16 pool [n_blocks, block_size, n_head_kv, d]; `tables` int32
+    [n_seqs, blocks] each sequence's block ids; `row_seq` the sequence of each row; `positions`
+    the rows' positions (their K/V already written). `kq_scale` multiplies the scores; `tiled`
     says the whole batch has 2+ tokens (which ggml kernel llama.cpp would use)."""
     q16 = np.ascontiguousarray(q, dtype=np.float32).astype(np.float16).astype(np.float32)
     out = np.empty((q.shape[0], q.shape[1], values.shape[-1]), np.float32)
     attend_kernel(q16, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8),
-                  np.ascontiguousarray(table, dtype=np.int32), keys.shape[1], positions.astype(np.int64),
-                  window or 0, group, np.float32(kq_scale), tiled, out)
+                  np.ascontiguousarray(tables, dtype=np.int32), np.asarray(row_seq, dtype=np.int64), keys.shape[1],
+                  positions.astype(np.int64), window or 0, group, np.float32(kq_scale), tiled, out)
     return out

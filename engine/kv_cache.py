@@ -58,15 +58,22 @@ class KVCache:
         seq.blocks.extend(self._free.pop() for _ in range(needed))
         return np.arange(seq.length, seq.length + n_new)
 
-    def write(self, seq: SequenceHandle, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """k [n, n_head_kv, head_dim], v [n, n_head_kv, head_dim_v] at `positions` of `seq`."""
+    def cells(self, seq: SequenceHandle, positions: np.ndarray) -> np.ndarray:
+        """Flat cell indices (block * block_size + slot) of `positions` of `seq` (int64 [n])."""
         table = np.asarray(seq.blocks, dtype=np.int64)
-        blocks, slots = table[positions // self.block_size], positions % self.block_size
-        self.keys[layer, blocks, slots] = k
-        self.values[layer, blocks, slots] = v
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def write(self, layer: int, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """k [n, n_head_kv, head_dim], v [n, n_head_kv, head_dim_v] into `cells` of layer `layer`."""
+        self.keys[layer].reshape(-1, *self.keys.shape[3:])[cells] = k
+        self.values[layer].reshape(-1, *self.values.shape[3:])[cells] = v
 
     def commit(self, seq: SequenceHandle, n_new: int) -> None:
         seq.length += n_new
 
-    def block_table(self, seq: SequenceHandle) -> np.ndarray:
-        return np.asarray(seq.blocks, dtype=np.int32)
+    def block_tables(self, seqs: list[SequenceHandle]) -> np.ndarray:
+        """int32 [n_seqs, most blocks]: each sequence's block ids, padded with 0."""
+        tables = np.zeros((len(seqs), max(len(s.blocks) for s in seqs)), np.int32)
+        for i, seq in enumerate(seqs):
+            tables[i, : len(seq.blocks)] = seq.blocks
+        return tables

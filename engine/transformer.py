@@ -29,6 +29,26 @@ from llmx.quant.cpu.dequantize import dequantize
 from llmx.quant.cpu.linear import matmul
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where one forward call's rows live in the cache, worked out once for all layers."""
+
+    lengths: list[int]  # new tokens per sequence
+    positions: np.ndarray  # int64 [n]
+    cells: np.ndarray  # int64 [n]: flat cache cell of each row
+    row_seq: np.ndarray  # int64 [n]: index of each row's sequence
+    tables: np.ndarray  # int32 [n_seqs, blocks]
+
+    @classmethod
+    def build(cls, batch: Sequence[tuple[SequenceHandle, np.ndarray]], cache: KVCache) -> BatchLayout:
+        positions = [cache.reserve(seq, len(tokens)) for seq, tokens in batch]
+        seqs = [seq for seq, _ in batch]
+        return cls(lengths=[len(p) for p in positions], positions=np.concatenate(positions),
+                   cells=np.concatenate([cache.cells(s, p) for s, p in zip(seqs, positions, strict=True)]),
+                   row_seq=np.repeat(np.arange(len(seqs)), [len(p) for p in positions]),
+                   tables=cache.block_tables(seqs))
+
+
 @dataclass
 class Transformer:
     config: ModelConfig
@@ -79,18 +99,16 @@ class Transformer:
                       logits_for: str = "last") -> list[np.ndarray]:
         """Continue several sequences at once; per sequence, logits for every new position
         ("all") or for its last one ("last")."""
-        spans, start = [], 0
-        for seq, tokens in batch:
-            positions = cache.reserve(seq, len(tokens))
-            spans.append((seq, positions, slice(start, start + len(tokens))))
-            start += len(tokens)
+        layout = BatchLayout.build(batch, cache)
         tokens = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in batch])
         x = self._embed(tokens)  # [n_tok, n_embd]
         for layer in range(self.config.n_layer):
-            x = self._block(layer, x, spans, cache)
-        for seq, positions, _ in spans:
-            cache.commit(seq, len(positions))
-        rows = [np.arange(sl.start, sl.stop) if logits_for == "all" else np.array([sl.stop - 1]) for _, _, sl in spans]
+            x = self._block(layer, x, layout, cache)
+        for (seq, _), n in zip(batch, layout.lengths, strict=True):
+            cache.commit(seq, n)
+        ends = np.cumsum(layout.lengths)
+        rows = [np.arange(e - n, e) if logits_for == "all" else np.array([e - 1]) for e, n in zip(ends, layout.lengths,
+                                                                                                 strict=True)]
         logits = self._logits(x[np.concatenate(rows)])
         bounds = np.cumsum([0] + [len(r) for r in rows])
         return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -99,10 +117,10 @@ class Transformer:
         x = rms_norm(x, self._vector("output_norm.weight"), self.config.rms_eps)
         return self._linear(x, "token_embd" if self.config.tied_output else "output")
 
-    def _block(self, layer: int, x: np.ndarray, spans, cache: KVCache) -> np.ndarray:
+    def _block(self, layer: int, x: np.ndarray, layout: BatchLayout, cache: KVCache) -> np.ndarray:
         c, p = self.config, f"blk.{layer}."
         h = rms_norm(x, self._vector(p + "attn_norm.weight"), c.rms_eps)
-        attn = self._linear(self._attention(layer, h, spans, cache), p + "attn_output")
+        attn = self._linear(self._attention(layer, h, layout, cache), p + "attn_output")
         if c.post_norms:
             attn = rms_norm(attn, self._vector(p + "post_attention_norm.weight"), c.rms_eps)
         x = x + attn
@@ -113,7 +131,7 @@ class Transformer:
             ffn = rms_norm(ffn, self._vector(p + "post_ffw_norm.weight"), c.rms_eps)
         return x + ffn
 
-    def _attention(self, layer: int, h: np.ndarray, spans, cache: KVCache) -> np.ndarray:
+    def _attention(self, layer: int, h: np.ndarray, layout: BatchLayout, cache: KVCache) -> np.ndarray:
         c, p = self.config, f"blk.{layer}."
         n = len(h)
         q = self._linear(h, p + "attn_q").reshape(n, c.n_head, c.head_dim)
@@ -122,8 +140,7 @@ class Transformer:
         if c.qk_norm:
             q = rms_norm(q, self._vector(p + "attn_q_norm.weight"), c.rms_eps)
             k = rms_norm(k, self._vector(p + "attn_k_norm.weight"), c.rms_eps)
-        positions = np.concatenate([pos for _, pos, _ in spans])
-        cos, sin = self._rope(layer, positions)
+        cos, sin = self._rope(layer, layout.positions)
         q, k = apply_rope(q, cos, sin, c.rope_layout), apply_rope(k, cos, sin, c.rope_layout)
         window = c.sliding_window if c.sliding_layers and c.sliding_layers[layer] else None
         # llama.cpp computes 1/sqrt(head_dim) in float32; gemma3 applies it to q, the others to the scores.
@@ -132,11 +149,9 @@ class Transformer:
             q, kq_scale = q * scale, np.float32(1.0)
         else:
             kq_scale = scale
-        out = np.empty((n, c.n_head, c.head_dim_v), np.float32)
-        for seq, pos, rows in spans:
-            cache.write(seq, layer, pos, k[rows], v[rows])
-            out[rows] = attend_paged(q[rows], cache.keys[layer], cache.values[layer], cache.block_table(seq), pos,
-                                     window, c.n_head // c.n_head_kv, kq_scale, tiled=n >= 2)
+        cache.write(layer, layout.cells, k, v)
+        out = attend_paged(q, cache.keys[layer], cache.values[layer], layout.tables, layout.row_seq, layout.positions,
+                           window, c.n_head // c.n_head_kv, kq_scale, tiled=n >= 2)
         return out.reshape(n, c.n_head * c.head_dim_v)
 
     def _rope(self, layer: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

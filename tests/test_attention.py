@@ -100,11 +100,31 @@ def test_attention_through_a_block_table_matches_float64(tiled, window):
     order = rng.permutation(6).tolist()
     pool_k, pool_v, table = paged(k, v, block_size, order)
     scale = 1 / np.sqrt(d)
-    ours = attend_paged(q, pool_k, pool_v, table, positions, window, n_head // n_head_kv, scale, tiled)
+    rows = np.zeros(len(positions), np.int64)
+    ours = attend_paged(q, pool_k, pool_v, table[None], rows, positions, window, n_head // n_head_kv, scale, tiled)
     expected = reference_attention(q, k, v, positions, window, n_head // n_head_kv, scale)
     # probabilities are rounded to float16 (as in llama.cpp): relative error ~2^-11
     np.testing.assert_allclose(ours, expected, atol=2e-3, rtol=0)
     # the block layout is invisible: a contiguous table gives the same bits
     pool_k, pool_v, table = paged(k, v, block_size, list(range(6)))
-    same = attend_paged(q, pool_k, pool_v, table, positions, window, n_head // n_head_kv, scale, tiled)
+    same = attend_paged(q, pool_k, pool_v, table[None], rows, positions, window, n_head // n_head_kv, scale, tiled)
     assert np.array_equal(ours, same)
+
+
+def test_several_sequences_in_one_call_equal_each_alone():
+    """Rows of two sequences (interleaved tables in one pool) attend only to their own cells."""
+    n_head, n_head_kv, d, block_size = 2, 1, 32, 4
+    k, v = f16_exact((24, n_head_kv, d)), f16_exact((24, n_head_kv, d))
+    pool_k, pool_v, _ = paged(k, v, block_size, list(range(6)))  # cells 0..23
+    tables = np.array([[0, 2, 4], [1, 3, 5]], np.int32)  # sequence a: blocks 0, 2, 4; b: 1, 3, 5
+    q = rng.standard_normal((5, n_head, d)).astype(np.float32)
+    positions, row_seq = np.array([3, 9, 11, 0, 10]), np.array([0, 0, 0, 1, 1])
+    together = attend_paged(q, pool_k, pool_v, tables, row_seq, positions, None, 2, 0.2, True)
+    for r in range(5):
+        alone = attend_paged(q[r:r + 1], pool_k, pool_v, tables[row_seq[r]][None], np.zeros(1, np.int64),
+                             positions[r:r + 1], None, 2, 0.2, True)
+        assert np.array_equal(together[r], alone[0])
+    # and the second sequence never sees the first one's cells
+    cells_b = (tables[1][:, None] * block_size + np.arange(block_size)).reshape(-1)[:11]
+    expected = reference_attention(q[4:5], k[cells_b], v[cells_b], [10], None, 2, 0.2)
+    np.testing.assert_allclose(together[4:5], expected, atol=2e-3, rtol=0)
