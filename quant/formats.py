@@ -26,8 +26,6 @@ class BlockFormat:
 
     qtype: ClassVar[QType]
     layout: ClassVar[np.dtype]
-    weighted_nmax: ClassVar[int] = 0  # Q4_0..Q5_1: nmax of llama.cpp's importance-weighted search
-    has_min: ClassVar[bool] = False
 
     @classmethod
     def block_size(cls) -> int:
@@ -58,14 +56,13 @@ class BlockFormat:
         if importance is not None:
             columns = np.asarray(importance, dtype=np.float32).reshape(-1, n)  # [blocks per row, n]
             weights = np.tile(columns, (blocks.shape[0] // columns.shape[0], 1))
-        if weights is not None and cls.weighted_nmax:
-            # llama.cpp's quantize_row_q*_impl: error weights use the whole row's mean square
-            sigma2 = np.repeat(kquants.row_sigma2(x.reshape(-1, x.shape[-1])), x.shape[-1] // n)
-            d, m, q = kquants.quantize_32_weighted(blocks, weights, sigma2, cls.weighted_nmax, cls.has_min)
-            packed = cls.pack(d, m, q)
-        else:
-            packed = cls.quantize_blocks(blocks, weights)
+        packed = cls.quantize_blocks(blocks, None) if weights is None else cls.quantize_weighted(x, blocks, weights)
         return packed.view(np.uint8).reshape(*x.shape[:-1], -1)
+
+    @classmethod
+    def quantize_weighted(cls, x: np.ndarray, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """With per-element importance `weights` ([n_blocks, block_size]); x the rows the blocks came from."""
+        return cls.quantize_blocks(blocks, weights)
 
     @classmethod
     def dequantize_blocks(cls, b: np.ndarray) -> np.ndarray:
@@ -187,95 +184,83 @@ class Q8_0(BlockFormat):
         return out
 
 
-class Q4_0(BlockFormat):
-    qtype = QType.Q4_0
-    layout = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
-    weighted_nmax = 8
+class _Legacy32(BlockFormat):
+    """Q4_0, Q4_1, Q5_0, Q5_1: 32 codes, a float16 scale `d`, for the _1 types a float16 minimum
+    `m`, for the 5-bit types the fifth bits in `qh`. Signed types store code + nmax; the _1 types
+    codes 0..nmax. Quantized as llama.cpp's quantize_row_q*_ref, or with an importance matrix as
+    its quantize_row_q*_impl."""
+
+    nmax: ClassVar[int]
+    has_min: ClassVar[bool] = False
 
     @classmethod
     def pack(cls, d, m, q):
         out = np.empty(len(d), cls.layout)
         out["d"], out["qs"] = _f16(d), _pack_nibbles(q)
+        if cls.has_min:
+            out["m"] = _f16(m)
+        if "qh" in cls.layout.names:
+            out["qh"] = _pack_high_bits(q)
         return out
+
+    @classmethod
+    def quantize_blocks(cls, x, weights):
+        if not cls.has_min:
+            d, q = legacy.quantize_signed_offset(np.ascontiguousarray(x, np.float32), cls.nmax)
+            return cls.pack(d, None, q)
+        lo, hi = x.min(axis=1), x.max(axis=1)
+        d = (hi - lo) / np.float32(cls.nmax)
+        q = np.trunc((x - lo[:, None]) * _safe_inverse(d)[:, None] + np.float32(0.5))
+        return cls.pack(d, lo, q.astype(np.uint8).clip(0, cls.nmax))
+
+    @classmethod
+    def quantize_weighted(cls, x, blocks, weights):
+        # the error weights use the whole row's mean square
+        sigma2 = np.repeat(kquants.row_sigma2(x.reshape(-1, x.shape[-1])), x.shape[-1] // 32)
+        return cls.pack(*kquants.quantize_32_weighted(blocks, weights, sigma2, cls.nmax, cls.has_min))
+
+
+class Q4_0(_Legacy32):
+    qtype = QType.Q4_0
+    layout = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
+    nmax = 8
 
     @classmethod
     def dequantize_blocks(cls, b):
         q = _unpack_nibbles(b["qs"]).astype(np.int8) - np.int8(8)
         return _f32(b["d"])[:, None] * _f32(q)
 
-    @classmethod
-    def quantize_blocks(cls, x, weights):
-        d, q = legacy.quantize_signed_offset(np.ascontiguousarray(x, np.float32), 8)
-        return cls.pack(d, None, q)
 
-
-class Q4_1(BlockFormat):
+class Q4_1(_Legacy32):
     qtype = QType.Q4_1
     layout = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
-    weighted_nmax, has_min = 15, True
-
-    @classmethod
-    def pack(cls, d, m, q):
-        out = np.empty(len(d), cls.layout)
-        out["d"], out["m"], out["qs"] = _f16(d), _f16(m), _pack_nibbles(q)
-        return out
+    nmax, has_min = 15, True
 
     @classmethod
     def dequantize_blocks(cls, b):
         return _f32(b["d"])[:, None] * _f32(_unpack_nibbles(b["qs"])) + _f32(b["m"])[:, None]
 
-    @classmethod
-    def quantize_blocks(cls, x, weights):
-        lo, hi = x.min(axis=1), x.max(axis=1)
-        d = (hi - lo) / np.float32(15)
-        q = np.trunc((x - lo[:, None]) * _safe_inverse(d)[:, None] + np.float32(0.5))
-        return cls.pack(d, lo, q.astype(np.uint8).clip(0, 15))
 
-
-class Q5_0(BlockFormat):
+class Q5_0(_Legacy32):
     qtype = QType.Q5_0
     layout = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
-    weighted_nmax = 16
-
-    @classmethod
-    def pack(cls, d, m, q):
-        out = np.empty(len(d), cls.layout)
-        out["d"], out["qh"], out["qs"] = _f16(d), _pack_high_bits(q), _pack_nibbles(q)
-        return out
+    nmax = 16
 
     @classmethod
     def dequantize_blocks(cls, b):
         q = (_unpack_nibbles(b["qs"]) | _high_bits(b["qh"])).astype(np.int8) - np.int8(16)
         return _f32(b["d"])[:, None] * _f32(q)
 
-    @classmethod
-    def quantize_blocks(cls, x, weights):
-        d, q = legacy.quantize_signed_offset(np.ascontiguousarray(x, np.float32), 16)
-        return cls.pack(d, None, q)
 
-
-class Q5_1(BlockFormat):
+class Q5_1(_Legacy32):
     qtype = QType.Q5_1
     layout = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
-    weighted_nmax, has_min = 31, True
-
-    @classmethod
-    def pack(cls, d, m, q):
-        out = np.empty(len(d), cls.layout)
-        out["d"], out["m"], out["qh"], out["qs"] = _f16(d), _f16(m), _pack_high_bits(q), _pack_nibbles(q)
-        return out
+    nmax, has_min = 31, True
 
     @classmethod
     def dequantize_blocks(cls, b):
         q = _unpack_nibbles(b["qs"]) | _high_bits(b["qh"])
         return _f32(b["d"])[:, None] * _f32(q) + _f32(b["m"])[:, None]
-
-    @classmethod
-    def quantize_blocks(cls, x, weights):
-        lo, hi = x.min(axis=1), x.max(axis=1)
-        d = (hi - lo) / np.float32(31)
-        q = np.trunc((x - lo[:, None]) * _safe_inverse(d)[:, None] + np.float32(0.5))
-        return cls.pack(d, lo, q.astype(np.uint8).clip(0, 31))
 
 
 class IQ4_NL(BlockFormat):
