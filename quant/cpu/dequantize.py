@@ -34,14 +34,24 @@ def _rows_q8_0(w, out):
                 out[r, 32 * b + j] = d * f32(q - 256 if q > 127 else q)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _rows_q4_0(w, out):
+@njit(inline="always")
+def _rows_nibble_table(w, out, values):
+    """Q4_0 and IQ4_NL: 32 nibbles per 18-byte block, each naming one of 16 values, times d."""
     for r in prange(w.shape[0]):
         row = w[r]
         for b in range(out.shape[1] // 32):
             d = S.load_f16(row, 18 * b)
             for j in range(32):
-                out[r, 32 * b + j] = d * f32(_nibble(row, 18 * b + 2, j) - 8)
+                out[r, 32 * b + j] = d * values[_nibble(row, 18 * b + 2, j)]
+
+
+_Q4_0 = np.arange(-8, 8, dtype=np.float32)  # code - 8
+_IQ4_NL = np.array(S.IQ4_NL_VALUES, np.float32)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _rows_q4_0(w, out):
+    _rows_nibble_table(w, out, _Q4_0)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -184,17 +194,9 @@ def _rows_f32(w, out):
             out[r, i] = S.load_f32(w[r], 4 * i)
 
 
-_IQ4_NL = np.array(S.IQ4_NL_VALUES, np.float32)
-
-
 @njit(cache=True, nogil=True, parallel=True)
 def _rows_iq4_nl(w, out):
-    for r in prange(w.shape[0]):
-        row = w[r]
-        for b in range(out.shape[1] // 32):
-            d = S.load_f16(row, 18 * b)
-            for j in range(32):
-                out[r, 32 * b + j] = d * _IQ4_NL[_nibble(row, 18 * b + 2, j)]
+    _rows_nibble_table(w, out, _IQ4_NL)
 
 
 _ROWS = {
