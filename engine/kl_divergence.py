@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from llmx.engine.model import Model
-from llmx.engine.perplexity import chunk_log_probs
+from llmx.engine.perplexity import chunk_log_probs, log_softmax
 from llmx.errors import LlmxError, UsageError
 
 MAGIC = b"LLMXKLD1"
@@ -85,12 +85,6 @@ class Base:
             yield ids, self.data[c, ids_bytes:].view(np.float16).reshape(n_scored(self.ctx), self.n_vocab)
 
 
-def renormalized(log_probs_f16: np.ndarray) -> np.ndarray:
-    lp = log_probs_f16.astype(np.float64)
-    top = lp.max(axis=1, keepdims=True)
-    return lp - (top + np.log(np.exp(lp - top).sum(axis=1, keepdims=True)))
-
-
 @dataclass
 class TokenStats:
     """Per scored token: the two NLLs, KLD(base || model), same top-1, and the target's probabilities."""
@@ -105,8 +99,8 @@ class TokenStats:
 
 def compare_chunk(model: Model, ids: list[int], base_log_probs: np.ndarray) -> TokenStats:
     ours, targets = chunk_log_probs(model, ids)
-    lp_q = renormalized(ours.astype(np.float16))
-    lp_b = renormalized(base_log_probs)
+    lp_q = log_softmax(ours.astype(np.float16))  # renormalised after the base file's rounding
+    lp_b = log_softmax(base_log_probs)
     rows = np.arange(len(targets))
     p_b = np.exp(lp_b)
     return TokenStats(

@@ -42,10 +42,14 @@ def chunk_log_probs(model: Model, ids: list[int]) -> tuple[np.ndarray, np.ndarra
     cache = KVCache(model.config, len(ids))
     half = len(ids) // 2
     logits = model.transformer.forward(np.asarray(ids), cache.new_sequence(), cache)
-    scored = logits[half : len(ids) - 1].astype(np.float64)  # predicting ids[half + 1:]
-    top = scored.max(axis=1, keepdims=True)
-    log_probs = scored - (top + np.log(np.exp(scored - top).sum(axis=1, keepdims=True)))
-    return log_probs, np.asarray(ids[half + 1 :])
+    return log_softmax(logits[half : len(ids) - 1]), np.asarray(ids[half + 1 :])  # predicting ids[half + 1:]
+
+
+def log_softmax(rows: np.ndarray) -> np.ndarray:
+    """float64 log-softmax of each row."""
+    rows = rows.astype(np.float64)
+    top = rows.max(axis=1, keepdims=True)
+    return rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))
 
 
 def score_chunk(model: Model, ids: list[int], index: int, log_probs: np.ndarray | None = None) -> ChunkResult:
