@@ -340,7 +340,7 @@ def quantize(
         return
     importance, extra = None, {}
     if imatrix is not None:
-        importance, extra = Q.load_importance(imatrix), Q.imatrix_metadata(imatrix)
+        importance, extra = Q.load_imatrix(imatrix)
     if allow_requantize and any(p.tensor.qtype not in Q.FLOATS and p.target != p.tensor.qtype for p in plans):
         from llmx.cli.output import notice
 

@@ -73,10 +73,15 @@ def make_plan(gguf: GGUFFile, mix: Mix, allow_requantize: bool) -> list[TensorPl
     return plans
 
 
-def load_importance(path: Path) -> dict[str, np.ndarray]:
+def load_imatrix(path: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
     """An imatrix GGUF (llama.cpp's layout): per weight, `<name>.in_sum2` / `<name>.counts` = the
-    mean squared activation of each input column."""
+    mean squared activation of each input column; and the keys llama-quantize records about it."""
     imatrix = GGUFFile.open(path)
+    importance = importance_of(imatrix, path)
+    return importance, imatrix_metadata(imatrix, path, len(importance))
+
+
+def importance_of(imatrix: GGUFFile, path: Path) -> dict[str, np.ndarray]:
     out = {}
     for name, tensor in imatrix.tensors.items():
         if name.endswith(".in_sum2"):
@@ -91,10 +96,7 @@ def load_importance(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def imatrix_metadata(path: Path) -> dict[str, tuple]:
-    """The keys llama-quantize records about the imatrix it used."""
-    imatrix = GGUFFile.open(path)
-    entries = sum(name.endswith(".in_sum2") for name in imatrix.tensors)
+def imatrix_metadata(imatrix: GGUFFile, path: Path, entries: int) -> dict[str, tuple]:
     datasets = imatrix.get("imatrix.datasets")
     meta = {"quantize.imatrix.file": (str(path), GGUFValueType.STRING),
             "quantize.imatrix.entries_count": (entries, GGUFValueType.INT32),
