@@ -49,14 +49,19 @@ def read_utf8(raw: bytes, where: str) -> str:
         raise LlmxError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start}); convert it first") from None
 
 
+def read_text_file(path: Path, label: str | None = None) -> str:
+    """A UTF-8 text file; a missing or unreadable one is a usage error naming `label` (the path)."""
+    try:
+        return read_utf8(path.read_bytes(), str(path))
+    except OSError as e:
+        raise UsageError(f"cannot read {label or path}: {e.strerror}") from None
+
+
 def gather_prompt(argument: str | None, prompt_file: Path | None) -> str:
     """The argument, then the file or piped stdin after it (`cat notes | llmx run m "Sum up:"`)."""
     parts = [argument] if argument else []
     if prompt_file is not None:
-        try:
-            parts.append(_strip_final_newline(read_utf8(prompt_file.read_bytes(), str(prompt_file))))
-        except OSError as e:
-            raise UsageError(f"cannot read the prompt file {prompt_file}: {e.strerror}") from None
+        parts.append(_strip_final_newline(read_text_file(prompt_file, f"the prompt file {prompt_file}")))
     elif not sys.stdin.isatty():
         piped = _strip_final_newline(read_utf8(sys.stdin.buffer.read(), "standard input"))
         if piped:

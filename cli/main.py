@@ -245,7 +245,7 @@ def perplexity(
         "--kl-divergence", help="Compare this model with --kl-divergence-base's (its text and chunks).")] = False,
 ) -> None:
     """Perplexity of a text, as llama-perplexity computes it (BOS first, second half of each chunk)."""
-    from llmx.cli.generate import read_utf8, warm_up
+    from llmx.cli.generate import read_text_file, warm_up
     from llmx.engine.model import Model
     from llmx.errors import UsageError
 
@@ -255,10 +255,7 @@ def perplexity(
         return kl_divergence(model_arg, kld_base, max_chunks, threads)
     if text_file is None:
         raise UsageError("perplexity needs the text: -f FILE")
-    try:
-        text = read_utf8(text_file.read_bytes(), str(text_file))
-    except OSError as e:
-        raise UsageError(f"cannot read {text_file}: {e.strerror}") from None
+    text = read_text_file(text_file)
     model = Model(model_path(model_arg), threads=threads, ctx=ctx)
     warm_up(model)
     writer = None
@@ -361,15 +358,12 @@ def imatrix(
     process_output: Annotated[bool, typer.Option("--process-output", help="Collect output.weight too.")] = False,
 ) -> None:
     """Collect an importance matrix (mean squared activations per matmul input) for `quantize --imatrix`."""
-    from llmx.cli.generate import read_utf8, warm_up
+    from llmx.cli.generate import read_text_file, warm_up
     from llmx.engine import imatrix as I
     from llmx.engine.model import Model
     from llmx.errors import UsageError
 
-    try:
-        text = read_utf8(text_file.read_bytes(), str(text_file))
-    except OSError as e:
-        raise UsageError(f"cannot read {text_file}: {e.strerror}") from None
+    text = read_text_file(text_file)
     if not out.parent.is_dir():
         raise UsageError(f"{out.parent} is not a directory")
     model = Model(model_path(model_arg), threads=threads, ctx=ctx)
