@@ -82,18 +82,15 @@ def test_avx2_build_uses_pmaddubsw():
     assert "vpmaddubsw" in asm
 
 
-def test_host_isa_follows_cpu_features():
+def test_host_isa_follows_cpu_features_and_vnni_builds_use_vpdpbusd():
     import llvmlite.binding as llvm
 
     f = llvm.get_host_cpu_features()
     avx2 = bool(f.get("avx2") and f.get("fma"))
     vnni = avx2 and bool(f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")))
     assert simd.host_isa() is (simd.VNNI if vnni else simd.AVX2 if avx2 else simd.PORTABLE)
-
-
-def test_vnni_build_uses_vpdpbusd():
-    if simd.host_isa() is not simd.VNNI:
-        return  # this CPU has no VNNI (test_host_isa_follows_cpu_features checks that choice)
+    if not vnni:
+        return  # the VNNI kernels cannot be built for this CPU; the AVX2 ones are checked above
     fresh = numba.njit(kernels.matmul_q8_0.py_func)
     w = quantize(np.ones((4, 32), np.float32), QType.Q8_0)
     codes, scales = activations.quantize_q8_0(np.ones((1, 32), np.float32))
