@@ -46,6 +46,21 @@ def test_matmul_matches_emulation(weights, qtype, isa):
             np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+K_TYPES = [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]
+
+
+@pytest.mark.parametrize("isa", list(ISAS), ids=str)
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda q: q.name)
+def test_k_quant_decode_once_equals_one_token_kernel_bit_for_bit(weights, qtype, isa):
+    """Several tokens go through `kmatmul` (rows decoded once); each output must be the float the
+    one-token kernel gives for that token alone, so prefill and decode agree exactly."""
+    w = quantize(weights, qtype)
+    x = np.random.default_rng(11).standard_normal((5, K)).astype(np.float32) * 3
+    batched = matmul(x, w, qtype, threads=2, isa=ISAS[isa])  # 5 tokens: pairs and a lone last token
+    one_by_one = np.concatenate([matmul(x[t:t + 1], w, qtype, threads=2, isa=ISAS[isa]) for t in range(5)])
+    np.testing.assert_array_equal(batched, one_by_one)
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 def test_matmul_within_activation_quantization_bound(weights, qtype):
     x = np.random.default_rng(5).standard_normal((3, K)).astype(np.float32)
@@ -104,7 +119,7 @@ CACHE_PROBE = textwrap.dedent("""
     import json, time
     start = time.perf_counter()
     import numpy as np
-    from llmx.quant.cpu import activations, dequantize, matmul as kernels, simd
+    from llmx.quant.cpu import activations, dequantize, kmatmul, matmul as kernels, simd
     from llmx.quant.cpu.linear import SUPPORTED, matmul
     from llmx.quant.formats import quantize
     from llmx.quant.qtypes import QType
@@ -113,8 +128,9 @@ CACHE_PROBE = textwrap.dedent("""
         w = quantize(np.ones((4, 256), np.float32), qtype)
         dequantize.dequantize(w, qtype)
         for isa in isas:
-            matmul(np.ones((2, 256), np.float32), w, qtype, isa=isa)
-    dispatchers = [f for mod in (kernels, activations, dequantize) for f in vars(mod).values()
+            for n_tok in (1, 2):  # one token, and several (k-quants: the decode-once kernels)
+                matmul(np.ones((n_tok, 256), np.float32), w, qtype, isa=isa)
+    dispatchers = [f for mod in (kernels, kmatmul, activations, dequantize) for f in vars(mod).values()
                    if hasattr(f, "stats") and hasattr(f, "py_func")]
     misses = {d.py_func.__name__: sum(d.stats.cache_misses.values()) for d in dispatchers}
     hits = sum(sum(d.stats.cache_hits.values()) for d in dispatchers)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from llmx.quant.cpu import activations
+from llmx.quant.cpu import activations, kmatmul
 from llmx.quant.cpu import matmul as kernels
-from llmx.quant.cpu.simd import host_isa
+from llmx.quant.cpu.simd import CHUNK_ORDER, host_isa
 from llmx.quant.qtypes import QType
 
 # weight type -> (activation quantizer, kernel)
@@ -24,6 +24,15 @@ _INTEGER = {
     QType.Q5_K: (activations.quantize_q8_k, kernels.matmul_q5_k),
     QType.Q6_K: (activations.quantize_q8_k, kernels.matmul_q6_k),
 }
+# k-quant weight type -> kernel for several tokens (rows decoded once; see `kmatmul`)
+_DECODE_ONCE = {
+    QType.Q2_K: kmatmul.kmatmul_q2_k,
+    QType.Q3_K: kmatmul.kmatmul_q3_k,
+    QType.Q4_K: kmatmul.kmatmul_q4_k,
+    QType.Q5_K: kmatmul.kmatmul_q5_k,
+    QType.Q6_K: kmatmul.kmatmul_q6_k,
+}
+DECODE_ONCE_MIN_TOKENS = 2  # from two tokens on, decoding each row once beats decoding it per token
 # weight type -> (how ggml rounds the activations first, kernel)
 _FLOAT = {
     QType.F32: (None, kernels.matmul_f32),
@@ -32,6 +41,7 @@ _FLOAT = {
 }
 SUPPORTED = frozenset(_INTEGER) | frozenset(_FLOAT)
 _NO_SUMS = np.zeros((1, 1), np.float32)
+_CHUNK_ORDER = np.array(CHUNK_ORDER)
 
 
 def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = None, isa=None) -> np.ndarray:
@@ -54,6 +64,12 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
         raise ValueError(f"no CPU matmul for {QType(qtype).name}")
     quantize, kernel = _INTEGER[qtype]
     codes, scales, *sums = quantize(x)
-    kernel(codes.reshape(-1), scales, sums[0] if sums else _NO_SUMS, w.reshape(-1), row_bytes, m, out,
-           host_isa() if isa is None else isa)
+    isa = host_isa() if isa is None else isa
+    if qtype in _DECODE_ONCE and x.shape[0] >= DECODE_ONCE_MIN_TOKENS:
+        n_tok, k = codes.shape
+        ordered = codes.reshape(n_tok, k // 32, 32)[:, :, _CHUNK_ORDER].astype(np.int16)  # [n_tok, k / 32, 32]
+        _DECODE_ONCE[qtype](ordered.reshape(-1), scales, sums[0].astype(np.int16).reshape(-1),
+                            w.reshape(-1), row_bytes, m, out, isa)
+        return out
+    kernel(codes.reshape(-1), scales, sums[0] if sums else _NO_SUMS, w.reshape(-1), row_bytes, m, out, isa)
     return out

@@ -1,0 +1,223 @@
+"""K-quant matmuls for several tokens: each weight row is decoded once, to int16, then reused by
+every token, with the same result, bit for bit, as the one-token kernels.
+
+The one-token kernels (`matmul.matmul_q4_k`, ...) unpack each super-block for each token, and
+apply the sub-block scales to every partial dot product; with 16 tokens that unpacking is most of
+the work. Here a group of 4 weight rows is first decoded into an L1-sized scratch of int16 values
+`scale * code`, the sub-block scales folded in, so a super-block's dot product with a token is 16
+`vpdpwssd` (or `vpmaddwd` + `vpaddd`) over 256 int16 pairs. The values are stored in
+`simd.CHUNK_ORDER`, and the activations too, so each of the 8 integer lanes holds exactly the sum
+that lane holds in the one-token kernel; the integer correction (the mins, or Q3_K/Q6_K's code
+offset, times the activations' sums per 16) is the same integer, reduced for 8 (row, token) pairs
+at once; and the float steps are the one-token kernel's, in its order:
+    acc = fma(float(isum), d * dx, acc);  corr = corr - (dmin * dx) * float(extra);  hsum(acc) + corr
+
+Kernel arguments:
+    x16  int16 [n_tok * k]          activation codes (Q8_K), widened, in CHUNK_ORDER
+    xd   float32 [n_tok, nb]        activation super-block scales
+    bs16 int16 [n_tok * k / 16]     activation sums per 16 values
+    w    uint8 [m * row_bytes]      the weight rows, flattened
+    out  float32 [n_tok, m]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from llmx.quant.cpu import blocks as B
+from llmx.quant.cpu import simd as S
+from llmx.quant.cpu.matmul import GROUP, _row_offsets, _store4
+
+QK = 256  # values per super-block
+CHUNKS = 64  # prange iterations; each allocates its scratch once and walks its share of row groups
+
+
+# -- decoders: one super-block at `off` of row r, block b -> the scratch of its row group ----------
+#   w16   int16 [4 * nb * 256]    scale * code, in CHUNK_ORDER (at byte `wp`)
+#   extra int16 [4 * nb * 16]     per 16 values: the min (Q2/4/5_K) or offset * scale (Q3/6_K) (at `ei`)
+#   d, dc float32 [nb * 4]        the super-block scale, and the correction's (dmin, or d) (at `si`)
+
+
+@njit(inline="always")
+def _store_32(w16, at, codes, scale_a, scale_b):
+    """32 codes (bytes) -> 32 int16 in CHUNK_ORDER, the first 16 values scaled by scale_a, the rest by scale_b."""
+    ordered = S.chunk_order_i8x32(codes)
+    S.store_i16x16(w16, at, S.scale_codes_i16x16(S.widen_i16x16(ordered, 0), scale_a, scale_b))
+    S.store_i16x16(w16, at + 32, S.scale_codes_i16x16(S.widen_i16x16(ordered, 1), scale_a, scale_b))
+
+
+@njit(inline="always")
+def _decode_q4_k(w, off, w16, wp, extra, ei, d, dc, si):
+    d[si] = S.load_f16(w, off)
+    dc[si] = S.load_f16(w, off + 2)
+    for c in range(4):  # 32 bytes of codes: sub-block 2c in the low nibbles, 2c + 1 in the high
+        packed = S.load_i8x32(w, off + 16 + 32 * c)
+        sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
+        sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
+        _store_32(w16, wp + 128 * c, S.field_i8x32(packed, 0, 15), sc_a, sc_a)
+        _store_32(w16, wp + 128 * c + 64, S.field_i8x32(packed, 4, 15), sc_b, sc_b)
+        extra[ei + 4 * c] = extra[ei + 4 * c + 1] = mn_a
+        extra[ei + 4 * c + 2] = extra[ei + 4 * c + 3] = mn_b
+
+
+@njit(inline="always")
+def _decode_q5_k(w, off, w16, wp, extra, ei, d, dc, si):
+    d[si] = S.load_f16(w, off)
+    dc[si] = S.load_f16(w, off + 2)
+    high = S.load_i8x32(w, off + 16)  # bit p of byte j: fifth bit of value 32p + j
+    for c in range(4):
+        packed = S.load_i8x32(w, off + 48 + 32 * c)
+        sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
+        sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
+        codes_a = S.or_i8x32(S.field_i8x32(packed, 0, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c, 1), 4))
+        codes_b = S.or_i8x32(S.field_i8x32(packed, 4, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c + 1, 1), 4))
+        _store_32(w16, wp + 128 * c, codes_a, sc_a, sc_a)
+        _store_32(w16, wp + 128 * c + 64, codes_b, sc_b, sc_b)
+        extra[ei + 4 * c] = extra[ei + 4 * c + 1] = mn_a
+        extra[ei + 4 * c + 2] = extra[ei + 4 * c + 3] = mn_b
+
+
+@njit(inline="always")
+def _decode_q6_k(w, off, w16, wp, extra, ei, d, dc, si):
+    d[si] = dc[si] = S.load_f16(w, off + 208)
+    for h in range(2):
+        first = S.load_i8x32(w, off + 64 * h)
+        second = S.load_i8x32(w, off + 64 * h + 32)
+        high = S.load_i8x32(w, off + 128 + 32 * h)
+        for r in range(4):
+            low = S.field_i8x32(first if r % 2 == 0 else second, 4 * (r // 2), 15)
+            codes = S.or_i8x32(low, S.shl_i8x32(S.field_i8x32(high, 2 * r, 3), 4))
+            j = 8 * h + 2 * r  # sub-blocks of 16
+            sc_a, sc_b = B.signed_byte(B.byte(w, off + 192 + j)), B.signed_byte(B.byte(w, off + 193 + j))
+            _store_32(w16, wp + 2 * (128 * h + 32 * r), codes, sc_a, sc_b)
+            extra[ei + j], extra[ei + j + 1] = 32 * sc_a, 32 * sc_b  # codes are stored + 32
+
+
+@njit(inline="always")
+def _decode_q3_k(w, off, w16, wp, extra, ei, d, dc, si):
+    d[si] = dc[si] = S.load_f16(w, off + 108)
+    hmask = S.load_i8x32(w, off)
+    for h in range(2):
+        packed = S.load_i8x32(w, off + 32 + 32 * h)
+        for r in range(4):
+            high_bit = S.shl_i8x32(S.field_i8x32(hmask, 4 * h + r, 1), 2)
+            codes = S.or_i8x32(S.field_i8x32(packed, 2 * r, 3), high_bit)
+            j = 8 * h + 2 * r
+            sc_a, sc_b = B.q3_k_scale(w, off + 96, j), B.q3_k_scale(w, off + 96, j + 1)
+            _store_32(w16, wp + 2 * (128 * h + 32 * r), codes, sc_a, sc_b)
+            extra[ei + j], extra[ei + j + 1] = 4 * sc_a, 4 * sc_b  # codes are stored + 4
+
+
+@njit(inline="always")
+def _decode_q2_k(w, off, w16, wp, extra, ei, d, dc, si):
+    d[si] = S.load_f16(w, off + 80)
+    dc[si] = S.load_f16(w, off + 82)
+    for h in range(2):
+        packed = S.load_i8x32(w, off + 16 + 32 * h)
+        for r in range(4):
+            j = 8 * h + 2 * r
+            sa, sb = B.byte(w, off + j), B.byte(w, off + j + 1)  # low nibble scale, high nibble min
+            _store_32(w16, wp + 2 * (128 * h + 32 * r), S.field_i8x32(packed, 2 * r, 3), sa & 0x0F, sb & 0x0F)
+            extra[ei + j], extra[ei + j + 1] = sa >> 4, sb >> 4
+
+
+# -- the loop nest --------------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _decode_group(decode, w, offsets, nb, block_bytes, w16, extra, d, dc):
+    for r in range(GROUP):
+        for b in range(nb):
+            i = r * nb + b
+            decode(w, offsets[r] + b * block_bytes, w16, i * 2 * QK, extra, i * 16, d, dc, b * GROUP + r)
+
+
+@njit(inline="always")
+def _extra_dot(isa, extra, bs16, r, b, t, nb):
+    """The integer correction's 16 products for row r's super-block b and token t, in 8 lanes."""
+    weights = S.load_i16x16(extra, (r * nb + b) * 32)
+    return S.dot_i16x16(isa, S.zero_i32x8(), weights, S.load_i16x16(bs16, (t * nb + b) * 32))
+
+
+@njit(inline="always")
+def _tile(isa, x16, xd, bs16, w16, extra, d, dc, t0, t1, nb):
+    """4 decoded rows x tokens t0, t1 -> 8 float32x8 sums (rows major) and their 8 corrections."""
+    k = nb * QK
+    z = S.zero_f32x8()
+    f00 = f01 = f10 = f11 = f20 = f21 = f30 = f31 = corr = z
+    for b in range(nb):
+        zi = S.zero_i32x8()
+        i00 = i01 = i10 = i11 = i20 = i21 = i30 = i31 = zi
+        xa, xb = (t0 * k + b * QK) * 2, (t1 * k + b * QK) * 2
+        wo = b * QK * 2
+        for c in range(0, 2 * QK, 32):  # 16 values per step
+            va, vb = S.load_i16x16(x16, xa + c), S.load_i16x16(x16, xb + c)
+            w0 = S.load_i16x16(w16, wo + c)
+            w1 = S.load_i16x16(w16, wo + 2 * k + c)
+            w2 = S.load_i16x16(w16, wo + 4 * k + c)
+            w3 = S.load_i16x16(w16, wo + 6 * k + c)
+            i00, i01 = S.dot_i16x16(isa, i00, w0, va), S.dot_i16x16(isa, i01, w0, vb)
+            i10, i11 = S.dot_i16x16(isa, i10, w1, va), S.dot_i16x16(isa, i11, w1, vb)
+            i20, i21 = S.dot_i16x16(isa, i20, w2, va), S.dot_i16x16(isa, i21, w2, vb)
+            i30, i31 = S.dot_i16x16(isa, i30, w3, va), S.dot_i16x16(isa, i31, w3, vb)
+        da, db = xd[t0, b], xd[t1, b]
+        s = b * GROUP
+        f00, f01 = S.fma_f32x8(f00, i00, d[s] * da), S.fma_f32x8(f01, i01, d[s] * db)
+        f10, f11 = S.fma_f32x8(f10, i10, d[s + 1] * da), S.fma_f32x8(f11, i11, d[s + 1] * db)
+        f20, f21 = S.fma_f32x8(f20, i20, d[s + 2] * da), S.fma_f32x8(f21, i21, d[s + 2] * db)
+        f30, f31 = S.fma_f32x8(f30, i30, d[s + 3] * da), S.fma_f32x8(f31, i31, d[s + 3] * db)
+        extras = S.hsum8_i32x8(
+            _extra_dot(isa, extra, bs16, 0, b, t0, nb), _extra_dot(isa, extra, bs16, 0, b, t1, nb),
+            _extra_dot(isa, extra, bs16, 1, b, t0, nb), _extra_dot(isa, extra, bs16, 1, b, t1, nb),
+            _extra_dot(isa, extra, bs16, 2, b, t0, nb), _extra_dot(isa, extra, bs16, 2, b, t1, nb),
+            _extra_dot(isa, extra, bs16, 3, b, t0, nb), _extra_dot(isa, extra, bs16, 3, b, t1, nb))
+        corr = S.sub_scaled_f32x8(corr, S.pair_scales_f32x8(dc, s * 4, da, db), extras)
+    return f00, f01, f10, f11, f20, f21, f30, f31, corr
+
+
+@njit(inline="always")
+def _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, decode, block_bytes):
+    n_tok, nb = xd.shape
+    n_groups = (m + GROUP - 1) // GROUP
+    n_chunks = min(CHUNKS, n_groups)
+    h, c = S.hsum_f32x8, S.lane_f32x8
+    for chunk in prange(n_chunks):
+        w16 = np.empty(GROUP * nb * QK, np.int16)
+        extra = np.empty(GROUP * nb * 16, np.int16)
+        d = np.empty(GROUP * nb, np.float32)
+        dc = np.empty(GROUP * nb, np.float32)
+        for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
+            r0 = g * GROUP
+            _decode_group(decode, w, _row_offsets(r0, m, row_bytes), nb, block_bytes, w16, extra, d, dc)
+            for t in range(0, n_tok, 2):
+                t1 = min(t + 1, n_tok - 1)
+                f00, f01, f10, f11, f20, f21, f30, f31, k = _tile(isa, x16, xd, bs16, w16, extra, d, dc, t, t1, nb)
+                _store4(out, t, r0, m, h(f00) + c(k, 0), h(f10) + c(k, 2), h(f20) + c(k, 4), h(f30) + c(k, 6))
+                if t + 1 < n_tok:
+                    _store4(out, t + 1, r0, m, h(f01) + c(k, 1), h(f11) + c(k, 3), h(f21) + c(k, 5), h(f31) + c(k, 7))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def kmatmul_q2_k(x16, xd, bs16, w, row_bytes, m, out, isa):
+    _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, _decode_q2_k, 84)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def kmatmul_q3_k(x16, xd, bs16, w, row_bytes, m, out, isa):
+    _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, _decode_q3_k, 110)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def kmatmul_q4_k(x16, xd, bs16, w, row_bytes, m, out, isa):
+    _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, _decode_q4_k, 144)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def kmatmul_q5_k(x16, xd, bs16, w, row_bytes, m, out, isa):
+    _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, _decode_q5_k, 176)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def kmatmul_q6_k(x16, xd, bs16, w, row_bytes, m, out, isa):
+    _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, _decode_q6_k, 210)
