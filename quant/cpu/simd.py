@@ -50,6 +50,11 @@ def host_isa():
     return VNNI if vnni else AVX2
 
 
+@functools.cache
+def _host_has(feature: str) -> bool:
+    return bool(llvm.get_host_cpu_features().get(feature))
+
+
 def has_avx2() -> bool:
     """Whether this CPU runs the AVX2 paths (the AVX2 and VNNI markers)."""
     return host_isa() is not PORTABLE
@@ -372,13 +377,16 @@ def dot_i16x16(typingctx, isa, acc, a, b):
 
     def codegen(context, builder, signature, args):
         _, total, a_v, b_v = args
-        if vnni:
-            # Inline asm: LLVM splits the vpdpwssd intrinsic back into vpmaddwd + vpaddd on this tuning
-            # (a latency choice); with many independent accumulators one uop is faster (100 -> 116
-            # GMAC/s, Q4_K 4096 x 4096 at 16 tokens, 2 threads).
+        if vnni and _host_has("avx512vnni"):
+            # Inline asm (the EVEX form: AVX512-VNNI hosts only). LLVM splits the vpdpwssd intrinsic
+            # back into vpmaddwd + vpaddd on this tuning (a latency choice); with many independent
+            # accumulators one uop is faster (100 -> 116 GMAC/s, Q4_K 4096 x 4096 at 16 tokens, 2 threads).
             asm_type = ir.FunctionType(_V8I32, [_V8I32, _V8I32, _V8I32])
             fused = ir.InlineAsm(asm_type, "vpdpwssd $2, $1, $0", "=v,v,v,0")
             return builder.call(fused, [builder.bitcast(a_v, _V8I32), builder.bitcast(b_v, _V8I32), total])
+        if vnni:  # AVX-VNNI
+            words = [builder.bitcast(a_v, _V8I32), builder.bitcast(b_v, _V8I32)]
+            return _call(builder, "llvm.x86.avx512.vpdpwssd.256", _V8I32, [total, *words])
         if avx2:
             pairs = _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [a_v, b_v])
         else:
