@@ -61,6 +61,36 @@ def dot_tiled(q, q_at, pool, k_at, d):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def dot_tiled_4(q, q_at, pool, k0, k1, k2, k3, d):
+    """`dot_tiled` for four keys at once: the same order per key, but four independent FMA chains
+    (one chain waits ~4 cycles per step; four keep the FMA units busy)."""
+    a0, a1, a2, a3 = S.zero_f32x8(), S.zero_f32x8(), S.zero_f32x8(), S.zero_f32x8()
+    for c in range(d // 8):
+        qv = S.load_f32x8(q, q_at + 32 * c)
+        a0 = S.fmadd_f32x8(a0, qv, S.load_f16x8(pool, k0 + 16 * c))
+        a1 = S.fmadd_f32x8(a1, qv, S.load_f16x8(pool, k1 + 16 * c))
+        a2 = S.fmadd_f32x8(a2, qv, S.load_f16x8(pool, k2 + 16 * c))
+        a3 = S.fmadd_f32x8(a3, qv, S.load_f16x8(pool, k3 + 16 * c))
+    return S.hsum_f32x8(a0), S.hsum_f32x8(a1), S.hsum_f32x8(a2), S.hsum_f32x8(a3)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cell(table, j, block_size, n_head_kv, kv_head):
+    return (table[j // block_size] * block_size + j % block_size) * n_head_kv + kv_head
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scores_4(q, q_at, k_pool, table, j, block_size, n_head_kv, kv_head, d, kq_scale, scores):
+    """scores[j..j+3] = q . k_j * kq_scale in tinyBLAS's order."""
+    k0 = 2 * d * _cell(table, j, block_size, n_head_kv, kv_head)
+    k1 = 2 * d * _cell(table, j + 1, block_size, n_head_kv, kv_head)
+    k2 = 2 * d * _cell(table, j + 2, block_size, n_head_kv, kv_head)
+    k3 = 2 * d * _cell(table, j + 3, block_size, n_head_kv, kv_head)
+    s0, s1, s2, s3 = dot_tiled_4(q, q_at, k_pool, k0, k1, k2, k3, d)
+    scores[j], scores[j + 1], scores[j + 2], scores[j + 3] = s0 * kq_scale, s1 * kq_scale, s2 * kq_scale, s3 * kq_scale
+
+
+@njit(cache=True, nogil=True, inline="always")
 def dot_ggml(q, q_at, pool, k_at, d):
     """ggml_vec_dot_f16: 4 accumulators of 8 lanes over steps of 32, reduced, leftovers in double."""
     a0, a1, a2, a3 = S.zero_f32x8(), S.zero_f32x8(), S.zero_f32x8(), S.zero_f32x8()
@@ -74,6 +104,19 @@ def dot_ggml(q, q_at, pool, k_at, d):
     for i in range(whole, d):
         total += np.float64(S.load_f32(q, q_at + 4 * i) * S.load_f16(pool, k_at + 2 * i))
     return np.float32(total)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_scaled_row(row, p, pool, v_at, dv):
+    """row (float32 [dv]) += p * v (float16 bytes from v_at), 8 lanes at a time. Products of two
+    float16 values are exact, so the FMA rounds as the separate product and sum would."""
+    raw = row.view(np.uint8)
+    dv8 = dv - dv % 8
+    scale = S.splat_f32x8(p)
+    for i in range(0, dv8, 8):
+        S.store_f32x8(raw, 4 * i, S.fmadd_f32x8(S.load_f32x8(raw, 4 * i), scale, S.load_f16x8(pool, v_at + 2 * i)))
+    for i in range(dv8, dv):
+        row[i] += p * S.load_f16(pool, v_at + 2 * i)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -133,8 +176,11 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
         first = max(0, last - window + 1) if window > 0 else 0
         scores = np.empty(last + 1, np.float32)
         q_at = 4 * (t * n_head + h) * d
-        for j in range(first, last + 1):
-            cell = (table[j // block_size] * block_size + j % block_size) * n_head_kv + kv_head
+        quads_end = first + (last + 1 - first) // 4 * 4 if k_tiled else first
+        for j in range(first, quads_end, 4):
+            _scores_4(q_flat, q_at, k_pool, table, j, block_size, n_head_kv, kv_head, d, kq_scale, scores)
+        for j in range(quads_end, last + 1):
+            cell = _cell(table, j, block_size, n_head_kv, kv_head)
             s = dot_tiled(q_flat, q_at, k_pool, 2 * cell * d, d) if k_tiled else dot_ggml(
                 q_flat, q_at, k_pool, 2 * cell * d, d)
             scores[j] = s * kq_scale
@@ -145,11 +191,8 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
             p = scores[j]
             if p == 0:
                 continue
-            cell = (table[j // block_size] * block_size + j % block_size) * n_head_kv + kv_head
-            row = acc[j % v_lanes]
-            v_at = 2 * cell * dv
-            for i in range(dv):
-                row[i] += p * S.load_f16(v_pool, v_at + 2 * i)
+            cell = _cell(table, j, block_size, n_head_kv, kv_head)
+            _add_scaled_row(acc[j % v_lanes], p, v_pool, 2 * cell * dv, dv)
         for i in range(dv):
             out[t, h, i] = sum8_tree(acc[:, i]) if v_lanes == 8 else sum32_ggml(acc[:, i])
 

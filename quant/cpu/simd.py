@@ -590,6 +590,26 @@ def load_bf16x8(typingctx, array, byte_offset):
 
 
 @intrinsic
+def store_f32x8(typingctx, array, byte_offset, v):
+    sig = types.void(array, types.intp, F32x8)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        builder.store(args[2], _pointer(context, builder, signature.args[0], args[0], offset, _V8F32), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def splat_f32x8(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return _splat(builder, args[0], _V8F32)
+
+    return F32x8(types.float32), codegen
+
+
+@intrinsic
 def fmadd_f32x8(typingctx, acc, a, b):
     """acc + a * b."""
     def codegen(context, builder, signature, args):
