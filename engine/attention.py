@@ -156,6 +156,94 @@ def softmax_f16(scores, first, last):
         scores[j] = S.round_f16(scores[j] * inverse)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _dot_heads_4(q, q_at, head_bytes, pool, k_at, d):
+    """tinyBLAS's q.k for four query heads (bytes from q_at, head_bytes apart) against one key:
+    each key vector is converted once, and the four FMA chains run side by side."""
+    a0, a1, a2, a3 = S.zero_f32x8(), S.zero_f32x8(), S.zero_f32x8(), S.zero_f32x8()
+    for c in range(d // 8):
+        kv = S.load_f16x8(pool, k_at + 16 * c)
+        a0 = S.fmadd_f32x8(a0, S.load_f32x8(q, q_at + 32 * c), kv)
+        a1 = S.fmadd_f32x8(a1, S.load_f32x8(q, q_at + head_bytes + 32 * c), kv)
+        a2 = S.fmadd_f32x8(a2, S.load_f32x8(q, q_at + 2 * head_bytes + 32 * c), kv)
+        a3 = S.fmadd_f32x8(a3, S.load_f32x8(q, q_at + 3 * head_bytes + 32 * c), kv)
+    return S.hsum_f32x8(a0), S.hsum_f32x8(a1), S.hsum_f32x8(a2), S.hsum_f32x8(a3)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_scaled_rows_4(r0, r1, r2, r3, p0, p1, p2, p3, pool, v_at, dv):
+    """`_add_scaled_row` for four heads' rows and probabilities: each value vector converted once."""
+    b0, b1, b2, b3 = r0.view(np.uint8), r1.view(np.uint8), r2.view(np.uint8), r3.view(np.uint8)
+    s0, s1, s2, s3 = S.splat_f32x8(p0), S.splat_f32x8(p1), S.splat_f32x8(p2), S.splat_f32x8(p3)
+    dv8 = dv - dv % 8
+    for i in range(0, dv8, 8):
+        vv = S.load_f16x8(pool, v_at + 2 * i)
+        S.store_f32x8(b0, 4 * i, S.fmadd_f32x8(S.load_f32x8(b0, 4 * i), s0, vv))
+        S.store_f32x8(b1, 4 * i, S.fmadd_f32x8(S.load_f32x8(b1, 4 * i), s1, vv))
+        S.store_f32x8(b2, 4 * i, S.fmadd_f32x8(S.load_f32x8(b2, 4 * i), s2, vv))
+        S.store_f32x8(b3, 4 * i, S.fmadd_f32x8(S.load_f32x8(b3, 4 * i), s3, vv))
+    for i in range(dv8, dv):
+        v = S.load_f16(pool, v_at + 2 * i)
+        r0[i] += p0 * v
+        r1[i] += p1 * v
+        r2[i] += p2 * v
+        r3[i] += p3 * v
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h0, n_head, d, dv,
+                    first, last, kq_scale, out):
+    """Query heads h0..h0+3 of row t, which share kv_head, in the batched (tinyBLAS) order: the
+    same arithmetic as four `_attend_head` calls, with each K and V vector converted once."""
+    scores = np.empty((4, last + 1), np.float32)
+    q_at = 4 * (t * n_head + h0) * d
+    for j in range(first, last + 1):
+        k_at = 2 * d * _cell(table, j, block_size, n_head_kv, kv_head)
+        s0, s1, s2, s3 = _dot_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
+        scores[0, j], scores[1, j], scores[2, j], scores[3, j] = s0 * kq_scale, s1 * kq_scale, s2 * kq_scale, \
+            s3 * kq_scale
+    for g in range(4):
+        softmax_f16(scores[g], first, last)
+    acc = np.zeros((4, 8, dv), np.float32)  # [head, lane j % 8, dv]
+    for j in range(first, last + 1):
+        p0, p1, p2, p3 = scores[0, j], scores[1, j], scores[2, j], scores[3, j]
+        if p0 == 0 and p1 == 0 and p2 == 0 and p3 == 0:
+            continue  # (a zero probability adds +-0 to a sum that is never -0: no change)
+        v_at = 2 * dv * _cell(table, j, block_size, n_head_kv, kv_head)
+        lane = j % 8
+        _add_scaled_rows_4(acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], p0, p1, p2, p3, v_pool, v_at, dv)
+    for g in range(4):
+        for i in range(dv):
+            out[t, h0 + g, i] = sum8_tree(acc[g, :, i])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h, n_head, d, dv,
+                 first, last, kq_scale, k_tiled, v_lanes, out):
+    """Query head h of row t."""
+    scores = np.empty(last + 1, np.float32)
+    q_at = 4 * (t * n_head + h) * d
+    quads_end = first + (last + 1 - first) // 4 * 4 if k_tiled else first
+    for j in range(first, quads_end, 4):
+        _scores_4(q_flat, q_at, k_pool, table, j, block_size, n_head_kv, kv_head, d, kq_scale, scores)
+    for j in range(quads_end, last + 1):
+        cell = _cell(table, j, block_size, n_head_kv, kv_head)
+        s = dot_tiled(q_flat, q_at, k_pool, 2 * cell * d, d) if k_tiled else dot_ggml(
+            q_flat, q_at, k_pool, 2 * cell * d, d)
+        scores[j] = s * kq_scale
+    softmax_f16(scores, first, last)
+    # V product: lane j % v_lanes of every output dimension accumulates p_j * v_j (exact products).
+    acc = np.zeros((v_lanes, dv), np.float32)
+    for j in range(first, last + 1):
+        p = scores[j]
+        if p == 0:
+            continue
+        cell = _cell(table, j, block_size, n_head_kv, kv_head)
+        _add_scaled_row(acc[j % v_lanes], p, v_pool, 2 * cell * dv, dv)
+    for i in range(dv):
+        out[t, h, i] = sum8_tree(acc[:, i]) if v_lanes == 8 else sum32_ggml(acc[:, i])
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, tiled, out):
     """q float32 [n, n_head, d] (float16-exact values); k_pool/v_pool one layer's cache as bytes of
@@ -168,33 +256,29 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
     q_flat = q.reshape(-1)
     k_tiled = tiled and d % 8 == 0
     v_lanes = 8 if tiled and dv % 4 == 0 else 32  # tinyBLAS needs rows % 4 == 0
-    for item in prange(n * n_head):
-        t, h = item // n_head, item % n_head
-        kv_head = h // group
+    # Batched, with heads sharing a KV head four at a time: one item per row and four heads.
+    quads = group // 4 if k_tiled and v_lanes == 8 else 0
+    per_row = n_head_kv * quads + (n_head - 4 * n_head_kv * quads)
+    for item in prange(n * per_row):
+        t, rest = item // per_row, item % per_row
         table = tables[row_seq[t]]
         last = positions[t]
         first = max(0, last - window + 1) if window > 0 else 0
-        scores = np.empty(last + 1, np.float32)
-        q_at = 4 * (t * n_head + h) * d
-        quads_end = first + (last + 1 - first) // 4 * 4 if k_tiled else first
-        for j in range(first, quads_end, 4):
-            _scores_4(q_flat, q_at, k_pool, table, j, block_size, n_head_kv, kv_head, d, kq_scale, scores)
-        for j in range(quads_end, last + 1):
-            cell = _cell(table, j, block_size, n_head_kv, kv_head)
-            s = dot_tiled(q_flat, q_at, k_pool, 2 * cell * d, d) if k_tiled else dot_ggml(
-                q_flat, q_at, k_pool, 2 * cell * d, d)
-            scores[j] = s * kq_scale
-        softmax_f16(scores, first, last)
-        # V product: lane j % v_lanes of every output dimension accumulates p_j * v_j (exact products).
-        acc = np.zeros((v_lanes, dv), np.float32)
-        for j in range(first, last + 1):
-            p = scores[j]
-            if p == 0:
-                continue
-            cell = _cell(table, j, block_size, n_head_kv, kv_head)
-            _add_scaled_row(acc[j % v_lanes], p, v_pool, 2 * cell * dv, dv)
-        for i in range(dv):
-            out[t, h, i] = sum8_tree(acc[:, i]) if v_lanes == 8 else sum32_ggml(acc[:, i])
+        if rest < n_head_kv * quads:  # quad rest % quads of KV head rest // quads
+            h0 = (rest // quads) * group + 4 * (rest % quads)
+            _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
+                            first, last, kq_scale, out)
+        else:  # the heads no quad covers, one at a time
+            h = _uncovered_head(rest - n_head_kv * quads, group, quads)
+            _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h // group, t, h, n_head, d, dv,
+                         first, last, kq_scale, k_tiled, v_lanes, out)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _uncovered_head(i, group, quads):
+    """The i-th head (in order) that is not in one of its KV group's first `quads` quads."""
+    left = group - 4 * quads  # heads per KV group left over
+    return (i // left) * group + 4 * quads + i % left
 
 
 def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np.ndarray, row_seq: np.ndarray,

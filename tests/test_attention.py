@@ -128,3 +128,26 @@ def test_several_sequences_in_one_call_equal_each_alone():
     cells_b = (tables[1][:, None] * block_size + np.arange(block_size)).reshape(-1)[:11]
     expected = reference_attention(q[4:5], k[cells_b], v[cells_b], [10], None, 2, 0.2)
     np.testing.assert_allclose(together[4:5], expected, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("group", [4, 6])
+@pytest.mark.parametrize("window", [None, 11])
+def test_heads_sharing_a_kv_head_four_at_a_time_equal_each_head_alone(group, window):
+    """Batches take heads of one KV group four at a time (each K/V vector converted once); the
+    leftover heads of a group of 6 go one at a time. Every head must get the bits it gets alone."""
+    n_kv, n_head_kv, d, block_size = 37, 2, 64, 8
+    n_head = group * n_head_kv
+    k, v = f16_exact((n_kv, n_head_kv, d)), f16_exact((n_kv, n_head_kv, d))
+    q = rng.standard_normal((6, n_head, d)).astype(np.float32)
+    positions = np.array([0, 3, 9, 20, 30, 36])
+    pool_k, pool_v, table = paged(k, v, block_size, rng.permutation(5).tolist())
+    rows = np.zeros(len(positions), np.int64)
+    together = attend_paged(q, pool_k, pool_v, table[None], rows, positions, window, group, 0.125, True)
+    for h in range(n_head):
+        kv = h // group
+        alone = attend_paged(q[:, h:h + 1], np.ascontiguousarray(pool_k[:, :, kv:kv + 1]),
+                             np.ascontiguousarray(pool_v[:, :, kv:kv + 1]), table[None], rows, positions, window, 1,
+                             0.125, True)
+        assert np.array_equal(together[:, h], alone[:, 0]), h
+    expected = reference_attention(q, k, v, positions, window, group, 0.125)
+    np.testing.assert_allclose(together, expected, atol=2e-3, rtol=0)
