@@ -24,6 +24,8 @@ _INTEGER = {
     QType.Q5_K: (activations.quantize_q8_k, kernels.matmul_q5_k),
     QType.Q6_K: (activations.quantize_q8_k, kernels.matmul_q6_k),
 }
+# weight types whose kernels dot the stored unsigned codes, and the offset to take back
+_CODE_OFFSET = {QType.Q4_0: 8, QType.Q5_0: 16}
 # k-quant weight type -> kernel for several tokens (rows decoded once; see `kmatmul`)
 _DECODE_ONCE = {
     QType.Q2_K: kmatmul.kmatmul_q2_k,
@@ -71,5 +73,8 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
         _DECODE_ONCE[qtype](ordered.reshape(-1), scales, sums[0].astype(np.int16).reshape(-1),
                             w.reshape(-1), row_bytes, m, out, isa)
         return out
+    if qtype in _CODE_OFFSET:  # -offset x the activations' sums per 4 values: int32 [n_tok, nb * 8]
+        n_tok, k = codes.shape
+        sums = [codes.reshape(n_tok, k // 4, 4).sum(axis=2, dtype=np.int32) * np.int32(-_CODE_OFFSET[qtype])]
     kernel(codes.reshape(-1), scales, sums[0] if sums else _NO_SUMS, w.reshape(-1), row_bytes, m, out, isa)
     return out

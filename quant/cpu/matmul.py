@@ -154,19 +154,29 @@ def _q8_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     return S.fma_f32x8(acc, S.dot_i8x32(isa, S.load_i8x32(w, off + 2), xv), scale), corr
 
 
+# Q4_0 and Q5_0 codes are stored + 8 / + 16. The dot takes the stored (unsigned) codes in one
+# vpdpbusd that starts from xs = -8 or -16 times the activations' sums per lane (4 values): the
+# same integers as centring the codes first, without the sign juggling a signed x signed dot needs.
+#     xs  int32 [n_tok, nb * 8]
+
+
+@njit(inline="always")
+def _offset_dot(isa, codes, xq, xs, t, b, nb):
+    at = (t * nb + b) * 32
+    return S.dot_u8i8_acc_i32x8(isa, S.load_i32x8(xs, at), codes, S.load_i8x32(xq, at))
+
+
 @njit(inline="always")
 def _q4_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
-    xv = S.load_i8x32(xq, (t * nb + b) * 32)
-    codes = S.add_i8x32(S.load_nibbles_i8x32(w, off + 2), -8)
-    return S.fma_f32x8(acc, S.dot_i8x32(isa, codes, xv), S.load_f16(w, off) * xd[t, b]), corr
+    dot = _offset_dot(isa, S.load_nibbles_i8x32(w, off + 2), xq, xs, t, b, nb)
+    return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr
 
 
 @njit(inline="always")
 def _q5_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
-    xv = S.load_i8x32(xq, (t * nb + b) * 32)
-    high = S.bits_i8x32(S.load_u32(w, off + 2), 16)
-    codes = S.add_i8x32(S.or_i8x32(S.load_nibbles_i8x32(w, off + 6), high), -16)
-    return S.fma_f32x8(acc, S.dot_i8x32(isa, codes, xv), S.load_f16(w, off) * xd[t, b]), corr
+    codes = S.or_i8x32(S.load_nibbles_i8x32(w, off + 6), S.bits_i8x32(S.load_u32(w, off + 2), 16))
+    dot = _offset_dot(isa, codes, xq, xs, t, b, nb)
+    return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr
 
 
 @njit(inline="always")

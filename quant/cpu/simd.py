@@ -454,6 +454,35 @@ def lane_f32x8(typingctx, v, i):
     return types.float32(F32x8, types.int64), codegen
 
 
+@intrinsic
+def dot_u8i8_acc_i32x8(typingctx, isa, acc, u, s):
+    """acc + the byte dots of unsigned u (0..127) and signed s (lane i: values 4i..4i+3): one
+    `vpdpbusd` with VNNI, which takes the accumulator in the same instruction."""
+    avx2, vnni = _is_avx2(isa), _is_vnni(isa)
+    sig = I32x8(isa, I32x8, I8x32, I8x32)
+
+    def codegen(context, builder, signature, args):
+        _, total, u_v, s_v = args
+        if vnni:
+            words = [builder.bitcast(u_v, _V8I32), builder.bitcast(s_v, _V8I32)]
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [total, *words])
+        dot = _avx2_dot_unsigned(builder, u_v, s_v) if avx2 else _portable_dot(builder, u_v, s_v, a_unsigned=True)
+        return builder.add(total, dot)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_i32x8(typingctx, array, byte_offset):
+    sig = I32x8(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        return builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _V8I32), align=1)
+
+    return sig, codegen
+
+
 # -- 8 x i32 and 8 x f32 ----------------------------------------------------------------
 
 
