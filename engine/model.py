@@ -49,7 +49,10 @@ def check_threads(threads: int | None) -> None:
 
 
 class Model:
-    def __init__(self, path: Path, threads: int | None = None, ctx: int = DEFAULT_CTX, device: str = "cpu"):
+    def __init__(self, path: Path, threads: int | None = None, ctx: int = DEFAULT_CTX, device: str = "cpu",
+                 use_mmap: bool = False):
+        """`use_mmap`: compute on the file's mmap instead of a private copy of the weights (less
+        memory when several processes share one file; decoding is slower, see `load_into_memory`)."""
         if device != "cpu":
             raise UsageError(f"device {device!r} is not available yet; use device='cpu'")
         check_threads(threads)
@@ -58,6 +61,8 @@ class Model:
         self.gguf = GGUFFile.open(self.path)
         self.config = config_from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
+        if not use_mmap:
+            self.gguf.load_into_memory()
         self.transformer = Transformer.from_gguf(self.gguf, self.config, threads)
         self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
         self.load_seconds = time.perf_counter() - started

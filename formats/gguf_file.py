@@ -11,6 +11,7 @@ alignment, duplicate keys and names, and every tensor's bytes inside the file.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import struct
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ class GGUFTensor:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
     nbytes: int
-    data: np.ndarray  # zero-copy view on the mmap: typed elements, or uint8 [rows, bytes per row]
+    data: np.ndarray  # view on the mmap (or the loaded copy): typed elements, or uint8 [rows, bytes per row]
 
     @property
     def n_elements(self) -> int:
@@ -313,15 +314,42 @@ class GGUFFile:
         return GGUFTensor(entry.name, entry.qtype, entry.shape, offset, entry.nbytes,
                           self._view(entry, offset))
 
-    def _view(self, entry: _TensorEntry, offset: int) -> np.ndarray:
+    def _view(self, entry: _TensorEntry | GGUFTensor, offset: int, buf=None) -> np.ndarray:
+        """The tensor's bytes at `offset` of `buf` (default: the file's mmap) as a numpy array."""
+        buf = self._buf if buf is None else buf
         numpy_shape = tuple(reversed(entry.shape))  # GGML's ne0 is numpy's last axis
         dtype = _ELEMENT_DTYPES.get(entry.qtype)
         if dtype is not None:
             count = entry.nbytes // np.dtype(dtype).itemsize
-            return np.frombuffer(self._buf, dtype=dtype, count=count, offset=offset).reshape(numpy_shape)
+            return np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(numpy_shape)
         row_bytes = entry.nbytes // max(1, int(np.prod(numpy_shape[:-1], dtype=np.int64)))
-        data = np.frombuffer(self._buf, dtype=np.uint8, count=entry.nbytes, offset=offset)
+        data = np.frombuffer(buf, dtype=np.uint8, count=entry.nbytes, offset=offset)
         return data.reshape(*numpy_shape[:-1], row_bytes)
+
+    # -- loading --------------------------------------------------------------
+
+    def load_into_memory(self) -> None:
+        """Read the tensor data into private memory and point every tensor at it (llama.cpp's
+        --no-mmap). The weights are streamed once per token, and reading them from large
+        anonymous pages (numpy advises huge pages for big arrays) is faster than from the page
+        cache's 4 KiB pages: gemma-3 270M decodes at 18.0 -> 14.0 ms per token on 2 threads. The
+        file is read with readinto, not through the mmap, so its pages are not counted twice."""
+        size = self.file_size - self.data_offset
+        data = np.empty(size, np.uint8)
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.data_offset)
+                done, view = 0, memoryview(data)
+                while done < size:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise GGUFError(f"{self.path}: the file ended while reading its tensors (was it changed?)")
+                    done += n
+        except OSError as e:
+            raise LlmxError(f"{self.path}: cannot read the file ({e.strerror or e})") from e
+        for name, tensor in self.tensors.items():
+            view = self._view(tensor, tensor.offset - self.data_offset, data)
+            self.tensors[name] = dataclasses.replace(tensor, data=view)
 
 
 def _map_file(path: Path) -> tuple[Any, int]:

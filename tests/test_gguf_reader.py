@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import shutil
 import struct
 import tempfile
@@ -65,6 +66,29 @@ def test_tensor_views_are_zero_copy(gemma_path):
     f = GGUFFile.open(gemma_path)
     t = f.tensors["token_embd.weight"]
     assert not t.data.flags.owndata and not t.data.flags.writeable
+
+
+@pytest.mark.parametrize("path", TINY_MODELS, ids=lambda p: p.name)
+def test_load_into_memory_gives_the_same_tensors_off_the_mmap(path):
+    mapped, loaded = GGUFFile.open(path), GGUFFile.open(path)
+    loaded.load_into_memory()
+    assert list(loaded.tensors) == list(mapped.tensors)
+    for name, tensor in loaded.tensors.items():
+        before = mapped.tensors[name]
+        assert tensor.data.dtype == before.data.dtype and tensor.data.shape == before.data.shape
+        assert tensor.data.tobytes() == before.data.tobytes(), name
+        assert not np.shares_memory(tensor.data, before.data)
+        assert not isinstance(tensor.data.base, mmap.mmap) and tensor.data.base is not None
+
+
+def test_load_into_memory_reports_a_truncated_file(tmp_path):
+    copy = tmp_path / "model.gguf"
+    shutil.copy(TINY, copy)
+    f = GGUFFile.open(copy)
+    with copy.open("r+b") as handle:  # the file shrinks after it was opened
+        handle.truncate(copy.stat().st_size - 100)
+    with pytest.raises(GGUFError, match="ended while reading"):
+        f.load_into_memory()
 
 
 # -- validation ---------------------------------------------------------------
