@@ -61,6 +61,18 @@ def test_k_quant_decode_once_equals_one_token_kernel_bit_for_bit(weights, qtype,
     np.testing.assert_array_equal(batched, one_by_one)
 
 
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q5_0, QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
+def test_vnni_and_avx2_kernels_give_the_same_bits(weights, qtype):
+    """The VNNI kernels reach the same integers by other routes (Q8_0 dots x + 128, Q4_0/Q5_0 the
+    stored codes, each minus a bias) and then take the same float steps: outputs must be equal."""
+    if not simd.has_avx2():
+        pytest.fail("this test needs an x86 host with AVX2")
+    w = quantize(weights, qtype)
+    for n_tok in (1, 5):
+        x = np.random.default_rng(n_tok).standard_normal((n_tok, K)).astype(np.float32)
+        assert np.array_equal(matmul(x, w, qtype, isa=simd.host_isa()), matmul(x, w, qtype, isa=simd.AVX2))
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 def test_matmul_within_activation_quantization_bound(weights, qtype):
     x = np.random.default_rng(5).standard_normal((3, K)).astype(np.float32)

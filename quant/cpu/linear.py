@@ -7,7 +7,7 @@ import numpy as np
 
 from llmx.quant.cpu import activations, kmatmul
 from llmx.quant.cpu import matmul as kernels
-from llmx.quant.cpu.simd import CHUNK_ORDER, host_isa
+from llmx.quant.cpu.simd import CHUNK_ORDER, VNNI, host_isa
 from llmx.quant.qtypes import QType
 
 # weight type -> (activation quantizer, kernel)
@@ -76,5 +76,7 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
     if qtype in _CODE_OFFSET:  # -offset x the activations' sums per 4 values: int32 [n_tok, nb * 8]
         n_tok, k = codes.shape
         sums = [codes.reshape(n_tok, k // 4, 4).sum(axis=2, dtype=np.int32) * np.int32(-_CODE_OFFSET[qtype])]
+    if qtype == QType.Q8_0 and np.asarray(isa).dtype == VNNI.dtype:  # activations as x + 128, see the kernel
+        codes, kernel = codes.view(np.uint8) ^ np.uint8(0x80), kernels.matmul_q8_0_unsigned
     kernel(codes.reshape(-1), scales, sums[0] if sums else _NO_SUMS, w.reshape(-1), row_bytes, m, out, isa)
     return out

@@ -167,6 +167,16 @@ def _offset_dot(isa, codes, xq, xs, t, b, nb):
 
 
 @njit(inline="always")
+def _q8_0_unsigned_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
+    """VNNI only (vpdpbusd does not saturate): xq holds x + 128 as unsigned bytes, and the dot
+    starts from -128 x the weights' sums per lane: the integers of x . w, with no per-token sign
+    juggling (the weight sums are computed once per row for a tile of four tokens)."""
+    wv = S.load_i8x32(w, off + 2)
+    dot = S.dot_u8i8_acc_i32x8(isa, S.neg_sums128_i32x8(wv), S.load_i8x32(xq, (t * nb + b) * 32), wv)
+    return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr
+
+
+@njit(inline="always")
 def _q4_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     dot = _offset_dot(isa, S.load_nibbles_i8x32(w, off + 2), xq, xs, t, b, nb)
     return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr
@@ -344,6 +354,11 @@ def _q6_k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
 @njit(cache=True, nogil=True, parallel=True)
 def matmul_q8_0(xq, xd, xs, w, row_bytes, m, out, isa):
     _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, _q8_0_block, 34)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def matmul_q8_0_unsigned(xq, xd, xs, w, row_bytes, m, out, isa):
+    _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, _q8_0_unsigned_block, 34)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -473,6 +473,17 @@ def dot_u8i8_acc_i32x8(typingctx, isa, acc, u, s):
 
 
 @intrinsic
+def neg_sums128_i32x8(typingctx, s):
+    """-128 times the sums of signed bytes per lane (4 values): pmaddubsw against 128s (pairs stay
+    within 128 * 254), then pmaddwd against -1s."""
+    def codegen(context, builder, signature, args):
+        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_const_vec(_V32I8, -128), args[0]])
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [pairs, _const_vec(_V16I16, -1)])
+
+    return I32x8(I8x32), codegen
+
+
+@intrinsic
 def load_i32x8(typingctx, array, byte_offset):
     sig = I32x8(array, types.intp)
 
