@@ -39,7 +39,8 @@ _ZERO = np.float32(0.0)
 @njit(cache=True, nogil=True, inline="always")
 def vector_exp(x):
     """ggml_v_expf for x <= 0 (softmax inputs); below ~-87 the result is 0 where ggml's is a
-    denormal that float16 rounding turns into 0 anyway."""
+    denormal that float16 rounding turns into 0 anyway. One lane of `simd.ggml_expf_f32x8`,
+    which the softmax runs (tests hold the two equal bit for bit)."""
     z = S.fma_f32(x, _LOG2E, _SHIFT)
     n = z - _SHIFT
     if n < -126:
@@ -136,21 +137,27 @@ def sum32_ggml(v):
     return (t0 + t1) + (t2 + t3)
 
 
+_EXP_CONSTANTS = (_SHIFT, _LOG2E, _LN2_HI, _LN2_LO, _C1, _C2, _C3, _C4, _C5)
+PAD = 8  # scores arrays run this far past `last`: softmax reads and writes whole groups of 8
+
+
 @njit(cache=True, nogil=True, inline="always")
 def softmax_f16(scores, first, last):
-    """In place over scores[first..last]: probabilities, rounded to float16 as ggml feeds them to V."""
+    """In place over scores[first..last]: probabilities, rounded to float16 as ggml feeds them to V.
+    Groups of 8 from a multiple of 8 (ggml's row starts at cell 0; cells outside [first, last]
+    are masked to exp = 0), each summed in tinyBLAS/ggml's tree then added in double. `scores`
+    must have PAD cells past `last`."""
     top = scores[first]
     for j in range(first + 1, last + 1):
         top = max(top, scores[j])
-    group = np.zeros(8, np.float32)
+    raw = scores.view(np.uint8)
+    shift = S.splat_f32x8(top)
     total = 0.0
     for start in range(first - first % 8, last + 1, 8):
-        for lane in range(8):
-            j = start + lane
-            group[lane] = vector_exp(scores[j] - top) if first <= j <= last else _ZERO
-            if first <= j <= last:
-                scores[j] = group[lane]
-        total += np.float64(sum8_tree(group))
+        e = S.ggml_expf_f32x8(S.sub_f32x8(S.load_f32x8(raw, 4 * start), shift), _EXP_CONSTANTS)
+        e = S.keep_lanes_f32x8(e, start, first, last)
+        S.store_f32x8(raw, 4 * start, e)
+        total += np.float64(S.hsum_f32x8(e))
     inverse = np.float32(1.0 / total)
     for j in range(first, last + 1):
         scores[j] = S.round_f16(scores[j] * inverse)
@@ -195,7 +202,7 @@ def _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_hea
                     first, last, kq_scale, out):
     """Query heads h0..h0+3 of row t, which share kv_head, in the batched (tinyBLAS) order: the
     same arithmetic as four `_attend_head` calls, with each K and V vector converted once."""
-    scores = np.empty((4, last + 1), np.float32)
+    scores = np.empty((4, last + 1 + PAD), np.float32)
     q_at = 4 * (t * n_head + h0) * d
     for j in range(first, last + 1):
         k_at = 2 * d * _cell(table, j, block_size, n_head_kv, kv_head)
@@ -221,7 +228,7 @@ def _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_hea
 def _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h, n_head, d, dv,
                  first, last, kq_scale, k_tiled, v_lanes, out):
     """Query head h of row t."""
-    scores = np.empty(last + 1, np.float32)
+    scores = np.empty(last + 1 + PAD, np.float32)
     q_at = 4 * (t * n_head + h) * d
     quads_end = first + (last + 1 - first) // 4 * 4 if k_tiled else first
     for j in range(first, quads_end, 4):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba import njit
 
-from llmx.engine.attention import attend_paged, dot_ggml, dot_tiled, vector_exp
+from llmx.engine.attention import _EXP_CONSTANTS, attend_paged, dot_ggml, dot_tiled, vector_exp
+from llmx.quant.cpu import simd as S
 
 rng = np.random.default_rng(7)
 
@@ -53,6 +55,23 @@ def test_dot_products_add_in_ggml_order(d):
         assert ours == vec_dot_f16_order(q, k)
         orders_differ |= ours != tinyblas_order(q, k)
     assert orders_differ  # the two orders are distinguishable, so the equalities above mean something
+
+
+@njit
+def exp_8_lanes(x, out):
+    raw_in, raw_out = x.view(np.uint8), out.view(np.uint8)
+    for i in range(0, len(x), 8):
+        S.store_f32x8(raw_out, 4 * i, S.ggml_expf_f32x8(S.load_f32x8(raw_in, 4 * i), _EXP_CONSTANTS))
+
+
+def test_eight_lane_exp_equals_the_one_lane_form_bit_for_bit():
+    """Softmax runs the 8-lane ggml_v_expf; `vector_exp` is its one-lane statement."""
+    x = np.concatenate([-np.geomspace(1e-7, 120, 8000), [0.0, -87.3, -87.4, -88.0, -1e-30, -200.0, -0.0, -1e4]])
+    x = x.astype(np.float32)
+    lanes = np.empty_like(x)
+    exp_8_lanes(x, lanes)
+    one_by_one = np.array([vector_exp(v) for v in x], np.float32)
+    assert np.array_equal(lanes.view(np.uint32), one_by_one.view(np.uint32))
 
 
 def test_vector_exp_is_within_two_ulp():

@@ -447,6 +447,51 @@ def sub_scaled_f32x8(typingctx, acc, scale, ints):
 
 
 @intrinsic
+def ggml_expf_f32x8(typingctx, x, c):
+    """ggml_v_expf (AVX2) on 8 lanes of x <= 0, as `attention.vector_exp` computes one: c holds its
+    constants (shift, log2e, ln2 hi, ln2 lo, c1..c5). Lanes whose 2^n would be below 2^-126 give 0."""
+    sig = F32x8(F32x8, types.UniTuple(types.float32, 9))
+
+    def codegen(context, builder, signature, args):
+        vec = args[0]
+        shift, log2e, ln2_hi, ln2_lo, c1, c2, c3, c4, c5 = (
+            _splat(builder, builder.extract_value(args[1], i), _V8F32) for i in range(9))
+
+        def fma(a, b, c):
+            return _call(builder, "llvm.fma.v8f32", _V8F32, [a, b, c])
+
+        z = fma(vec, log2e, shift)
+        n = builder.fsub(z, shift)
+        minus_n = builder.fneg(n)
+        b = fma(minus_n, ln2_lo, fma(minus_n, ln2_hi, vec))
+        u = builder.fmul(b, b)
+        j = fma(fma(fma(c5, b, c4), u, fma(c3, b, c2)), u, builder.fmul(c1, b))
+        exponent = builder.add(builder.fptosi(n, _V8I32), _const_vec(_V8I32, 127))
+        k = builder.bitcast(builder.shl(exponent, _const_vec(_V8I32, 23)), _V8F32)
+        tiny = builder.fcmp_ordered("<", n, _const_vec(_V8F32, -126.0))
+        return builder.select(tiny, _const_vec(_V8F32, 0.0), fma(j, k, k))
+
+    return sig, codegen
+
+
+@intrinsic
+def keep_lanes_f32x8(typingctx, v, start, first, last):
+    """v with lane i set to 0 unless first <= start + i <= last."""
+    sig = F32x8(F32x8, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        vec, at, lo, hi = args
+        i64x8 = ir.VectorType(ir.IntType(64), 8)
+        index = builder.add(_splat(builder, at, i64x8), ir.Constant(i64x8, [ir.Constant(ir.IntType(64), i)
+                                                                           for i in range(8)]))
+        inside = builder.and_(builder.icmp_signed(">=", index, _splat(builder, lo, i64x8)),
+                              builder.icmp_signed("<=", index, _splat(builder, hi, i64x8)))
+        return builder.select(inside, vec, _const_vec(_V8F32, 0.0))
+
+    return sig, codegen
+
+
+@intrinsic
 def lane_f32x8(typingctx, v, i):
     def codegen(context, builder, signature, args):
         return builder.extract_element(args[0], args[1])
@@ -639,6 +684,14 @@ def store_f32x8(typingctx, array, byte_offset, v):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def sub_f32x8(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.fsub(args[0], args[1])
+
+    return F32x8(F32x8, F32x8), codegen
 
 
 @intrinsic
