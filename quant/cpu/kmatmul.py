@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from llmx.quant.cpu import blocks as B
+from llmx.quant.cpu import matmul as M
 from llmx.quant.cpu import simd as S
 from llmx.quant.cpu.matmul import GROUP, _row_offsets, _store4
 
@@ -48,30 +48,11 @@ def _store_32(w16, at, codes, scale_a, scale_b):
 
 
 @njit(inline="always")
-def _decode_q4_k(w, off, w16, wp, extra, ei, d, dc, si):
+def _decode_q45_k(w, off, w16, wp, extra, ei, d, dc, si, codes):
     d[si] = S.load_f16(w, off)
     dc[si] = S.load_f16(w, off + 2)
-    for c in range(4):  # 32 bytes of codes: sub-block 2c in the low nibbles, 2c + 1 in the high
-        packed = S.load_i8x32(w, off + 16 + 32 * c)
-        sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
-        sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
-        _store_32(w16, wp + 128 * c, S.field_i8x32(packed, 0, 15), sc_a, sc_a)
-        _store_32(w16, wp + 128 * c + 64, S.field_i8x32(packed, 4, 15), sc_b, sc_b)
-        extra[ei + 4 * c] = extra[ei + 4 * c + 1] = mn_a
-        extra[ei + 4 * c + 2] = extra[ei + 4 * c + 3] = mn_b
-
-
-@njit(inline="always")
-def _decode_q5_k(w, off, w16, wp, extra, ei, d, dc, si):
-    d[si] = S.load_f16(w, off)
-    dc[si] = S.load_f16(w, off + 2)
-    high = S.load_i8x32(w, off + 16)  # bit p of byte j: fifth bit of value 32p + j
     for c in range(4):
-        packed = S.load_i8x32(w, off + 48 + 32 * c)
-        sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
-        sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
-        codes_a = S.or_i8x32(S.field_i8x32(packed, 0, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c, 1), 4))
-        codes_b = S.or_i8x32(S.field_i8x32(packed, 4, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c + 1, 1), 4))
+        codes_a, codes_b, sc_a, mn_a, sc_b, mn_b = codes(w, off, c)
         _store_32(w16, wp + 128 * c, codes_a, sc_a, sc_a)
         _store_32(w16, wp + 128 * c + 64, codes_b, sc_b, sc_b)
         extra[ei + 4 * c] = extra[ei + 4 * c + 1] = mn_a
@@ -79,33 +60,34 @@ def _decode_q5_k(w, off, w16, wp, extra, ei, d, dc, si):
 
 
 @njit(inline="always")
+def _decode_q4_k(w, off, w16, wp, extra, ei, d, dc, si):
+    _decode_q45_k(w, off, w16, wp, extra, ei, d, dc, si, M.q4_k_codes)
+
+
+@njit(inline="always")
+def _decode_q5_k(w, off, w16, wp, extra, ei, d, dc, si):
+    _decode_q45_k(w, off, w16, wp, extra, ei, d, dc, si, M.q5_k_codes)
+
+
+@njit(inline="always")
 def _decode_q6_k(w, off, w16, wp, extra, ei, d, dc, si):
     d[si] = dc[si] = S.load_f16(w, off + 208)
     for h in range(2):
-        first = S.load_i8x32(w, off + 64 * h)
-        second = S.load_i8x32(w, off + 64 * h + 32)
-        high = S.load_i8x32(w, off + 128 + 32 * h)
         for r in range(4):
-            low = S.field_i8x32(first if r % 2 == 0 else second, 4 * (r // 2), 15)
-            codes = S.or_i8x32(low, S.shl_i8x32(S.field_i8x32(high, 2 * r, 3), 4))
-            j = 8 * h + 2 * r  # sub-blocks of 16
-            sc_a, sc_b = B.signed_byte(B.byte(w, off + 192 + j)), B.signed_byte(B.byte(w, off + 193 + j))
+            codes, sc_a, sc_b = M.q6_k_codes(w, off, h, r)
             _store_32(w16, wp + 2 * (128 * h + 32 * r), codes, sc_a, sc_b)
+            j = 8 * h + 2 * r
             extra[ei + j], extra[ei + j + 1] = 32 * sc_a, 32 * sc_b  # codes are stored + 32
 
 
 @njit(inline="always")
 def _decode_q3_k(w, off, w16, wp, extra, ei, d, dc, si):
     d[si] = dc[si] = S.load_f16(w, off + 108)
-    hmask = S.load_i8x32(w, off)
     for h in range(2):
-        packed = S.load_i8x32(w, off + 32 + 32 * h)
         for r in range(4):
-            high_bit = S.shl_i8x32(S.field_i8x32(hmask, 4 * h + r, 1), 2)
-            codes = S.or_i8x32(S.field_i8x32(packed, 2 * r, 3), high_bit)
-            j = 8 * h + 2 * r
-            sc_a, sc_b = B.q3_k_scale(w, off + 96, j), B.q3_k_scale(w, off + 96, j + 1)
+            codes, sc_a, sc_b = M.q3_k_codes(w, off, h, r)
             _store_32(w16, wp + 2 * (128 * h + 32 * r), codes, sc_a, sc_b)
+            j = 8 * h + 2 * r
             extra[ei + j], extra[ei + j + 1] = 4 * sc_a, 4 * sc_b  # codes are stored + 4
 
 
@@ -114,11 +96,10 @@ def _decode_q2_k(w, off, w16, wp, extra, ei, d, dc, si):
     d[si] = S.load_f16(w, off + 80)
     dc[si] = S.load_f16(w, off + 82)
     for h in range(2):
-        packed = S.load_i8x32(w, off + 16 + 32 * h)
         for r in range(4):
+            codes, sa, sb = M.q2_k_codes(w, off, h, r)
+            _store_32(w16, wp + 2 * (128 * h + 32 * r), codes, sa & 0x0F, sb & 0x0F)
             j = 8 * h + 2 * r
-            sa, sb = B.byte(w, off + j), B.byte(w, off + j + 1)  # low nibble scale, high nibble min
-            _store_32(w16, wp + 2 * (128 * h + 32 * r), S.field_i8x32(packed, 2 * r, 3), sa & 0x0F, sb & 0x0F)
             extra[ei + j], extra[ei + j + 1] = sa >> 4, sb >> 4
 
 

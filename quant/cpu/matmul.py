@@ -225,33 +225,63 @@ def _pair_sums(bs, bo, c):
     return bs[bo + 4 * c] + bs[bo + 4 * c + 1], bs[bo + 4 * c + 2] + bs[bo + 4 * c + 3]
 
 
-@njit(inline="always")
-def _q4_k_sums(isa, w, off, xq, xo, bs, bo):
-    isum = S.zero_i32x8()
-    mins = 0
-    for c in range(4):  # 32 bytes of codes: sub-block 2c in the low nibbles, 2c + 1 in the high
-        packed = S.load_i8x32(w, off + 16 + 32 * c)
-        sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
-        sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
-        lo = S.dot_u8i8x32(isa, S.field_i8x32(packed, 0, 15), S.load_i8x32(xq, xo + 64 * c))
-        hi = S.dot_u8i8x32(isa, S.field_i8x32(packed, 4, 15), S.load_i8x32(xq, xo + 64 * c + 32))
-        isum = S.add_i32x8(isum, S.add_i32x8(S.scale_i32x8(lo, sc_a, sc_a), S.scale_i32x8(hi, sc_b, sc_b)))
-        sum_a, sum_b = _pair_sums(bs, bo, c)
-        mins += mn_a * sum_a + mn_b * sum_b
-    return isum, mins
+# Unpacking of one super-block's codes (shared with `kmatmul`'s decoders). Q4_K/Q5_K: 32 bytes
+# group c holds sub-blocks 2c (low nibbles) and 2c + 1 (high); Q2_K/Q3_K/Q6_K: step (h, r) holds
+# values 128h + 32r .. + 31, two sub-blocks of 16 (j and j + 1, j = 8h + 2r).
 
 
 @njit(inline="always")
-def _q5_k_sums(isa, w, off, xq, xo, bs, bo):
-    isum = S.zero_i32x8()
-    mins = 0
+def q4_k_codes(w, off, c):
+    """-> codes of sub-blocks 2c and 2c + 1 (0..15), then their scales and mins."""
+    packed = S.load_i8x32(w, off + 16 + 32 * c)
+    sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
+    sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
+    return S.field_i8x32(packed, 0, 15), S.field_i8x32(packed, 4, 15), sc_a, mn_a, sc_b, mn_b
+
+
+@njit(inline="always")
+def q5_k_codes(w, off, c):
+    """-> codes of sub-blocks 2c and 2c + 1 (0..31), then their scales and mins."""
     high = S.load_i8x32(w, off + 16)  # bit p of byte j: fifth bit of element 32p + j
+    packed = S.load_i8x32(w, off + 48 + 32 * c)
+    sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
+    sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
+    codes_a = S.or_i8x32(S.field_i8x32(packed, 0, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c, 1), 4))
+    codes_b = S.or_i8x32(S.field_i8x32(packed, 4, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c + 1, 1), 4))
+    return codes_a, codes_b, sc_a, mn_a, sc_b, mn_b
+
+
+@njit(inline="always")
+def q6_k_codes(w, off, h, r):
+    """-> 32 codes (0..63, stored + 32) and the signed scales of their two sub-blocks of 16."""
+    low = S.field_i8x32(S.load_i8x32(w, off + 64 * h + 32 * (r % 2)), 4 * (r // 2), 15)
+    codes = S.or_i8x32(low, S.shl_i8x32(S.field_i8x32(S.load_i8x32(w, off + 128 + 32 * h), 2 * r, 3), 4))
+    j = 8 * h + 2 * r
+    return codes, B.signed_byte(B.byte(w, off + 192 + j)), B.signed_byte(B.byte(w, off + 193 + j))
+
+
+@njit(inline="always")
+def q3_k_codes(w, off, h, r):
+    """-> 32 codes (0..7, stored + 4) and the signed scales of their two sub-blocks of 16."""
+    high_bit = S.shl_i8x32(S.field_i8x32(S.load_i8x32(w, off), 4 * h + r, 1), 2)
+    codes = S.or_i8x32(S.field_i8x32(S.load_i8x32(w, off + 32 + 32 * h), 2 * r, 3), high_bit)
+    j = 8 * h + 2 * r
+    return codes, B.q3_k_scale(w, off + 96, j), B.q3_k_scale(w, off + 96, j + 1)
+
+
+@njit(inline="always")
+def q2_k_codes(w, off, h, r):
+    """-> 32 codes (0..3) and the packed bytes of their two sub-blocks (scale low nibble, min high)."""
+    j = 8 * h + 2 * r
+    return S.field_i8x32(S.load_i8x32(w, off + 16 + 32 * h), 2 * r, 3), B.byte(w, off + j), B.byte(w, off + j + 1)
+
+
+@njit(inline="always")
+def _q45_k_sums(isa, w, off, xq, xo, bs, bo, codes):
+    isum = S.zero_i32x8()
+    mins = 0
     for c in range(4):
-        packed = S.load_i8x32(w, off + 48 + 32 * c)
-        sc_a, mn_a = B.k4_scale_min(w, off + 4, 2 * c)
-        sc_b, mn_b = B.k4_scale_min(w, off + 4, 2 * c + 1)
-        codes_a = S.or_i8x32(S.field_i8x32(packed, 0, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c, 1), 4))
-        codes_b = S.or_i8x32(S.field_i8x32(packed, 4, 15), S.shl_i8x32(S.field_i8x32(high, 2 * c + 1, 1), 4))
+        codes_a, codes_b, sc_a, mn_a, sc_b, mn_b = codes(w, off, c)
         lo = S.dot_u8i8x32(isa, codes_a, S.load_i8x32(xq, xo + 64 * c))
         hi = S.dot_u8i8x32(isa, codes_b, S.load_i8x32(xq, xo + 64 * c + 32))
         isum = S.add_i32x8(isum, S.add_i32x8(S.scale_i32x8(lo, sc_a, sc_a), S.scale_i32x8(hi, sc_b, sc_b)))
@@ -261,18 +291,23 @@ def _q5_k_sums(isa, w, off, xq, xo, bs, bo):
 
 
 @njit(inline="always")
+def _q4_k_sums(isa, w, off, xq, xo, bs, bo):
+    return _q45_k_sums(isa, w, off, xq, xo, bs, bo, q4_k_codes)
+
+
+@njit(inline="always")
+def _q5_k_sums(isa, w, off, xq, xo, bs, bo):
+    return _q45_k_sums(isa, w, off, xq, xo, bs, bo, q5_k_codes)
+
+
+@njit(inline="always")
 def _q6_k_sums(isa, w, off, xq, xo, bs, bo):
     isum = S.zero_i32x8()
     offset_sum = 0  # codes are stored + 32
     for h in range(2):
-        first = S.load_i8x32(w, off + 64 * h)
-        second = S.load_i8x32(w, off + 64 * h + 32)
-        high = S.load_i8x32(w, off + 128 + 32 * h)
         for r in range(4):
-            low = S.field_i8x32(first if r % 2 == 0 else second, 4 * (r // 2), 15)
-            codes = S.or_i8x32(low, S.shl_i8x32(S.field_i8x32(high, 2 * r, 3), 4))
-            j = 8 * h + 2 * r  # sub-blocks of 16
-            sc_a, sc_b = B.signed_byte(B.byte(w, off + 192 + j)), B.signed_byte(B.byte(w, off + 193 + j))
+            codes, sc_a, sc_b = q6_k_codes(w, off, h, r)
+            j = 8 * h + 2 * r
             dot = S.dot_u8i8x32(isa, codes, S.load_i8x32(xq, xo + 128 * h + 32 * r))
             isum = S.add_i32x8(isum, S.scale_i32x8(dot, sc_a, sc_b))
             offset_sum += sc_a * bs[bo + j] + sc_b * bs[bo + j + 1]
@@ -283,14 +318,10 @@ def _q6_k_sums(isa, w, off, xq, xo, bs, bo):
 def _q3_k_sums(isa, w, off, xq, xo, bs, bo):
     isum = S.zero_i32x8()
     offset_sum = 0  # codes are stored + 4
-    hmask = S.load_i8x32(w, off)
     for h in range(2):
-        packed = S.load_i8x32(w, off + 32 + 32 * h)
         for r in range(4):
-            high_bit = S.shl_i8x32(S.field_i8x32(hmask, 4 * h + r, 1), 2)
-            codes = S.or_i8x32(S.field_i8x32(packed, 2 * r, 3), high_bit)
+            codes, sc_a, sc_b = q3_k_codes(w, off, h, r)
             j = 8 * h + 2 * r
-            sc_a, sc_b = B.q3_k_scale(w, off + 96, j), B.q3_k_scale(w, off + 96, j + 1)
             dot = S.dot_u8i8x32(isa, codes, S.load_i8x32(xq, xo + 128 * h + 32 * r))
             isum = S.add_i32x8(isum, S.scale_i32x8(dot, sc_a, sc_b))
             offset_sum += sc_a * bs[bo + j] + sc_b * bs[bo + j + 1]
@@ -302,11 +333,10 @@ def _q2_k_sums(isa, w, off, xq, xo, bs, bo):
     isum = S.zero_i32x8()
     mins = 0
     for h in range(2):
-        packed = S.load_i8x32(w, off + 16 + 32 * h)
         for r in range(4):
+            codes, sa, sb = q2_k_codes(w, off, h, r)
             j = 8 * h + 2 * r
-            sa, sb = B.byte(w, off + j), B.byte(w, off + j + 1)  # low nibble scale, high nibble min
-            dot = S.dot_u8i8x32(isa, S.field_i8x32(packed, 2 * r, 3), S.load_i8x32(xq, xo + 128 * h + 32 * r))
+            dot = S.dot_u8i8x32(isa, codes, S.load_i8x32(xq, xo + 128 * h + 32 * r))
             isum = S.add_i32x8(isum, S.scale_i32x8(dot, sa & 0x0F, sb & 0x0F))
             mins += (sa >> 4) * bs[bo + j] + (sb >> 4) * bs[bo + j + 1]
     return isum, mins
