@@ -16,14 +16,13 @@ logits by ~0.1, so the order is worth keeping.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
 from llmx.quant.cpu import simd as S
 
-# ggml_v_expf (AVX2): exp(x) = 2^n * (1 + p(b)) with n = round(x / ln 2), b = x - n ln 2.
+# ggml_v_expf (AVX2): exp(x) = 2^n * (1 + p(b)) with n = round(x / ln 2), b = x - n ln 2;
+# `simd.ggml_expf_f32x8` computes it on 8 lanes from these constants.
 _SHIFT = np.float32(float.fromhex("0x1.8p23"))
 _LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
 _LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
@@ -33,23 +32,6 @@ _C2 = np.float32(float.fromhex("0x1.fffdb6p-2"))
 _C3 = np.float32(float.fromhex("0x1.555e66p-3"))
 _C4 = np.float32(float.fromhex("0x1.573e2ep-5"))
 _C5 = np.float32(float.fromhex("0x1.0e4020p-7"))
-_ZERO = np.float32(0.0)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def vector_exp(x):
-    """ggml_v_expf for x <= 0 (softmax inputs); below ~-87 the result is 0 where ggml's is a
-    denormal that float16 rounding turns into 0 anyway. One lane of `simd.ggml_expf_f32x8`,
-    which the softmax runs (tests hold the two equal bit for bit)."""
-    z = S.fma_f32(x, _LOG2E, _SHIFT)
-    n = z - _SHIFT
-    if n < -126:
-        return _ZERO
-    b = S.fma_f32(-n, _LN2_LO, S.fma_f32(-n, _LN2_HI, x))
-    u = b * b
-    j = S.fma_f32(S.fma_f32(S.fma_f32(_C5, b, _C4), u, S.fma_f32(_C3, b, _C2)), u, _C1 * b)
-    k = np.float32(math.ldexp(1.0, int(n)))  # 2^n, as ggml builds it from z's bits
-    return S.fma_f32(j, k, k)
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -448,7 +448,7 @@ def sub_scaled_f32x8(typingctx, acc, scale, ints):
 
 @intrinsic
 def ggml_expf_f32x8(typingctx, x, c):
-    """ggml_v_expf (AVX2) on 8 lanes of x <= 0, as `attention.vector_exp` computes one: c holds its
+    """ggml_v_expf (AVX2) on 8 lanes of x <= 0 (softmax inputs): c holds its
     constants (shift, log2e, ln2 hi, ln2 lo, c1..c5). Lanes whose 2^n would be below 2^-126 give 0."""
     sig = F32x8(F32x8, types.UniTuple(types.float32, 9))
 
