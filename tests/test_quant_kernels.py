@@ -8,12 +8,13 @@ import subprocess
 import sys
 import textwrap
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 import pytest
 
 from llmx.quant import activations as reference_activations
-from llmx.quant.cpu import activations, simd
+from llmx.quant.cpu import activations, linear, simd
 from llmx.quant.cpu import matmul as kernels
 from llmx.quant.cpu.linear import SUPPORTED, matmul
 from llmx.quant.formats import dequantize, quantize
@@ -71,6 +72,27 @@ def test_vnni_and_avx2_kernels_give_the_same_bits(weights, qtype):
     for n_tok in (1, 5):
         x = np.random.default_rng(n_tok).standard_normal((n_tok, K)).astype(np.float32)
         assert np.array_equal(matmul(x, w, qtype, isa=simd.host_isa()), matmul(x, w, qtype, isa=simd.AVX2))
+
+
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q5_0], ids=lambda q: q.name)
+def test_avx512_pair_kernels_equal_256_bit_kernels_bit_for_bit(weights, qtype, monkeypatch):
+    """Two tokens per 512-bit register (`pairmatmul`), odd token counts padded: the same bits as
+    the 256-bit VNNI kernels, token by token. Hosts without AVX-512 run the 256-bit kernels both
+    times (and must still agree)."""
+    w = quantize(weights, qtype)
+    for n_tok in (2, 3, 4, 7, 16):
+        x = np.random.default_rng(n_tok).standard_normal((n_tok, K)).astype(np.float32)
+        paired = matmul(x, w, qtype)
+        monkeypatch.setattr(linear, "PAIRED_MIN_TOKENS", 10**9)
+        assert np.array_equal(paired, matmul(x, w, qtype)), n_tok
+        monkeypatch.undo()
+
+
+def test_avx512_pair_kernels_run_where_the_cpu_has_avx512():
+    features = llvm.get_host_cpu_features()
+    expected = simd.host_isa() is simd.VNNI and all(
+        features.get(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+    assert simd.has_avx512_pairs() == expected
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
@@ -131,7 +153,7 @@ CACHE_PROBE = textwrap.dedent("""
     import json, time
     start = time.perf_counter()
     import numpy as np
-    from llmx.quant.cpu import activations, dequantize, kmatmul, matmul as kernels, simd
+    from llmx.quant.cpu import activations, dequantize, kmatmul, matmul as kernels, pairmatmul, simd
     from llmx.quant.cpu.linear import SUPPORTED, matmul
     from llmx.quant.formats import quantize
     from llmx.quant.qtypes import QType
@@ -142,7 +164,7 @@ CACHE_PROBE = textwrap.dedent("""
         for isa in isas:
             for n_tok in (1, 2):  # one token, and several (k-quants: the decode-once kernels)
                 matmul(np.ones((n_tok, 256), np.float32), w, qtype, isa=isa)
-    dispatchers = [f for mod in (kernels, kmatmul, activations, dequantize) for f in vars(mod).values()
+    dispatchers = [f for mod in (kernels, kmatmul, pairmatmul, activations, dequantize) for f in vars(mod).values()
                    if hasattr(f, "stats") and hasattr(f, "py_func")]
     misses = {d.py_func.__name__: sum(d.stats.cache_misses.values()) for d in dispatchers}
     hits = sum(sum(d.stats.cache_hits.values()) for d in dispatchers)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from llmx.quant.cpu import activations, kmatmul
+from llmx.quant.cpu import activations, kmatmul, pairmatmul
 from llmx.quant.cpu import matmul as kernels
-from llmx.quant.cpu.simd import CHUNK_ORDER, VNNI, host_isa
+from llmx.quant.cpu.simd import CHUNK_ORDER, VNNI, has_avx512_pairs, host_isa
 from llmx.quant.qtypes import QType
 
 # weight type -> (activation quantizer, kernel)
@@ -35,6 +35,10 @@ _DECODE_ONCE = {
     QType.Q6_K: kmatmul.kmatmul_q6_k,
 }
 DECODE_ONCE_MIN_TOKENS = 2  # from two tokens on, decoding each row once beats decoding it per token
+# weight type -> kernel for several tokens on AVX-512 (two tokens per register; see `pairmatmul`)
+_PAIRED = {QType.Q8_0: pairmatmul.pairmatmul_q8_0, QType.Q4_0: pairmatmul.pairmatmul_q4_0,
+           QType.Q5_0: pairmatmul.pairmatmul_q5_0}
+PAIRED_MIN_TOKENS = 2
 # weight type -> (how ggml rounds the activations first, kernel)
 _FLOAT = {
     QType.F32: (None, kernels.matmul_f32),
@@ -73,6 +77,9 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
         _DECODE_ONCE[qtype](ordered.reshape(-1), scales, sums[0].astype(np.int16).reshape(-1),
                             w.reshape(-1), row_bytes, m, out, isa)
         return out
+    if qtype in _PAIRED and x.shape[0] >= PAIRED_MIN_TOKENS and isa is VNNI and has_avx512_pairs():
+        _paired(qtype, codes, scales, w, out)
+        return out
     if qtype in _CODE_OFFSET:  # -offset x the activations' sums per 4 values: int32 [n_tok, nb * 8]
         n_tok, k = codes.shape
         sums = [codes.reshape(n_tok, k // 4, 4).sum(axis=2, dtype=np.int32) * np.int32(-_CODE_OFFSET[qtype])]
@@ -80,3 +87,13 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
         codes, kernel = codes.view(np.uint8) ^ np.uint8(0x80), kernels.matmul_q8_0_unsigned
     kernel(codes.reshape(-1), scales, sums[0] if sums else _NO_SUMS, w.reshape(-1), row_bytes, m, out, isa)
     return out
+
+
+def _paired(qtype: QType, codes: np.ndarray, scales: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """The AVX-512 kernel for Q8_0/Q4_0/Q5_0: activations as x + 128 in `pairmatmul`'s pair layout."""
+    n_tok, k = codes.shape
+    nb = k // 32
+    unsigned = codes.reshape(n_tok, nb, 32).view(np.uint8) ^ np.uint8(0x80)
+    xd = pairmatmul.pair_layout(scales.reshape(n_tok, nb, 1))
+    m, row_bytes = w.shape
+    _PAIRED[qtype](pairmatmul.pair_layout(unsigned), xd, w.reshape(-1), row_bytes, m, n_tok, out)

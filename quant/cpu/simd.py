@@ -829,3 +829,139 @@ def f16_bits(typingctx, value):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
 
     return types.uint16(types.float32), codegen
+
+
+# -- 512-bit vectors (AVX-512 hosts; `pairmatmul`) -----------------------------------------------
+# Two tokens side by side: lanes 0..7 of a 16 x i32 / f32 belong to one token, 8..15 to the next,
+# each half laid out exactly as the 8-lane vectors above.
+
+I8x64 = Vec(types.int8, 64)
+I32x16 = Vec(types.int32, 16)
+F32x16 = Vec(types.float32, 16)
+_V64I8, _V16F32 = ir.VectorType(_I8, 64), ir.VectorType(_F32, 16)
+
+
+def has_avx512_pairs() -> bool:
+    """Whether this CPU runs `pairmatmul` (AVX-512 with VNNI, byte/word and 256-bit forms)."""
+    return host_isa() is VNNI and all(_host_has(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+
+
+def _load_vec(vector_type):
+    @intrinsic
+    def load(typingctx, array, byte_offset):
+        def codegen(context, builder, signature, args):
+            offset = context.cast(builder, args[1], signature.args[1], types.intp)
+            return builder.load(_pointer(context, builder, signature.args[0], args[0], offset, vector_type), align=1)
+
+        vec = {_V64I8: I8x64, _V16I32: I32x16, _V16F32: F32x16}[vector_type]
+        return vec(array, types.intp), codegen
+
+    return load
+
+
+load_i8x64 = _load_vec(_V64I8)
+load_i32x16 = _load_vec(_V16I32)
+load_f32x16 = _load_vec(_V16F32)
+
+
+def _store_vec(vector_type):
+    @intrinsic
+    def store(typingctx, array, byte_offset, v):
+        def codegen(context, builder, signature, args):
+            offset = context.cast(builder, args[1], signature.args[1], types.intp)
+            builder.store(args[2], _pointer(context, builder, signature.args[0], args[0], offset, vector_type), align=1)
+            return context.get_dummy_value()
+
+        return types.void(array, types.intp, {_V32I8: I8x32, _V8I32: I32x8}[vector_type]), codegen
+
+    return store
+
+
+store_i8x32 = _store_vec(_V32I8)
+store_i32x8 = _store_vec(_V8I32)
+
+
+def _load_twice(vector_type):
+    """Load a 256-bit vector into both halves of a 512-bit one (one `vbroadcasti64x4`): one weight
+    block facing two tokens."""
+    count = vector_type.count
+
+    @intrinsic
+    def load_twice(typingctx, array, byte_offset):
+        def codegen(context, builder, signature, args):
+            offset = context.cast(builder, args[1], signature.args[1], types.intp)
+            half = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, vector_type), align=1)
+            return _shuffle(builder, half, [i % count for i in range(2 * count)])
+
+        return {_V32I8: I8x64, _V8I32: I32x16}[vector_type](array, types.intp), codegen
+
+    return load_twice
+
+
+load_twice_i8x64 = _load_twice(_V32I8)
+load_twice_i32x16 = _load_twice(_V8I32)
+
+
+@intrinsic
+def load_pair_f32x16(typingctx, array, byte_offset):
+    """Two float32 a, b at `byte_offset` -> [a x8, b x8]: one scale per token of a pair."""
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        two = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, ir.VectorType(_F32, 2)),
+                           align=1)
+        return _shuffle(builder, two, [0] * 8 + [1] * 8)
+
+    return F32x16(array, types.intp), codegen
+
+
+@intrinsic
+def dot_u8i8_acc_i32x16(typingctx, acc, u, s):
+    """`dot_u8i8_acc_i32x8` on both halves at once: one 512-bit `vpdpbusd`."""
+    def codegen(context, builder, signature, args):
+        total, u_v, s_v = args
+        words = [builder.bitcast(u_v, _V16I32), builder.bitcast(s_v, _V16I32)]
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
+
+    return I32x16(I32x16, I8x64, I8x64), codegen
+
+
+@intrinsic
+def scale_f32x16(typingctx, v, factor):
+    """v * factor, each product rounded to float32 as the scalar product would be."""
+    def codegen(context, builder, signature, args):
+        return builder.fmul(args[0], _splat(builder, args[1], _V16F32))
+
+    return F32x16(F32x16, types.float32), codegen
+
+
+@intrinsic
+def fma_f32x16(typingctx, acc, v, scale):
+    """acc + float(v) * scale, lane by lane (`fma_f32x8` with a scale per lane)."""
+    def codegen(context, builder, signature, args):
+        total, ints, factors = args
+        return _call(builder, "llvm.fmuladd.v16f32", _V16F32, [builder.sitofp(ints, _V16F32), factors, total])
+
+    return F32x16(F32x16, I32x16, F32x16), codegen
+
+
+@intrinsic
+def zero_f32x16(typingctx):
+    def codegen(context, builder, signature, args):
+        return _const_vec(_V16F32, 0.0)
+
+    return F32x16(), codegen
+
+
+def _half(first):
+    @intrinsic
+    def half(typingctx, v):
+        def codegen(context, builder, signature, args):
+            return _shuffle(builder, args[0], range(first, first + 8))
+
+        return F32x8(F32x16), codegen
+
+    return half
+
+
+low_f32x8 = _half(0)  # lanes 0..7: the first token's share
+high_f32x8 = _half(8)  # lanes 8..15: the second's

@@ -1,0 +1,171 @@
+"""Q8_0, Q4_0 and Q5_0 matmuls for several tokens on AVX-512: two tokens per 512-bit register,
+with the same result, bit for bit, as the 256-bit kernels (`matmul`).
+
+Per (row, token, block) the 256-bit kernels issue four vector operations (the byte dot, the
+int -> float conversion, the scale product and the FMA), all on the two FMA ports: that, not
+memory, bounds them from a few tokens on. Here each operation covers two tokens at once. A group
+of 4 weight rows is first decoded into an L1-sized scratch (signed codes, -128 x their sums per
+lane, float32 scales), then each decoded block is loaded into both halves of a 512-bit register
+and dotted with the activation blocks of tokens 2p and 2p + 1, which the caller lays side by side,
+as x + 128 (unsigned). Each half of every vector holds what the 256-bit kernel's vector holds for
+its token, lane for lane: the same integers, the same float steps in the same order (llama.cpp's:
+acc = fma(float(lane dot), dw * dx, acc), then the 8-lane sum).
+
+Kernel arguments (the pair layout: pair p = tokens 2p and 2p + 1, an odd count padded with zeros):
+    xq  uint8 [n_pairs * nb * 64]     activation codes + 128 of block b: token 2p's 32, then 2p + 1's
+    xd  float32 [n_pairs * nb * 2]    the activation block scales of tokens 2p, 2p + 1
+    w   uint8 [m * row_bytes]         the weight rows, flattened
+    out float32 [n_tok, m]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from llmx.quant.cpu import simd as S
+from llmx.quant.cpu.kmatmul import CHUNKS
+from llmx.quant.cpu.matmul import GROUP, _prefetch_group, _row_offsets, _store4
+
+PAIR_BYTES = 64  # activation bytes per (pair, block)
+
+
+# -- decoders: block b of row r -> the row group's scratch -----------------------------------------
+#   codes  int8 [4 * nb * 32]     the weights (codes less their offset: 8 for Q4_0, 16 for Q5_0)
+#   starts int32 [4 * nb * 8]     -128 x their sums per lane (4 values): where the dot starts
+#   dw     float32 [4 * nb]       the block scale
+# (at index i = r * nb + b: bytes 32 i, 32 i, element i)
+
+
+@njit(inline="always")
+def _store_block(codes, starts, i, signed):
+    S.store_i8x32(codes, 32 * i, signed)
+    S.store_i32x8(starts, 32 * i, S.neg_sums128_i32x8(signed))
+
+
+@njit(inline="always")
+def _decode_q4_0(w, off, codes, starts, dw, i):
+    dw[i] = S.load_f16(w, off)
+    _store_block(codes, starts, i, S.add_i8x32(S.load_nibbles_i8x32(w, off + 2), -8))
+
+
+@njit(inline="always")
+def _decode_q5_0(w, off, codes, starts, dw, i):
+    dw[i] = S.load_f16(w, off)
+    stored = S.or_i8x32(S.load_nibbles_i8x32(w, off + 6), S.bits_i8x32(S.load_u32(w, off + 2), 16))
+    _store_block(codes, starts, i, S.add_i8x32(stored, -16))
+
+
+@njit(inline="always")
+def _decode_q8_0(w, off, codes, starts, dw, i):
+    dw[i] = S.load_f16(w, off)
+    _store_block(codes, starts, i, S.load_i8x32(w, off + 2))
+
+
+@njit(inline="always")
+def _decode_group(decode, w, offsets, nb, block_bytes, codes, starts, dw):
+    for r in range(GROUP):  # row by row: one stream for the hardware prefetcher
+        for b in range(nb):
+            decode(w, offsets[r] + b * block_bytes, codes, starts, dw, r * nb + b)
+
+
+@njit(inline="always")
+def _step(codes, starts, dw, i, xq, xd, at, acc):
+    """acc + float(the lane dots of decoded block i with a pair's activation blocks) x (dw x dx).
+    The activations are x + 128 (unsigned), so the dot starts from -128 x the weight sums: the
+    integers of the signed dot, which the 256-bit kernels take by other means."""
+    dot = S.dot_u8i8_acc_i32x16(S.load_twice_i32x16(starts, 32 * i), S.load_i8x64(xq, at),
+                                S.load_twice_i8x64(codes, 32 * i))
+    return S.fma_f32x16(acc, dot, S.scale_f32x16(S.load_pair_f32x16(xd, at // 8), dw[i]))
+
+
+# -- tiles: 4 rows x 2 pairs, and 4 rows x 1 pair for the last odd pair ---------------------------
+
+
+@njit(inline="always")
+def _store_pair(out, t, r0, m, n_tok, a0, a1, a2, a3):
+    lo, hi = S.low_f32x8, S.high_f32x8
+    h = S.hsum_f32x8
+    _store4(out, t, r0, m, h(lo(a0)), h(lo(a1)), h(lo(a2)), h(lo(a3)))
+    if t + 1 < n_tok:
+        _store4(out, t + 1, r0, m, h(hi(a0)), h(hi(a1)), h(hi(a2)), h(hi(a3)))
+
+
+@njit(inline="always")
+def _tile_2(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok):
+    z = S.zero_f32x16()
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
+    for b in range(nb):
+        if p == 0:  # the next row group's bytes, while this one computes (it decodes them next)
+            _prefetch_group(w, ahead, b, GROUP * block_bytes)
+        at0, at1 = (p * nb + b) * PAIR_BYTES, ((p + 1) * nb + b) * PAIR_BYTES
+        a00 = _step(codes, starts, dw, b, xq, xd, at0, a00)
+        a01 = _step(codes, starts, dw, b, xq, xd, at1, a01)
+        a10 = _step(codes, starts, dw, nb + b, xq, xd, at0, a10)
+        a11 = _step(codes, starts, dw, nb + b, xq, xd, at1, a11)
+        a20 = _step(codes, starts, dw, 2 * nb + b, xq, xd, at0, a20)
+        a21 = _step(codes, starts, dw, 2 * nb + b, xq, xd, at1, a21)
+        a30 = _step(codes, starts, dw, 3 * nb + b, xq, xd, at0, a30)
+        a31 = _step(codes, starts, dw, 3 * nb + b, xq, xd, at1, a31)
+    _store_pair(out, 2 * p, r0, m, n_tok, a00, a10, a20, a30)
+    _store_pair(out, 2 * p + 2, r0, m, n_tok, a01, a11, a21, a31)
+
+
+@njit(inline="always")
+def _tile_1(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok):
+    a0 = a1 = a2 = a3 = S.zero_f32x16()
+    for b in range(nb):
+        if p == 0:
+            _prefetch_group(w, ahead, b, GROUP * block_bytes)
+        at = (p * nb + b) * PAIR_BYTES
+        a0 = _step(codes, starts, dw, b, xq, xd, at, a0)
+        a1 = _step(codes, starts, dw, nb + b, xq, xd, at, a1)
+        a2 = _step(codes, starts, dw, 2 * nb + b, xq, xd, at, a2)
+        a3 = _step(codes, starts, dw, 3 * nb + b, xq, xd, at, a3)
+    _store_pair(out, 2 * p, r0, m, n_tok, a0, a1, a2, a3)
+
+
+@njit(inline="always")
+def _pairmatmul(xq, xd, w, row_bytes, m, n_tok, out, decode, block_bytes):
+    nb = row_bytes // block_bytes
+    n_pairs = (n_tok + 1) // 2
+    n_groups = (m + GROUP - 1) // GROUP
+    n_chunks = min(CHUNKS, n_groups)
+    for chunk in prange(n_chunks):
+        codes = np.empty(GROUP * nb * 32, np.uint8)
+        starts = np.empty(GROUP * nb * 8, np.int32)
+        dw = np.empty(GROUP * nb, np.float32)
+        for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
+            r0 = g * GROUP
+            ahead = (r0 + GROUP) * row_bytes
+            _decode_group(decode, w, _row_offsets(r0, m, row_bytes), nb, block_bytes, codes, starts, dw)
+            p = 0
+            while p + 2 <= n_pairs:
+                _tile_2(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok)
+                p += 2
+            if p < n_pairs:
+                _tile_1(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pairmatmul_q8_0(xq, xd, w, row_bytes, m, n_tok, out):
+    _pairmatmul(xq, xd, w, row_bytes, m, n_tok, out, _decode_q8_0, 34)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pairmatmul_q4_0(xq, xd, w, row_bytes, m, n_tok, out):
+    _pairmatmul(xq, xd, w, row_bytes, m, n_tok, out, _decode_q4_0, 18)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pairmatmul_q5_0(xq, xd, w, row_bytes, m, n_tok, out):
+    _pairmatmul(xq, xd, w, row_bytes, m, n_tok, out, _decode_q5_0, 22)
+
+
+def pair_layout(a: np.ndarray) -> np.ndarray:
+    """[n_tok, nb, L] -> flat [n_pairs, nb, 2, L]: block b of tokens 2p and 2p + 1 side by side
+    (an odd last token paired with zeros)."""
+    n_tok = a.shape[0]
+    padded = np.zeros((n_tok + n_tok % 2, *a.shape[1:]), a.dtype)
+    padded[:n_tok] = a
+    return np.ascontiguousarray(padded.reshape(-1, 2, *a.shape[1:]).swapaxes(1, 2)).reshape(-1)
