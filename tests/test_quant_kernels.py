@@ -74,16 +74,17 @@ def test_vnni_and_avx2_kernels_give_the_same_bits(weights, qtype):
         assert np.array_equal(matmul(x, w, qtype, isa=simd.host_isa()), matmul(x, w, qtype, isa=simd.AVX2))
 
 
-@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q5_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q5_0, *K_TYPES], ids=lambda q: q.name)
 def test_avx512_pair_kernels_equal_256_bit_kernels_bit_for_bit(weights, qtype, monkeypatch):
-    """Two tokens per 512-bit register (`pairmatmul`), odd token counts padded: the same bits as
-    the 256-bit VNNI kernels, token by token. Hosts without AVX-512 run the 256-bit kernels both
-    times (and must still agree)."""
+    """Two tokens per 512-bit register (`pairmatmul`, `kmatmul.pair_kmatmul_*`), odd token counts
+    padded: the same bits as the 256-bit VNNI kernels, token by token. Hosts without AVX-512 run
+    the 256-bit kernels both times (and must still agree)."""
     w = quantize(weights, qtype)
     for n_tok in (2, 3, 4, 7, 16):
-        x = np.random.default_rng(n_tok).standard_normal((n_tok, K)).astype(np.float32)
+        x = np.random.default_rng(n_tok).standard_normal((n_tok, K)).astype(np.float32) * 3
         paired = matmul(x, w, qtype)
         monkeypatch.setattr(linear, "PAIRED_MIN_TOKENS", 10**9)
+        monkeypatch.setattr(linear, "PAIRED_K_MIN_TOKENS", 10**9)
         assert np.array_equal(paired, matmul(x, w, qtype)), n_tok
         monkeypatch.undo()
 
@@ -162,7 +163,7 @@ CACHE_PROBE = textwrap.dedent("""
         w = quantize(np.ones((4, 256), np.float32), qtype)
         dequantize.dequantize(w, qtype)
         for isa in isas:
-            for n_tok in (1, 2):  # one token, and several (k-quants: the decode-once kernels)
+            for n_tok in (1, 2, 4):  # one token, and several (decode-once and pair kernels)
                 matmul(np.ones((n_tok, 256), np.float32), w, qtype, isa=isa)
     dispatchers = [f for mod in (kernels, kmatmul, pairmatmul, activations, dequantize) for f in vars(mod).values()
                    if hasattr(f, "stats") and hasattr(f, "py_func")]

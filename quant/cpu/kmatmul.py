@@ -179,6 +179,120 @@ def _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, decode, block_bytes):
                     _store4(out, t + 1, r0, m, h(f01) + c(k, 1), h(f11) + c(k, 3), h(f21) + c(k, 5), h(f31) + c(k, 7))
 
 
+# -- AVX-512: two tokens per 512-bit register ---------------------------------------------------
+# The same tile over pairs of tokens: each decoded weight vector is loaded into both halves of a
+# 512-bit register and dotted with two tokens' activations side by side (the caller's pair layout,
+# as in `pairmatmul`), so one `vpdpwssd` does the work of two. Each half holds what the 256-bit
+# tile's vector holds for its token, lane for lane: the same bits.
+#     x16p int16 [n_pairs * nb * 16 * 2 * 16]   16 values of token 2p, then 16 of 2p + 1, ...
+#     xdp  float32 [n_pairs * nb * 2]            the super-block scales of tokens 2p, 2p + 1
+
+
+@njit(inline="always")
+def _corrections(isa, extra, bs16, dc, b, nb, ta, tb, da, db, corr):
+    extras = S.hsum8_i32x8(
+        _extra_dot(isa, extra, bs16, 0, b, ta, nb), _extra_dot(isa, extra, bs16, 0, b, tb, nb),
+        _extra_dot(isa, extra, bs16, 1, b, ta, nb), _extra_dot(isa, extra, bs16, 1, b, tb, nb),
+        _extra_dot(isa, extra, bs16, 2, b, ta, nb), _extra_dot(isa, extra, bs16, 2, b, tb, nb),
+        _extra_dot(isa, extra, bs16, 3, b, ta, nb), _extra_dot(isa, extra, bs16, 3, b, tb, nb))
+    return S.sub_scaled_f32x8(corr, S.pair_scales_f32x8(dc, b * GROUP * 4, da, db), extras)
+
+
+@njit(inline="always")
+def _pair_tile(isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p0, p1, nb, n_tok):
+    """4 decoded rows x pairs p0, p1 -> 8 float32x16 sums (rows major, pair p0 first) and the two
+    pairs' corrections (8 lanes each: row r, token 2p + j at lane 2r + j)."""
+    k = nb * QK
+    z = S.zero_f32x16()
+    f00 = f01 = f10 = f11 = f20 = f21 = f30 = f31 = z
+    corr0 = corr1 = S.zero_f32x8()
+    t00, t01 = 2 * p0, min(2 * p0 + 1, n_tok - 1)
+    t10, t11 = 2 * p1, min(2 * p1 + 1, n_tok - 1)
+    for b in range(nb):
+        zi = S.zero_i32x16()
+        i00 = i01 = i10 = i11 = i20 = i21 = i30 = i31 = zi
+        xa, xb = (p0 * nb + b) * 16 * 64, (p1 * nb + b) * 16 * 64
+        wo = b * QK * 2
+        for c in range(16):  # 16 values of each token per step
+            va, vb = S.load_i16x32(x16p, xa + 64 * c), S.load_i16x32(x16p, xb + 64 * c)
+            w0 = S.load_twice_i16x32(w16, wo + 32 * c)
+            w1 = S.load_twice_i16x32(w16, wo + 2 * k + 32 * c)
+            w2 = S.load_twice_i16x32(w16, wo + 4 * k + 32 * c)
+            w3 = S.load_twice_i16x32(w16, wo + 6 * k + 32 * c)
+            i00, i01 = S.dot_i16x32(i00, w0, va), S.dot_i16x32(i01, w0, vb)
+            i10, i11 = S.dot_i16x32(i10, w1, va), S.dot_i16x32(i11, w1, vb)
+            i20, i21 = S.dot_i16x32(i20, w2, va), S.dot_i16x32(i21, w2, vb)
+            i30, i31 = S.dot_i16x32(i30, w3, va), S.dot_i16x32(i31, w3, vb)
+        sa, sb = S.load_pair_f32x16(xdp, (p0 * nb + b) * 8), S.load_pair_f32x16(xdp, (p1 * nb + b) * 8)
+        s = b * GROUP
+        f00, f01 = S.fma_f32x16(f00, i00, S.scale_f32x16(sa, d[s])), S.fma_f32x16(f01, i01, S.scale_f32x16(sb, d[s]))
+        f10 = S.fma_f32x16(f10, i10, S.scale_f32x16(sa, d[s + 1]))
+        f11 = S.fma_f32x16(f11, i11, S.scale_f32x16(sb, d[s + 1]))
+        f20 = S.fma_f32x16(f20, i20, S.scale_f32x16(sa, d[s + 2]))
+        f21 = S.fma_f32x16(f21, i21, S.scale_f32x16(sb, d[s + 2]))
+        f30 = S.fma_f32x16(f30, i30, S.scale_f32x16(sa, d[s + 3]))
+        f31 = S.fma_f32x16(f31, i31, S.scale_f32x16(sb, d[s + 3]))
+        corr0 = _corrections(isa, extra, bs16, dc, b, nb, t00, t01, xd[t00, b], xd[t01, b], corr0)
+        corr1 = _corrections(isa, extra, bs16, dc, b, nb, t10, t11, xd[t10, b], xd[t11, b], corr1)
+    return f00, f01, f10, f11, f20, f21, f30, f31, corr0, corr1
+
+
+@njit(inline="always")
+def _store_pair(out, t, r0, m, n_tok, f0, f1, f2, f3, k):
+    h, c, lo, hi = S.hsum_f32x8, S.lane_f32x8, S.low_f32x8, S.high_f32x8
+    _store4(out, t, r0, m, h(lo(f0)) + c(k, 0), h(lo(f1)) + c(k, 2), h(lo(f2)) + c(k, 4), h(lo(f3)) + c(k, 6))
+    if t + 1 < n_tok:
+        _store4(out, t + 1, r0, m, h(hi(f0)) + c(k, 1), h(hi(f1)) + c(k, 3), h(hi(f2)) + c(k, 5), h(hi(f3)) + c(k, 7))
+
+
+@njit(inline="always")
+def _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, decode, block_bytes):
+    n_tok, nb = xd.shape
+    n_pairs = (n_tok + 1) // 2
+    n_groups = (m + GROUP - 1) // GROUP
+    n_chunks = min(CHUNKS, n_groups)
+    for chunk in prange(n_chunks):
+        w16 = np.empty(GROUP * nb * QK, np.int16)
+        extra = np.empty(GROUP * nb * 16, np.int16)
+        d = np.empty(GROUP * nb, np.float32)
+        dc = np.empty(GROUP * nb, np.float32)
+        for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
+            r0 = g * GROUP
+            _decode_group(decode, w, _row_offsets(r0, m, row_bytes), nb, block_bytes, w16, extra, d, dc)
+            for p in range(0, n_pairs, 2):
+                p1 = min(p + 1, n_pairs - 1)
+                f00, f01, f10, f11, f20, f21, f30, f31, k0, k1 = _pair_tile(
+                    isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p, p1, nb, n_tok)
+                _store_pair(out, 2 * p, r0, m, n_tok, f00, f10, f20, f30, k0)
+                if p + 1 < n_pairs:
+                    _store_pair(out, 2 * p + 2, r0, m, n_tok, f01, f11, f21, f31, k1)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pair_kmatmul_q2_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
+    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q2_k, 84)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pair_kmatmul_q3_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
+    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q3_k, 110)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pair_kmatmul_q4_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
+    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q4_k, 144)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pair_kmatmul_q5_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
+    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q5_k, 176)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def pair_kmatmul_q6_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
+    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q6_k, 210)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def kmatmul_q2_k(x16, xd, bs16, w, row_bytes, m, out, isa):
     _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, _decode_q2_k, 84)

@@ -35,10 +35,19 @@ _DECODE_ONCE = {
     QType.Q6_K: kmatmul.kmatmul_q6_k,
 }
 DECODE_ONCE_MIN_TOKENS = 2  # from two tokens on, decoding each row once beats decoding it per token
+# ... and on AVX-512, two tokens per register (`kmatmul.pair_kmatmul_*`), from two pairs on
+_DECODE_ONCE_PAIRED = {
+    QType.Q2_K: kmatmul.pair_kmatmul_q2_k,
+    QType.Q3_K: kmatmul.pair_kmatmul_q3_k,
+    QType.Q4_K: kmatmul.pair_kmatmul_q4_k,
+    QType.Q5_K: kmatmul.pair_kmatmul_q5_k,
+    QType.Q6_K: kmatmul.pair_kmatmul_q6_k,
+}
 # weight type -> kernel for several tokens on AVX-512 (two tokens per register; see `pairmatmul`)
 _PAIRED = {QType.Q8_0: pairmatmul.pairmatmul_q8_0, QType.Q4_0: pairmatmul.pairmatmul_q4_0,
            QType.Q5_0: pairmatmul.pairmatmul_q5_0}
-PAIRED_MIN_TOKENS = 2
+PAIRED_MIN_TOKENS = 2  # Q8_0/Q4_0/Q5_0
+PAIRED_K_MIN_TOKENS = 4  # k-quants
 # weight type -> (how ggml rounds the activations first, kernel)
 _FLOAT = {
     QType.F32: (None, kernels.matmul_f32),
@@ -74,8 +83,13 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
     if qtype in _DECODE_ONCE and x.shape[0] >= DECODE_ONCE_MIN_TOKENS:
         n_tok, k = codes.shape
         ordered = codes.reshape(n_tok, k // 32, 32)[:, :, _CHUNK_ORDER].astype(np.int16)  # [n_tok, k / 32, 32]
-        _DECODE_ONCE[qtype](ordered.reshape(-1), scales, sums[0].astype(np.int16).reshape(-1),
-                            w.reshape(-1), row_bytes, m, out, isa)
+        sums16 = sums[0].astype(np.int16).reshape(-1)
+        if n_tok >= PAIRED_K_MIN_TOKENS and isa is VNNI and has_avx512_pairs():
+            x16p = pairmatmul.pair_layout(ordered.reshape(n_tok, k // 16, 16))
+            xdp = pairmatmul.pair_layout(scales.reshape(*scales.shape, 1))
+            _DECODE_ONCE_PAIRED[qtype](x16p, xdp, scales, sums16, w.reshape(-1), row_bytes, m, out, isa)
+            return out
+        _DECODE_ONCE[qtype](ordered.reshape(-1), scales, sums16, w.reshape(-1), row_bytes, m, out, isa)
         return out
     if qtype in _PAIRED and x.shape[0] >= PAIRED_MIN_TOKENS and isa is VNNI and has_avx512_pairs():
         _paired(qtype, codes, scales, w, out)

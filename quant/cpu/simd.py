@@ -836,6 +836,7 @@ def f16_bits(typingctx, value):
 # each half laid out exactly as the 8-lane vectors above.
 
 I8x64 = Vec(types.int8, 64)
+I16x32 = Vec(types.int16, 32)
 I32x16 = Vec(types.int32, 16)
 F32x16 = Vec(types.float32, 16)
 _V64I8, _V16F32 = ir.VectorType(_I8, 64), ir.VectorType(_F32, 16)
@@ -853,7 +854,7 @@ def _load_vec(vector_type):
             offset = context.cast(builder, args[1], signature.args[1], types.intp)
             return builder.load(_pointer(context, builder, signature.args[0], args[0], offset, vector_type), align=1)
 
-        vec = {_V64I8: I8x64, _V16I32: I32x16, _V16F32: F32x16}[vector_type]
+        vec = {_V64I8: I8x64, _V16I32: I32x16, _V16F32: F32x16, _V32I16: I16x32}[vector_type]
         return vec(array, types.intp), codegen
 
     return load
@@ -862,6 +863,7 @@ def _load_vec(vector_type):
 load_i8x64 = _load_vec(_V64I8)
 load_i32x16 = _load_vec(_V16I32)
 load_f32x16 = _load_vec(_V16F32)
+load_i16x32 = _load_vec(_V32I16)
 
 
 def _store_vec(vector_type):
@@ -893,13 +895,14 @@ def _load_twice(vector_type):
             half = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, vector_type), align=1)
             return _shuffle(builder, half, [i % count for i in range(2 * count)])
 
-        return {_V32I8: I8x64, _V8I32: I32x16}[vector_type](array, types.intp), codegen
+        return {_V32I8: I8x64, _V8I32: I32x16, _V16I16: I16x32}[vector_type](array, types.intp), codegen
 
     return load_twice
 
 
 load_twice_i8x64 = _load_twice(_V32I8)
 load_twice_i32x16 = _load_twice(_V8I32)
+load_twice_i16x32 = _load_twice(_V16I16)
 
 
 @intrinsic
@@ -923,6 +926,26 @@ def dot_u8i8_acc_i32x16(typingctx, acc, u, s):
         return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
 
     return I32x16(I32x16, I8x64, I8x64), codegen
+
+
+@intrinsic
+def dot_i16x32(typingctx, acc, a, b):
+    """`dot_i16x16` on both halves at once: one 512-bit `vpdpwssd` (inline asm, as there)."""
+    def codegen(context, builder, signature, args):
+        total, a_v, b_v = args
+        asm_type = ir.FunctionType(_V16I32, [_V16I32, _V16I32, _V16I32])
+        fused = ir.InlineAsm(asm_type, "vpdpwssd $2, $1, $0", "=v,v,v,0")
+        return builder.call(fused, [builder.bitcast(a_v, _V16I32), builder.bitcast(b_v, _V16I32), total])
+
+    return I32x16(I32x16, I16x32, I16x32), codegen
+
+
+@intrinsic
+def zero_i32x16(typingctx):
+    def codegen(context, builder, signature, args):
+        return _const_vec(_V16I32, 0)
+
+    return I32x16(), codegen
 
 
 @intrinsic
