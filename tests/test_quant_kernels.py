@@ -80,7 +80,7 @@ def test_avx512_pair_kernels_equal_256_bit_kernels_bit_for_bit(weights, qtype, m
     padded: the same bits as the 256-bit VNNI kernels, token by token. Hosts without AVX-512 run
     the 256-bit kernels both times (and must still agree)."""
     w = quantize(weights, qtype)
-    for n_tok in (2, 3, 4, 7, 16):
+    for n_tok in (2, 3, 4, 7, 16, 133):  # 133: more than one block of pairs (kmatmul.PAIR_BLOCK)
         x = np.random.default_rng(n_tok).standard_normal((n_tok, K)).astype(np.float32) * 3
         paired = matmul(x, w, qtype)
         monkeypatch.setattr(linear, "PAIRED_MIN_TOKENS", 10**9)
