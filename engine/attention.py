@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from llmx.quant.cpu import simd as S
+from llmx.quant.cpu.activations import round_to_f16
 
 # ggml_v_expf (AVX2): exp(x) = 2^n * (1 + p(b)) with n = round(x / ln 2), b = x - n ln 2;
 # `simd.ggml_expf_f32x8` computes it on 8 lanes from these constants.
@@ -127,22 +128,27 @@ PAD = 8  # scores arrays run this far past `last`: softmax reads and writes whol
 def softmax_f16(scores, first, last):
     """In place over scores[first..last]: probabilities, rounded to float16 as ggml feeds them to V.
     Groups of 8 from a multiple of 8 (ggml's row starts at cell 0; cells outside [first, last]
-    are masked to exp = 0), each summed in tinyBLAS/ggml's tree then added in double. `scores`
-    must have PAD cells past `last`."""
-    top = scores[first]
-    for j in range(first + 1, last + 1):
-        top = max(top, scores[j])
+    are masked to exp = 0, and left 0), each summed in tinyBLAS/ggml's tree then added in double.
+    `scores` must have PAD cells past `last`."""
     raw = scores.view(np.uint8)
+    start = first - first % 8
+    lowest = np.float32(-np.inf)
+    tops = S.splat_f32x8(lowest)
+    for at in range(start, last + 1, 8):
+        tops = S.max_f32x8(tops, S.keep_lanes_f32x8(S.load_f32x8(raw, 4 * at), at, first, last, lowest))
+    top = S.lane_f32x8(tops, 0)
+    for i in range(1, 8):
+        top = max(top, S.lane_f32x8(tops, i))
     shift = S.splat_f32x8(top)
     total = 0.0
-    for start in range(first - first % 8, last + 1, 8):
-        e = S.ggml_expf_f32x8(S.sub_f32x8(S.load_f32x8(raw, 4 * start), shift), _EXP_CONSTANTS)
-        e = S.keep_lanes_f32x8(e, start, first, last)
-        S.store_f32x8(raw, 4 * start, e)
+    for at in range(start, last + 1, 8):
+        e = S.ggml_expf_f32x8(S.sub_f32x8(S.load_f32x8(raw, 4 * at), shift), _EXP_CONSTANTS)
+        e = S.keep_lanes_f32x8(e, at, first, last, np.float32(0))
+        S.store_f32x8(raw, 4 * at, e)
         total += np.float64(S.hsum_f32x8(e))
-    inverse = np.float32(1.0 / total)
-    for j in range(first, last + 1):
-        scores[j] = S.round_f16(scores[j] * inverse)
+    inverse = S.splat_f32x8(np.float32(1.0 / total))
+    for at in range(start, last + 1, 8):  # (the masked lanes stay 0)
+        S.store_f32x8(raw, 4 * at, S.round_f16_f32x8(S.mul_f32x8(S.load_f32x8(raw, 4 * at), inverse)))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -206,6 +212,130 @@ def _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_hea
             out[t, h0 + g, i] = sum8_tree(acc[g, :, i])
 
 
+# -- AVX-512: the quad path with two heads per 512-bit register -----------------------------------
+# The same arithmetic as `_attend_heads_4`, bit for bit: q.k keeps one 8-lane chain per (head, key)
+# (two heads' chains side by side in a register, four keys at once: eight chains in flight); the
+# V product keeps lane j % 8's sums for 16 output values of two heads in 16 registers instead of
+# rows in memory, and reduces them with sum8_tree's adds, vector by vector.
+#     q2     float32 [n, n_head / 2, d / 8, 2, 8]   queries, heads 2i and 2i + 1 interleaved by 8
+#     cells  int64 [span]                            (cell of position j) x n_head_kv, for this row's
+#                                                    sequence; past its last row, its last cell again
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dot_quad_4keys(q2, q_at, pair_bytes, pool, k0, k1, k2, k3, d):
+    """q.k for 4 heads (two pairs at q_at, q_at + pair_bytes) x 4 keys: two vectors of 8 sums,
+    [head 0 keys 0..3, head 1 keys 0..3] and the same for heads 2, 3."""
+    z = S.zero_f32x16()
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z  # a: heads 0, 1; b: heads 2, 3; digit: key
+    for c in range(d // 8):
+        qa, qb = S.load_f32x16(q2, q_at + 64 * c), S.load_f32x16(q2, q_at + pair_bytes + 64 * c)
+        v0, v1 = S.load_twice_f16_f32x16(pool, k0 + 16 * c), S.load_twice_f16_f32x16(pool, k1 + 16 * c)
+        v2, v3 = S.load_twice_f16_f32x16(pool, k2 + 16 * c), S.load_twice_f16_f32x16(pool, k3 + 16 * c)
+        a0, a1, a2, a3 = S.fmadd_f32x16(a0, qa, v0), S.fmadd_f32x16(a1, qa, v1), S.fmadd_f32x16(a2, qa, v2), \
+            S.fmadd_f32x16(a3, qa, v3)
+        b0, b1, b2, b3 = S.fmadd_f32x16(b0, qb, v0), S.fmadd_f32x16(b1, qb, v1), S.fmadd_f32x16(b2, qb, v2), \
+            S.fmadd_f32x16(b3, qb, v3)
+    return S.hsum_keys4_f32x8(a0, a1, a2, a3), S.hsum_keys4_f32x8(b0, b1, b2, b3)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dot_quad_1key(q2, q_at, pair_bytes, pool, k_at, d):
+    a = b = S.zero_f32x16()
+    for c in range(d // 8):
+        v = S.load_twice_f16_f32x16(pool, k_at + 16 * c)
+        a = S.fmadd_f32x16(a, S.load_f32x16(q2, q_at + 64 * c), v)
+        b = S.fmadd_f32x16(b, S.load_f32x16(q2, q_at + pair_bytes + 64 * c), v)
+    h, lo, hi = S.hsum_f32x8, S.low_f32x8, S.high_f32x8
+    return h(lo(a)), h(hi(a)), h(lo(b)), h(hi(b))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _quad_scores(q2, q_at, pair_bytes, k_pool, cells, kv_head, first, last, d, kq_scale, scores):
+    """scores[g, j] = q_g . k_j * kq_scale for the quad's 4 heads and keys first..last."""
+    row = scores.shape[1]
+    raw = scores.reshape(-1).view(np.uint8)
+    scale = S.splat_f32x8(kq_scale)
+    j = first
+    while j + 4 <= last + 1:
+        k0, k1 = 2 * d * (cells[j] + kv_head), 2 * d * (cells[j + 1] + kv_head)
+        k2, k3 = 2 * d * (cells[j + 2] + kv_head), 2 * d * (cells[j + 3] + kv_head)
+        s01, s23 = _dot_quad_4keys(q2, q_at, pair_bytes, k_pool, k0, k1, k2, k3, d)
+        s01, s23 = S.mul_f32x8(s01, scale), S.mul_f32x8(s23, scale)
+        S.store_low4_f32x8(raw, 4 * j, s01)
+        S.store_high4_f32x8(raw, 4 * (row + j), s01)
+        S.store_low4_f32x8(raw, 4 * (2 * row + j), s23)
+        S.store_high4_f32x8(raw, 4 * (3 * row + j), s23)
+        j += 4
+    while j <= last:
+        s0, s1, s2, s3 = _dot_quad_1key(q2, q_at, pair_bytes, k_pool, 2 * d * (cells[j] + kv_head), d)
+        scores[0, j], scores[1, j], scores[2, j], scores[3, j] = s0 * kq_scale, s1 * kq_scale, s2 * kq_scale, \
+            s3 * kq_scale
+        j += 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lane_step(p_raw, pa, pb, v_pool, v_raw, j, i, a, b):
+    """Key j's 16 values from byte i of its row into lane sums a and b, weighted by the two heads'
+    probabilities (bytes pa, pb of p_raw for key 0). Raw byte loads: no index checks in this loop."""
+    v = S.load_f16_f32x16(v_pool, S.load_i64(v_raw, 8 * j) + i)
+    pj_a, pj_b = S.splat_f32x16(S.load_f32(p_raw, pa + 4 * j)), S.splat_f32x16(S.load_f32(p_raw, pb + 4 * j))
+    return S.fmadd_f32x16(a, pj_a, v), S.fmadd_f32x16(b, pj_b, v)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum8_tree_16(a0, a1, a2, a3, a4, a5, a6, a7):
+    """`sum8_tree` over 8 lane sums, 16 output values at a time."""
+    add = S.add_f32x16
+    return add(add(add(a0, a4), add(a2, a6)), add(add(a1, a5), add(a3, a7)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _quad_values_pair(p_raw, pa, pb, v_pool, v_raw, start, last, dv, out_raw, out_at, head_bytes):
+    """Two heads (probabilities at bytes pa and pb of p_raw, for key 0): the sum over
+    keys of p_j * v_j, lane j % 8 apart, then sum8_tree, into out_raw at out_at, out_at + head_bytes.
+    Whole groups of 8 keys from `start`: the probabilities outside [first, last] are 0 there (see
+    softmax_f16), and 0 * v (finite) leaves a sum unchanged (it is never -0). v_raw: int64 byte
+    offsets of each key's value row."""
+    for i in range(0, 2 * dv, 32):  # 16 values (bytes of float16) at a time
+        z = S.zero_f32x16()
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+        b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
+        for j in range(start, last + 1, 8):
+            a0, b0 = _lane_step(p_raw, pa, pb, v_pool, v_raw, j, i, a0, b0)
+            a1, b1 = _lane_step(p_raw, pa, pb, v_pool, v_raw, j + 1, i, a1, b1)
+            a2, b2 = _lane_step(p_raw, pa, pb, v_pool, v_raw, j + 2, i, a2, b2)
+            a3, b3 = _lane_step(p_raw, pa, pb, v_pool, v_raw, j + 3, i, a3, b3)
+            a4, b4 = _lane_step(p_raw, pa, pb, v_pool, v_raw, j + 4, i, a4, b4)
+            a5, b5 = _lane_step(p_raw, pa, pb, v_pool, v_raw, j + 5, i, a5, b5)
+            a6, b6 = _lane_step(p_raw, pa, pb, v_pool, v_raw, j + 6, i, a6, b6)
+            a7, b7 = _lane_step(p_raw, pa, pb, v_pool, v_raw, j + 7, i, a7, b7)
+        S.store_f32x16(out_raw, out_at + 2 * i, _sum8_tree_16(a0, a1, a2, a3, a4, a5, a6, a7))
+        S.store_f32x16(out_raw, out_at + head_bytes + 2 * i, _sum8_tree_16(b0, b1, b2, b3, b4, b5, b6, b7))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _attend_heads_4_wide(q2, k_pool, v_pool, cells, kv_head, t, h0, n_head, d, dv, first, last, kq_scale, out):
+    """`_attend_heads_4` on AVX-512 (heads h0..h0+3 of row t; h0 even)."""
+    scores = np.empty((4, last + 1 + PAD), np.float32)
+    pair_bytes = 8 * d  # one head pair's queries: d / 8 steps of 2 x 8 float32
+    q_at = (t * n_head + h0) // 2 * pair_bytes
+    _quad_scores(q2, q_at, pair_bytes, k_pool, cells, kv_head, first, last, d, kq_scale, scores)
+    for g in range(4):
+        softmax_f16(scores[g], first, last)
+    start = first - first % 8
+    v_at = np.empty(last + 1 + PAD, np.int64)
+    for j in range(start, last + 8):
+        v_at[j] = 2 * dv * (cells[j] + kv_head)
+    out_raw = out.reshape(-1).view(np.uint8)
+    out_at = 4 * (t * n_head + h0) * dv
+    p_raw, v_raw = scores.reshape(-1).view(np.uint8), v_at.view(np.uint8)
+    row_bytes = 4 * (last + 1 + PAD)
+    for g in range(0, 4, 2):
+        _quad_values_pair(p_raw, g * row_bytes, (g + 1) * row_bytes, v_pool, v_raw, start, last, dv, out_raw,
+                          out_at + 4 * g * dv, 4 * dv)
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h, n_head, d, dv,
                  first, last, kq_scale, k_tiled, v_lanes, out):
@@ -234,11 +364,13 @@ def _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, 
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, tiled, out):
+def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, tiled, q2, cells,
+                  out):
     """q float32 [n, n_head, d] (float16-exact values); k_pool/v_pool one layer's cache as bytes of
     float16 [n_blocks, block_size, n_head_kv, d or dv]; tables int32 [n_seqs, blocks] the block ids
     of each sequence, row_seq int64 [n] the sequence of each query row; positions int64 [n];
-    out float32 [n, n_head, dv]. `tiled`: the batch has 2+ tokens."""
+    out float32 [n, n_head, dv]. `tiled`: the batch has 2+ tokens. q2 and cells (see
+    `_attend_heads_4_wide`): the quads' AVX-512 path, taken when q2 is not empty."""
     n, n_head, d = q.shape
     dv = out.shape[2]
     n_head_kv = n_head // group
@@ -253,7 +385,11 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
         table = tables[row_seq[t]]
         last = positions[t]
         first = max(0, last - window + 1) if window > 0 else 0
-        if rest < n_head_kv * quads:  # quad rest % quads of KV head rest // quads
+        if rest < n_head_kv * quads and q2.size > 0:
+            h0 = (rest // quads) * group + 4 * (rest % quads)
+            _attend_heads_4_wide(q2, k_pool, v_pool, cells[row_seq[t]], h0 // group, t, h0, n_head, d, dv, first, last,
+                                 kq_scale, out)
+        elif rest < n_head_kv * quads:  # quad rest % quads of KV head rest // quads
             h0 = (rest // quads) * group + 4 * (rest % quads)
             _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
                             first, last, kq_scale, out)
@@ -277,9 +413,27 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
     [n_seqs, blocks] each sequence's block ids; `row_seq` the sequence of each row; `positions`
     the rows' positions (their K/V already written). `kq_scale` multiplies the scores; `tiled`
     says the whole batch has 2+ tokens (which ggml kernel llama.cpp would use)."""
-    q16 = np.ascontiguousarray(q, dtype=np.float32).astype(np.float16).astype(np.float32)
-    out = np.empty((q.shape[0], q.shape[1], values.shape[-1]), np.float32)
-    attend_kernel(q16, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8),
-                  np.ascontiguousarray(tables, dtype=np.int32), np.asarray(row_seq, dtype=np.int64), keys.shape[1],
-                  positions.astype(np.int64), window or 0, group, np.float32(kq_scale), tiled, out)
+    n, n_head, d = q.shape
+    q16 = round_to_f16(np.ascontiguousarray(q, dtype=np.float32).reshape(n, n_head * d)).reshape(n, n_head, d)
+    out = np.empty((n, n_head, values.shape[-1]), np.float32)
+    tables, row_seq, positions = np.ascontiguousarray(tables, dtype=np.int32), np.asarray(row_seq, np.int64), \
+        positions.astype(np.int64)
+    if tiled and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and S.has_avx512_pairs():
+        q2 = np.ascontiguousarray(q16.reshape(n, n_head // 2, 2, d // 8, 8).transpose(0, 1, 3, 2, 4)).reshape(-1)
+        cells = _cells(tables, row_seq, positions, keys.shape[1], keys.shape[2])
+    else:
+        q2, cells = np.empty(0, np.float32), np.empty((0, 0), np.int64)
+    attend_kernel(q16, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq,
+                  keys.shape[1], positions, window or 0, group, np.float32(kq_scale), tiled, q2, cells, out)
     return out
+
+
+def _cells(tables: np.ndarray, row_seq: np.ndarray, positions: np.ndarray, block_size: int, n_head_kv: int):
+    """int64 [n_seqs, span]: (cell of position j of sequence s) x n_head_kv, so the kernel reads no
+    block table. Past a sequence's last row in this batch (whole groups of 8 read up to 7 further,
+    with probability 0), its last cell again: written, so finite."""
+    last = np.zeros(len(tables), np.int64)
+    np.maximum.at(last, row_seq, positions)
+    span = np.minimum(np.arange(int(positions.max()) + 1 + PAD)[None, :], last[:, None])  # [n_seqs, span]
+    blocks = np.take_along_axis(tables, span // block_size, axis=1).astype(np.int64)
+    return (blocks * block_size + span % block_size) * n_head_kv

@@ -475,20 +475,45 @@ def ggml_expf_f32x8(typingctx, x, c):
 
 
 @intrinsic
-def keep_lanes_f32x8(typingctx, v, start, first, last):
-    """v with lane i set to 0 unless first <= start + i <= last."""
-    sig = F32x8(F32x8, types.int64, types.int64, types.int64)
+def keep_lanes_f32x8(typingctx, v, start, first, last, fill):
+    """v with lane i set to `fill` unless first <= start + i <= last."""
+    sig = F32x8(F32x8, types.int64, types.int64, types.int64, types.float32)
 
     def codegen(context, builder, signature, args):
-        vec, at, lo, hi = args
+        vec, at, lo, hi, other = args
         i64x8 = ir.VectorType(ir.IntType(64), 8)
         index = builder.add(_splat(builder, at, i64x8), ir.Constant(i64x8, [ir.Constant(ir.IntType(64), i)
                                                                            for i in range(8)]))
         inside = builder.and_(builder.icmp_signed(">=", index, _splat(builder, lo, i64x8)),
                               builder.icmp_signed("<=", index, _splat(builder, hi, i64x8)))
-        return builder.select(inside, vec, _const_vec(_V8F32, 0.0))
+        return builder.select(inside, vec, _splat(builder, other, _V8F32))
 
     return sig, codegen
+
+
+@intrinsic
+def max_f32x8(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return F32x8(F32x8, F32x8), codegen
+
+
+@intrinsic
+def mul_f32x8(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.fmul(args[0], args[1])
+
+    return F32x8(F32x8, F32x8), codegen
+
+
+@intrinsic
+def round_f16_f32x8(typingctx, v):
+    """Each lane float32 -> nearest float16 -> float32."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.VectorType(ir.HalfType(), 8)), _V8F32)
+
+    return F32x8(F32x8), codegen
 
 
 @intrinsic
@@ -749,6 +774,15 @@ def load_f32(typingctx, array, byte_offset):
 
 
 @intrinsic
+def load_i64(typingctx, array, byte_offset):
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        return builder.load(_pointer(context, builder, signature.args[0], args[0], offset, ir.IntType(64)), align=1)
+
+    return types.int64(array, types.intp), codegen
+
+
+@intrinsic
 def load_bf16(typingctx, array, byte_offset):
     sig = types.float32(array, types.intp)
 
@@ -915,6 +949,103 @@ def load_pair_f32x16(typingctx, array, byte_offset):
         return _shuffle(builder, two, [0] * 8 + [1] * 8)
 
     return F32x16(array, types.intp), codegen
+
+
+@intrinsic
+def load_f16_f32x16(typingctx, array, byte_offset):
+    """16 float16 at `byte_offset`, widened."""
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        halves = builder.load(_pointer(context, builder, signature.args[0], args[0], offset,
+                                       ir.VectorType(ir.HalfType(), 16)), align=1)
+        return builder.fpext(halves, _V16F32)
+
+    return F32x16(array, types.intp), codegen
+
+
+@intrinsic
+def load_twice_f16_f32x16(typingctx, array, byte_offset):
+    """8 float16 at `byte_offset`, widened, in both halves: one key's 8 values facing two heads."""
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        halves = builder.load(_pointer(context, builder, signature.args[0], args[0], offset,
+                                       ir.VectorType(ir.HalfType(), 8)), align=1)
+        return builder.fpext(_shuffle(builder, halves, [i % 8 for i in range(16)]), _V16F32)
+
+    return F32x16(array, types.intp), codegen
+
+
+@intrinsic
+def fmadd_f32x16(typingctx, acc, a, b):
+    """acc + a * b."""
+    def codegen(context, builder, signature, args):
+        total, x, y = args
+        return _call(builder, "llvm.fmuladd.v16f32", _V16F32, [x, y, total])
+
+    return F32x16(F32x16, F32x16, F32x16), codegen
+
+
+@intrinsic
+def splat_f32x16(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return _splat(builder, args[0], _V16F32)
+
+    return F32x16(types.float32), codegen
+
+
+@intrinsic
+def add_f32x16(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1])
+
+    return F32x16(F32x16, F32x16), codegen
+
+
+@intrinsic
+def store_f32x16(typingctx, array, byte_offset, v):
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        builder.store(args[2], _pointer(context, builder, signature.args[0], args[0], offset, _V16F32), align=1)
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp, F32x16), codegen
+
+
+@intrinsic
+def hsum_keys4_f32x8(typingctx, a0, a1, a2, a3):
+    """[hsum(low(a0)), .., hsum(low(a3)), hsum(high(a0)), .., hsum(high(a3))], each sum in
+    `hsum_f32x8`'s order ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7)): eight sums by transposing adds."""
+    def codegen(context, builder, signature, args):
+        def pick(a, b, indices):
+            mask = ir.Constant(ir.VectorType(_I32, 8), [ir.Constant(_I32, i) for i in indices])
+            return builder.shuffle_vector(a, b, mask)
+
+        quads = [builder.fadd(_shuffle(builder, a, [0, 1, 2, 3, 8, 9, 10, 11]),
+                              _shuffle(builder, a, [4, 5, 6, 7, 12, 13, 14, 15])) for a in args]
+        pairs = [builder.fadd(pick(x, y, [0, 1, 8, 9, 4, 5, 12, 13]), pick(x, y, [2, 3, 10, 11, 6, 7, 14, 15]))
+                 for x, y in ((quads[0], quads[1]), (quads[2], quads[3]))]
+        return builder.fadd(pick(pairs[0], pairs[1], [0, 2, 8, 10, 4, 6, 12, 14]),
+                            pick(pairs[0], pairs[1], [1, 3, 9, 11, 5, 7, 13, 15]))
+
+    return F32x8(F32x16, F32x16, F32x16, F32x16), codegen
+
+
+def _store_quarter(first):
+    @intrinsic
+    def store(typingctx, array, byte_offset, v):
+        def codegen(context, builder, signature, args):
+            offset = context.cast(builder, args[1], signature.args[1], types.intp)
+            ptr = _pointer(context, builder, signature.args[0], args[0], offset, ir.VectorType(_F32, 4))
+            builder.store(_shuffle(builder, args[2], range(first, first + 4)), ptr, align=1)
+            return context.get_dummy_value()
+
+        return types.void(array, types.intp, F32x8), codegen
+
+    return store
+
+
+store_low4_f32x8 = _store_quarter(0)  # lanes 0..3 of an 8-lane vector
+store_high4_f32x8 = _store_quarter(4)  # lanes 4..7
 
 
 @intrinsic
