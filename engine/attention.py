@@ -236,7 +236,7 @@ def _dot_quad_4keys(q2, q_at, pair_bytes, pool, k0, k1, k2, k3, d):
             S.fmadd_f32x16(a3, qa, v3)
         b0, b1, b2, b3 = S.fmadd_f32x16(b0, qb, v0), S.fmadd_f32x16(b1, qb, v1), S.fmadd_f32x16(b2, qb, v2), \
             S.fmadd_f32x16(b3, qb, v3)
-    return S.hsum_keys4_f32x8(a0, a1, a2, a3), S.hsum_keys4_f32x8(b0, b1, b2, b3)
+    return S.hsum_halves_f32x8(a0, a1, a2, a3), S.hsum_halves_f32x8(b0, b1, b2, b3)
 
 
 @njit(cache=True, nogil=True, inline="always")

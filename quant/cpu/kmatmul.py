@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from llmx.quant.cpu import matmul as M
 from llmx.quant.cpu import simd as S
-from llmx.quant.cpu.matmul import GROUP, _row_offsets, _store4
+from llmx.quant.cpu.matmul import GROUP, _row_offsets, _store4, store_sums
 
 QK = 256  # values per super-block
 CHUNKS = 64  # prange iterations; each allocates its scratch once and walks its share of row groups
@@ -243,10 +243,10 @@ def _pair_tile(isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p0, p1, nb, n_tok):
 
 @njit(inline="always")
 def _store_pair(out, t, r0, m, n_tok, f0, f1, f2, f3, k):
-    h, c, lo, hi = S.hsum_f32x8, S.lane_f32x8, S.low_f32x8, S.high_f32x8
-    _store4(out, t, r0, m, h(lo(f0)) + c(k, 0), h(lo(f1)) + c(k, 2), h(lo(f2)) + c(k, 4), h(lo(f3)) + c(k, 6))
-    if t + 1 < n_tok:
-        _store4(out, t + 1, r0, m, h(hi(f0)) + c(k, 1), h(hi(f1)) + c(k, 3), h(hi(f2)) + c(k, 5), h(hi(f3)) + c(k, 7))
+    """Rows r0..r0+3 for tokens t, t + 1: each half's `hsum_f32x8` plus its correction (k: row r,
+    token t + j at lane 2r + j)."""
+    sums = S.add_f32x8(S.hsum_halves_f32x8(f0, f1, f2, f3), S.even_odd_f32x8(k))
+    store_sums(out, t, r0, m, n_tok, sums)
 
 
 @njit(inline="always")

@@ -50,6 +50,20 @@ def _store4(out, t, r0, m, v0, v1, v2, v3):
         out[t, r0 + 3] = v3
 
 
+@njit(inline="always")
+def store_sums(out, t, r0, m, n_tok, sums):
+    """sums F32x8: [rows r0..r0+3 of token t, the same rows of token t + 1] -> out[t], out[t + 1]."""
+    if r0 + GROUP <= m:
+        S.store_low4_f32x8(out, 4 * (t * m + r0), sums)
+        if t + 1 < n_tok:
+            S.store_high4_f32x8(out, 4 * ((t + 1) * m + r0), sums)
+    else:
+        c = S.lane_f32x8
+        _store4(out, t, r0, m, c(sums, 0), c(sums, 1), c(sums, 2), c(sums, 3))
+        if t + 1 < n_tok:
+            _store4(out, t + 1, r0, m, c(sums, 4), c(sums, 5), c(sums, 6), c(sums, 7))
+
+
 # -- the loop nest shared by every integer kernel --------------------------------------------
 # A `block` function handles one weight block of one row against one token:
 #     block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb) -> (acc, corr)

@@ -25,7 +25,7 @@ from numba import njit, prange
 
 from llmx.quant.cpu import simd as S
 from llmx.quant.cpu.kmatmul import CHUNKS
-from llmx.quant.cpu.matmul import GROUP, _prefetch_group, _row_offsets, _store4
+from llmx.quant.cpu.matmul import GROUP, _prefetch_group, _row_offsets, store_sums
 
 PAIR_BYTES = 64  # activation bytes per (pair, block)
 
@@ -84,11 +84,8 @@ def _step(codes, starts, dw, i, xq, xd, at, acc):
 
 @njit(inline="always")
 def _store_pair(out, t, r0, m, n_tok, a0, a1, a2, a3):
-    lo, hi = S.low_f32x8, S.high_f32x8
-    h = S.hsum_f32x8
-    _store4(out, t, r0, m, h(lo(a0)), h(lo(a1)), h(lo(a2)), h(lo(a3)))
-    if t + 1 < n_tok:
-        _store4(out, t + 1, r0, m, h(hi(a0)), h(hi(a1)), h(hi(a2)), h(hi(a3)))
+    """Rows r0..r0+3's sums (each `hsum_f32x8` of one half) for tokens t, t + 1."""
+    store_sums(out, t, r0, m, n_tok, S.hsum_halves_f32x8(a0, a1, a2, a3))
 
 
 @njit(inline="always")

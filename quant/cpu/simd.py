@@ -1012,7 +1012,7 @@ def store_f32x16(typingctx, array, byte_offset, v):
 
 
 @intrinsic
-def hsum_keys4_f32x8(typingctx, a0, a1, a2, a3):
+def hsum_halves_f32x8(typingctx, a0, a1, a2, a3):
     """[hsum(low(a0)), .., hsum(low(a3)), hsum(high(a0)), .., hsum(high(a3))], each sum in
     `hsum_f32x8`'s order ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7)): eight sums by transposing adds."""
     def codegen(context, builder, signature, args):
@@ -1028,6 +1028,15 @@ def hsum_keys4_f32x8(typingctx, a0, a1, a2, a3):
                             pick(pairs[0], pairs[1], [1, 3, 9, 11, 5, 7, 13, 15]))
 
     return F32x8(F32x16, F32x16, F32x16, F32x16), codegen
+
+
+@intrinsic
+def even_odd_f32x8(typingctx, v):
+    """[v0, v2, v4, v6, v1, v3, v5, v7]."""
+    def codegen(context, builder, signature, args):
+        return _shuffle(builder, args[0], [0, 2, 4, 6, 1, 3, 5, 7])
+
+    return F32x8(F32x8), codegen
 
 
 def _store_quarter(first):
