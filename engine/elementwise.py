@@ -1,9 +1,10 @@
-"""The transformer's elementwise steps as Numba kernels: RMSNorm and the GELU gate.
+"""The transformer's elementwise steps as Numba kernels: RMSNorm, rope and the GELU gate.
 
 Each gives the same bits as the numpy expression it replaces (tests/test_elementwise.py holds
-those expressions): numpy's pairwise float64 sum for the mean square, and ggml's float16 GELU
-table built once with numpy. Decode runs them ~100 times per token, where numpy's per-call
-overhead cost a tenth of the step.
+those expressions): numpy's pairwise float64 sum for the mean square, ggml's float16 GELU table
+built once with numpy, rope's separately rounded products. Decode runs them ~100 times per token,
+where numpy's per-call overhead cost a tenth of the step; a prompt's many rows are split over
+threads (PARALLEL_ROWS and up), which a single token's would only pay for.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import functools
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from llmx.quant.cpu import simd as S
 
@@ -79,25 +80,77 @@ def pairwise_sum(a, lo, n):
         top -= 1
 
 
+PARALLEL_ROWS = 16
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rms_norm_row(x, weight, eps, out, r, squares):
+    """out[r] = x[r] * float32(1 / sqrt(mean(x[r]^2) + eps)) * weight; squares: float64 scratch."""
+    n = x.shape[1]
+    for i in range(n):
+        squares[i] = np.float64(x[r, i]) * np.float64(x[r, i])
+    scale = np.float32(1.0 / np.sqrt(pairwise_sum(squares, 0, n) / n + eps))
+    for i in range(n):
+        out[r, i] = (x[r, i] * scale) * weight[i]
+
+
 @njit(cache=True, nogil=True)
 def _rms_norm_rows(x, weight, eps, out):
-    """x, out float32 [rows, n]: x * float32(1 / sqrt(mean(x^2) + eps)) * weight."""
-    n = x.shape[1]
-    squares = np.empty(n, np.float64)
+    squares = np.empty(x.shape[1], np.float64)
     for r in range(x.shape[0]):
-        for i in range(n):
-            squares[i] = np.float64(x[r, i]) * np.float64(x[r, i])
-        scale = np.float32(1.0 / np.sqrt(pairwise_sum(squares, 0, n) / n + eps))
-        for i in range(n):
-            out[r, i] = (x[r, i] * scale) * weight[i]
+        _rms_norm_row(x, weight, eps, out, r, squares)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _rms_norm_rows_parallel(x, weight, eps, out):
+    for r in prange(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, r, np.empty(x.shape[1], np.float64))
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm over the last axis of float32 x (any leading shape)."""
     rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     out = np.empty_like(rows)
-    _rms_norm_rows(rows, np.ascontiguousarray(weight, dtype=np.float32), float(eps), out)
+    kernel = _rms_norm_rows_parallel if len(rows) >= PARALLEL_ROWS else _rms_norm_rows
+    kernel(rows, np.ascontiguousarray(weight, dtype=np.float32), float(eps), out)
     return out.reshape(x.shape)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rope_row(x, cos, sin, out, t, neox):
+    """Row t of x [n, heads, head_dim]: the first 2 * half dims rotated, the rest copied."""
+    half = cos.shape[1]
+    for h in range(x.shape[1]):
+        for i in range(half):
+            ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
+            a, b, c, s = x[t, h, ia], x[t, h, ib], cos[t, i], sin[t, i]
+            out[t, h, ia] = a * c - b * s  # (products rounded separately, as numpy's)
+            out[t, h, ib] = a * s + b * c
+        for i in range(2 * half, x.shape[2]):
+            out[t, h, i] = x[t, h, i]
+
+
+@njit(cache=True, nogil=True)
+def _rope_rows(x, cos, sin, out, neox):
+    for t in range(x.shape[0]):
+        _rope_row(x, cos, sin, out, t, neox)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _rope_rows_parallel(x, cos, sin, out, neox):
+    for t in prange(x.shape[0]):
+        _rope_row(x, cos, sin, out, t, neox)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> np.ndarray:
+    """x float32 [n, heads, head_dim]; cos, sin float32 [n, half]: rotates the first 2 * half dims
+    (pairs (x_2i, x_2i+1) for the "normal" layout, (x_i, x_i+half) for "neox"), keeps the rest."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    kernel = _rope_rows_parallel if len(x) >= PARALLEL_ROWS else _rope_rows
+    kernel(x, np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32), out,
+           layout != "normal")
+    return out
 
 
 @functools.cache
@@ -109,11 +162,22 @@ def gelu_table() -> np.ndarray:
         return (np.float32(0.5) * h * (np.float32(1) + np.tanh(inner))).astype(np.float16).astype(np.float32)
 
 
-@njit(cache=True, nogil=True)
-def _gelu(x, table, out):
-    for i in range(x.size):
+@njit(cache=True, nogil=True, inline="always")
+def _gelu_span(x, table, out, lo, hi):
+    for i in range(lo, hi):
         v = x[i]
         out[i] = 0.0 if v <= -10 else v if v >= 10 else table[S.f16_bits(v)]
+
+
+@njit(cache=True, nogil=True)
+def _gelu(x, table, out):
+    _gelu_span(x, table, out, 0, x.size)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _gelu_parallel(x, table, out, span):
+    for c in prange((x.size + span - 1) // span):
+        _gelu_span(x, table, out, c * span, min(x.size, (c + 1) * span))
 
 
 def gelu_tanh_f16(x: np.ndarray) -> np.ndarray:
@@ -121,5 +185,8 @@ def gelu_tanh_f16(x: np.ndarray) -> np.ndarray:
     identity / zero beyond +-10."""
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     out = np.empty_like(flat)
-    _gelu(flat, gelu_table(), out)
+    if x.ndim > 1 and len(x) >= PARALLEL_ROWS:
+        _gelu_parallel(flat, gelu_table(), out, 16384)
+    else:
+        _gelu(flat, gelu_table(), out)
     return out.reshape(x.shape)

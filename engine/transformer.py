@@ -21,7 +21,7 @@ import numpy as np
 
 from llmx.engine.attention import attend_paged
 from llmx.engine.config import ModelConfig
-from llmx.engine.elementwise import gelu_tanh_f16, rms_norm
+from llmx.engine.elementwise import apply_rope, gelu_tanh_f16, rms_norm
 from llmx.engine.kv_cache import KVCache, SequenceHandle
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
@@ -189,21 +189,3 @@ def activate(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "silu":
         return x / (np.float32(1) + np.exp(-x))
     return gelu_tanh_f16(x)
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> np.ndarray:
-    """x [n, heads, head_dim]; rotates the first 2 * cos.shape[1] dims, keeps the rest."""
-    half = cos.shape[1]
-    rot = x[..., : 2 * half]
-    if layout == "normal":  # adjacent pairs (x0, x1), (x2, x3), ...
-        a, b = rot[..., 0::2], rot[..., 1::2]
-    else:  # neox: (x_i, x_{i + half})
-        a, b = rot[..., :half], rot[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    ra, rb = a * c - b * s, a * s + b * c
-    out = x.copy()
-    if layout == "normal":
-        out[..., 0 : 2 * half : 2], out[..., 1 : 2 * half : 2] = ra, rb
-    else:
-        out[..., :half], out[..., half : 2 * half] = ra, rb
-    return out

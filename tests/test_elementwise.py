@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from llmx.engine.elementwise import gelu_tanh_f16, rms_norm
+from llmx.engine.elementwise import apply_rope, gelu_tanh_f16, rms_norm
 
 
 def numpy_rms_norm(x, weight, eps):
@@ -20,6 +20,31 @@ def numpy_gelu_tanh_f16(x):
     inner = np.float32(math.sqrt(2 / math.pi)) * (h + np.float32(0.044715) * h * h * h)
     table = (np.float32(0.5) * h * (np.float32(1) + np.tanh(inner))).astype(np.float16).astype(np.float32)
     return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, table))
+
+
+def numpy_rope(x, cos, sin, layout):
+    half = cos.shape[1]
+    rot = x[..., : 2 * half]
+    a, b = (rot[..., 0::2], rot[..., 1::2]) if layout == "normal" else (rot[..., :half], rot[..., half:])
+    c, s = cos[:, None, :], sin[:, None, :]
+    ra, rb = a * c - b * s, a * s + b * c
+    out = x.copy()
+    if layout == "normal":
+        out[..., 0 : 2 * half : 2], out[..., 1 : 2 * half : 2] = ra, rb
+    else:
+        out[..., :half], out[..., half : 2 * half] = ra, rb
+    return out
+
+
+@pytest.mark.parametrize("layout", ["normal", "neox"])
+@pytest.mark.parametrize("n", [1, 3, 40])  # 40 rows: split over threads
+@pytest.mark.parametrize("rotated", [64, 48])  # 48 of 64 dims: the rest pass through
+def test_rope_same_bits_as_numpy(layout, n, rotated):
+    rng = np.random.default_rng(n + rotated)
+    x = (rng.standard_normal((n, 3, 64)) * 5).astype(np.float32)
+    theta = rng.uniform(0, 100, (n, rotated // 2))
+    cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    assert np.array_equal(apply_rope(x, cos, sin, layout), numpy_rope(x, cos, sin, layout))
 
 
 @pytest.mark.parametrize("shape", [(1, 640), (7, 4, 256), (33, 2048), (5, 100), (3, 7), (2, 5000), (1, 16384)])
@@ -36,4 +61,5 @@ def test_gelu_same_bits_as_numpy():
     x = np.concatenate([rng.standard_normal(100_000) * 4, [-10.0, 10.0, -9.99, 9.99, 0.0, -0.0, 65504, -1e6]])
     x = x.astype(np.float32).reshape(-1, 8)
     with np.errstate(all="ignore"):
-        assert np.array_equal(gelu_tanh_f16(x), numpy_gelu_tanh_f16(x))
+        assert np.array_equal(gelu_tanh_f16(x), numpy_gelu_tanh_f16(x))  # many rows: split over threads
+        assert np.array_equal(gelu_tanh_f16(x[:3]), numpy_gelu_tanh_f16(x[:3]))
