@@ -82,13 +82,13 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
     isa = host_isa() if isa is None else isa
     if qtype in _DECODE_ONCE and x.shape[0] >= DECODE_ONCE_MIN_TOKENS:
         n_tok, k = codes.shape
-        ordered = codes.reshape(n_tok, k // 32, 32)[:, :, _CHUNK_ORDER].astype(np.int16)  # [n_tok, k / 32, 32]
         sums16 = sums[0].astype(np.int16).reshape(-1)
         if n_tok >= PAIRED_K_MIN_TOKENS and isa is VNNI and has_avx512_pairs():
-            x16p = pairmatmul.pair_layout(ordered.reshape(n_tok, k // 16, 16))
             xdp = pairmatmul.pair_layout(scales.reshape(*scales.shape, 1))
-            _DECODE_ONCE_PAIRED[qtype](x16p, xdp, scales, sums16, w.reshape(-1), row_bytes, m, out, isa)
+            kernel = _DECODE_ONCE_PAIRED[qtype]
+            kernel(pairmatmul.q8_k_pairs(codes), xdp, scales, sums16, w.reshape(-1), row_bytes, m, out, isa)
             return out
+        ordered = codes.reshape(n_tok, k // 32, 32)[:, :, _CHUNK_ORDER].astype(np.int16)  # [n_tok, k / 32, 32]
         _DECODE_ONCE[qtype](ordered.reshape(-1), scales, sums16, w.reshape(-1), row_bytes, m, out, isa)
         return out
     if qtype in _PAIRED and x.shape[0] >= PAIRED_MIN_TOKENS and isa is VNNI and has_avx512_pairs():
@@ -106,8 +106,6 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
 def _paired(qtype: QType, codes: np.ndarray, scales: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     """The AVX-512 kernel for Q8_0/Q4_0/Q5_0: activations as x + 128 in `pairmatmul`'s pair layout."""
     n_tok, k = codes.shape
-    nb = k // 32
-    unsigned = codes.reshape(n_tok, nb, 32).view(np.uint8) ^ np.uint8(0x80)
-    xd = pairmatmul.pair_layout(scales.reshape(n_tok, nb, 1))
+    xd = pairmatmul.pair_layout(scales.reshape(n_tok, k // 32, 1))
     m, row_bytes = w.shape
-    _PAIRED[qtype](pairmatmul.pair_layout(unsigned), xd, w.reshape(-1), row_bytes, m, n_tok, out)
+    _PAIRED[qtype](pairmatmul.q8_0_pairs(codes), xd, w.reshape(-1), row_bytes, m, n_tok, out)

@@ -166,3 +166,48 @@ def pair_layout(a: np.ndarray) -> np.ndarray:
     padded = np.zeros((n_tok + n_tok % 2, *a.shape[1:]), a.dtype)
     padded[:n_tok] = a
     return np.ascontiguousarray(padded.reshape(-1, 2, *a.shape[1:]).swapaxes(1, 2)).reshape(-1)
+
+
+# -- activations into the pair layout (one pass, threads over pairs) --------------------------------
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def q8_0_pairs(codes):
+    """Q8_0 codes int8 [n_tok, k] -> the kernels' xq: uint8 [n_pairs * nb * 64], x + 128."""
+    n_tok, k = codes.shape
+    nb, n_pairs = k // 32, (n_tok + 1) // 2
+    flat = codes.reshape(-1)
+    out = np.empty(n_pairs * nb * 64, np.uint8)
+    for p in prange(n_pairs):
+        for s in range(2):
+            t = 2 * p + s
+            for b in range(nb):
+                at = ((p * nb + b) * 2 + s) * 32
+                if t < n_tok:
+                    S.store_i8x32(out, at, S.add_i8x32(S.load_i8x32(flat, t * k + 32 * b), -128))  # = x ^ 0x80
+                else:
+                    out[at:at + 32] = 0
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def q8_k_pairs(codes):
+    """Q8_K codes int8 [n_tok, k] -> `kmatmul`'s x16p: int16, each 32 values in CHUNK_ORDER, pairs
+    side by side 16 values at a time."""
+    n_tok, k = codes.shape
+    n_pairs, steps = (n_tok + 1) // 2, k // 16
+    flat = codes.reshape(-1)
+    out = np.empty(n_pairs * k * 2, np.int16)
+    for p in prange(n_pairs):
+        for s in range(2):
+            t = 2 * p + s
+            for b in range(k // 32):
+                at = ((p * steps + 2 * b) * 2 + s) * 32  # bytes; the second 16 values one step (64 bytes) on
+                if t < n_tok:
+                    ordered = S.chunk_order_i8x32(S.load_i8x32(flat, t * k + 32 * b))
+                    S.store_i16x16(out, at, S.widen_signed_i16x16(ordered, 0))
+                    S.store_i16x16(out, at + 64, S.widen_signed_i16x16(ordered, 1))
+                else:
+                    out[at // 2:at // 2 + 16] = 0
+                    out[at // 2 + 32:at // 2 + 48] = 0
+    return out

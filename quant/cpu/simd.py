@@ -314,6 +314,20 @@ def widen_i16x16(typingctx, v, half):
     return sig, codegen
 
 
+@intrinsic
+def widen_signed_i16x16(typingctx, v, half):
+    """Bytes 16*half .. 16*half + 15 of `v` (signed) as 16 x i16; `half` is 0 or 1."""
+    sig = I16x16(I8x32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        vec, which = args
+        low = builder.sext(_shuffle(builder, vec, range(16)), _V16I16)
+        high = builder.sext(_shuffle(builder, vec, range(16, 32)), _V16I16)
+        return builder.select(builder.icmp_signed("==", which, ir.Constant(_I32, 0)), low, high)
+
+    return sig, codegen
+
+
 # Lane order of `dot_i16x16` made to match `dot_*8x32`: within each 32 values, lane i of a dot over
 # the first 16 int16 sums values 4i, 4i + 1, over the second 16 values 4i + 2, 4i + 3 (so adding both
 # gives the byte dots' lane i: values 4i..4i+3).
