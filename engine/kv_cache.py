@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit, prange
 
 from llmx.engine.config import ModelConfig
 from llmx.errors import LlmxError
+from llmx.quant.cpu import simd as S
 
 BLOCK_SIZE = 16
 
@@ -65,8 +67,10 @@ class KVCache:
 
     def write(self, layer: int, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """k [n, n_head_kv, head_dim], v [n, n_head_kv, head_dim_v] into `cells` of layer `layer`."""
-        self.keys[layer].reshape(-1, *self.keys.shape[3:])[cells] = k
-        self.values[layer].reshape(-1, *self.values.shape[3:])[cells] = v
+        for pool, rows in ((self.keys[layer], k), (self.values[layer], v)):
+            bits = pool.reshape(len(pool) * pool.shape[1], -1).view(np.uint16)  # [cells, n_head_kv * dim]
+            rows = np.ascontiguousarray(rows, dtype=np.float32).reshape(len(rows), -1)
+            (_write_rows_parallel if len(rows) >= PARALLEL_ROWS else _write_rows)(bits, np.asarray(cells), rows)
 
     def commit(self, seq: SequenceHandle, n_new: int) -> None:
         seq.length += n_new
@@ -77,3 +81,25 @@ class KVCache:
         for i, seq in enumerate(seqs):
             tables[i, : len(seq.blocks)] = seq.blocks
         return tables
+
+
+PARALLEL_ROWS = 16  # a prompt's rows are split over threads; a token's are not worth it
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _write_row(bits, cells, rows, i):
+    """Row i as float16 (round half to even, as numpy's astype) into cell cells[i]."""
+    for j in range(rows.shape[1]):
+        bits[cells[i], j] = S.f16_bits(rows[i, j])
+
+
+@njit(cache=True, nogil=True)
+def _write_rows(bits, cells, rows):
+    for i in range(len(cells)):
+        _write_row(bits, cells, rows, i)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _write_rows_parallel(bits, cells, rows):
+    for i in prange(len(cells)):
+        _write_row(bits, cells, rows, i)

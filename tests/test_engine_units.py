@@ -36,6 +36,23 @@ def test_blocks_are_handed_out_and_back(tiny):
     assert cache.free_tokens == 48 and a.blocks == [] and a.length == 0
 
 
+@pytest.mark.parametrize("n", [3, 40])  # 40 rows: split over threads
+def test_cache_write_rounds_like_numpy_into_the_given_cells(tiny, n):
+    _, config = tiny
+    cache = KVCache(config, 64, block_size=16)
+    rng = np.random.default_rng(n)
+    k = (rng.standard_normal((n, config.n_head_kv, config.head_dim)) * 1e3).astype(np.float32)
+    v = (rng.standard_normal((n, config.n_head_kv, config.head_dim_v)) * 1e-3).astype(np.float32)
+    k[0, 0, :2] = [70000.0, -1e-9]  # beyond float16's range, and below its subnormals
+    cells = rng.permutation(64)[:n]
+    cache.write(1, cells, k, v)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(cache.keys[1].reshape(64, *k.shape[1:])[cells], k.astype(np.float16))
+    assert np.array_equal(cache.values[1].reshape(64, *v.shape[1:])[cells], v.astype(np.float16))
+    untouched = np.setdiff1d(np.arange(64), cells)
+    assert not cache.keys[1].reshape(64, -1)[untouched].any() and not cache.keys[0].any()
+
+
 def test_batched_forward_equals_one_sequence_at_a_time(tiny):
     model, config = tiny
     rng = np.random.default_rng(0)
