@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,6 +38,8 @@ class BatchLayout:
     cells: np.ndarray  # int64 [n]: flat cache cell of each row
     row_seq: np.ndarray  # int64 [n]: index of each row's sequence
     tables: np.ndarray  # int32 [n_seqs, blocks]
+    # rope's cos/sin per rope base, computed by the first layer that needs them
+    rope_tables: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, batch: Sequence[tuple[SequenceHandle, np.ndarray]], cache: KVCache) -> BatchLayout:
@@ -140,7 +142,7 @@ class Transformer:
         if c.qk_norm:
             q = rms_norm(q, self._vector(p + "attn_q_norm.weight"), c.rms_eps)
             k = rms_norm(k, self._vector(p + "attn_k_norm.weight"), c.rms_eps)
-        cos, sin = self._rope(layer, layout.positions)
+        cos, sin = self._rope_tables(layer, layout)
         q, k = apply_rope(q, cos, sin, c.rope_layout), apply_rope(k, cos, sin, c.rope_layout)
         window = c.sliding_window if c.sliding_layers and c.sliding_layers[layer] else None
         # llama.cpp computes 1/sqrt(head_dim) in float32; gemma3 applies it to q, the others to the scores.
@@ -154,10 +156,17 @@ class Transformer:
                            window, c.n_head // c.n_head_kv, kq_scale, tiled=n >= 2)
         return out.reshape(n, c.n_head * c.head_dim_v)
 
-    def _rope(self, layer: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _rope_tables(self, layer: int, layout: BatchLayout) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin float32 [n, rope_dim / 2] of this layer's rope base, shared by its layers."""
         c = self.config
         local = bool(c.sliding_layers and c.sliding_layers[layer] and c.rope_base_local)
         base = c.rope_base_local if local else c.rope_base
+        if base not in layout.rope_tables:
+            layout.rope_tables[base] = self._rope(base, layout.positions)
+        return layout.rope_tables[base]
+
+    def _rope(self, base: float, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config
         # theta_i = pos * base^(-2i / rope_dim). (Emulating ggml's float32 running product
         # instead moved gemma's logits no closer to llama.cpp's, so the angles are exact.)
         inv_freq = base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
