@@ -89,6 +89,33 @@ def _store_pair(out, t, r0, m, n_tok, a0, a1, a2, a3):
 
 
 @njit(inline="always")
+def _row_4(codes, starts, dw, i, xq, xd, at0, at1, at2, at3, a0, a1, a2, a3):
+    return (_step(codes, starts, dw, i, xq, xd, at0, a0), _step(codes, starts, dw, i, xq, xd, at1, a1),
+            _step(codes, starts, dw, i, xq, xd, at2, a2), _step(codes, starts, dw, i, xq, xd, at3, a3))
+
+
+@njit(inline="always")
+def _tile_4(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok):
+    """4 rows x 4 pairs: each decoded block loaded once for 8 tokens."""
+    z = S.zero_f32x16()
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = z
+    for b in range(nb):
+        if p == 0:  # the next row group's bytes, while this one computes (it decodes them next)
+            _prefetch_group(w, ahead, b, GROUP * block_bytes)
+        at0, at1 = (p * nb + b) * PAIR_BYTES, ((p + 1) * nb + b) * PAIR_BYTES
+        at2, at3 = ((p + 2) * nb + b) * PAIR_BYTES, ((p + 3) * nb + b) * PAIR_BYTES
+        a00, a01, a02, a03 = _row_4(codes, starts, dw, b, xq, xd, at0, at1, at2, at3, a00, a01, a02, a03)
+        a10, a11, a12, a13 = _row_4(codes, starts, dw, nb + b, xq, xd, at0, at1, at2, at3, a10, a11, a12, a13)
+        a20, a21, a22, a23 = _row_4(codes, starts, dw, 2 * nb + b, xq, xd, at0, at1, at2, at3, a20, a21, a22, a23)
+        a30, a31, a32, a33 = _row_4(codes, starts, dw, 3 * nb + b, xq, xd, at0, at1, at2, at3, a30, a31, a32, a33)
+    _store_pair(out, 2 * p, r0, m, n_tok, a00, a10, a20, a30)
+    _store_pair(out, 2 * p + 2, r0, m, n_tok, a01, a11, a21, a31)
+    _store_pair(out, 2 * p + 4, r0, m, n_tok, a02, a12, a22, a32)
+    _store_pair(out, 2 * p + 6, r0, m, n_tok, a03, a13, a23, a33)
+
+
+@njit(inline="always")
 def _tile_2(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok):
     z = S.zero_f32x16()
     a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
@@ -137,6 +164,9 @@ def _pairmatmul(xq, xd, w, row_bytes, m, n_tok, out, decode, block_bytes):
             ahead = (r0 + GROUP) * row_bytes
             _decode_group(decode, w, _row_offsets(r0, m, row_bytes), nb, block_bytes, codes, starts, dw)
             p = 0
+            while p + 4 <= n_pairs:
+                _tile_4(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok)
+                p += 4
             while p + 2 <= n_pairs:
                 _tile_2(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok)
                 p += 2
