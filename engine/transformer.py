@@ -26,7 +26,7 @@ from llmx.engine.kv_cache import KVCache, SequenceHandle
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
-from llmx.quant.cpu.linear import matmul
+from llmx.quant.cpu.linear import activation_quantizer, matmul, quantize_activations
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,27 @@ class Transformer:
     def _vector(self, name: str) -> np.ndarray:
         return self._tensor(name).data.astype(np.float32, copy=False)
 
-    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+    def _linear(self, x: np.ndarray, name: str, quantized: tuple | None = None) -> np.ndarray:
         """x [n, k] @ W[name].T -> [n, m], plus the bias when the file has one."""
         tensor = self._tensor(f"{name}.weight")
         if self.observe_matmul is not None:
             self.observe_matmul(tensor.name, x)
-        out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads)
+        out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, quantized=quantized)
         bias = self.tensors.get(f"{name}.bias")
         return out if bias is None else out + bias.data.astype(np.float32)
+
+    def _linears(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
+        """`_linear` of one input with several weights, the input quantized once per activation type."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        quantized = {}
+        outs = []
+        for name in names:
+            qtype = self._tensor(f"{name}.weight").qtype
+            kind = activation_quantizer(qtype)
+            if kind is not None and kind not in quantized:
+                quantized[kind] = quantize_activations(x, qtype)
+            outs.append(self._linear(x, name, quantized.get(kind)))
+        return outs
 
     def _embed(self, tokens: np.ndarray) -> np.ndarray:
         table = self._tensor("token_embd.weight")
@@ -127,7 +140,7 @@ class Transformer:
             attn = rms_norm(attn, self._vector(p + "post_attention_norm.weight"), c.rms_eps)
         x = x + attn
         h = rms_norm(x, self._vector(p + "ffn_norm.weight"), c.rms_eps)
-        gate, up = self._linear(h, p + "ffn_gate"), self._linear(h, p + "ffn_up")
+        gate, up = self._linears(h, p + "ffn_gate", p + "ffn_up")
         ffn = self._linear(activate(gate, c.activation) * up, p + "ffn_down")
         if c.post_norms:
             ffn = rms_norm(ffn, self._vector(p + "post_ffw_norm.weight"), c.rms_eps)
@@ -136,9 +149,9 @@ class Transformer:
     def _attention(self, layer: int, h: np.ndarray, layout: BatchLayout, cache: KVCache) -> np.ndarray:
         c, p = self.config, f"blk.{layer}."
         n = len(h)
-        q = self._linear(h, p + "attn_q").reshape(n, c.n_head, c.head_dim)
-        k = self._linear(h, p + "attn_k").reshape(n, c.n_head_kv, c.head_dim)
-        v = self._linear(h, p + "attn_v").reshape(n, c.n_head_kv, c.head_dim_v)
+        q, k, v = self._linears(h, p + "attn_q", p + "attn_k", p + "attn_v")
+        q, k, v = q.reshape(n, c.n_head, c.head_dim), k.reshape(n, c.n_head_kv, c.head_dim), \
+            v.reshape(n, c.n_head_kv, c.head_dim_v)
         if c.qk_norm:
             q = rms_norm(q, self._vector(p + "attn_q_norm.weight"), c.rms_eps)
             k = rms_norm(k, self._vector(p + "attn_k_norm.weight"), c.rms_eps)

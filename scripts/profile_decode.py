@@ -33,7 +33,7 @@ def timed(name, fn):
     return wrapper
 
 
-def linear_name(self, x, name):
+def linear_name(self, x, name, quantized=None):
     role = name.rsplit(".", 1)[-1] if name.startswith("blk.") else name
     return f"matmul {role} ({self._tensor(name + '.weight').qtype.name})"
 
@@ -46,6 +46,8 @@ def instrument() -> None:
     transformer.rms_norm = timed("rms_norm", transformer.rms_norm)
     transformer.apply_rope = timed("rope", transformer.apply_rope)
     transformer.activate = timed("activation", transformer.activate)
+    transformer.quantize_activations = timed("activations quantized once for several matmuls",
+                                             transformer.quantize_activations)
     kv_cache.KVCache.write = timed("kv write", kv_cache.KVCache.write)
 
 

@@ -89,6 +89,17 @@ def test_avx512_pair_kernels_equal_256_bit_kernels_bit_for_bit(weights, qtype, m
         monkeypatch.undo()
 
 
+def test_activations_quantized_once_serve_every_weight_of_their_kind(weights):
+    """Q5_0 and Q8_0 weights both take Q8_0 activations: one quantization serves both calls."""
+    x = np.random.default_rng(3).standard_normal((20, K)).astype(np.float32)
+    assert linear.activation_quantizer(QType.Q5_0) is linear.activation_quantizer(QType.Q8_0)
+    assert linear.activation_quantizer(QType.F16) is None
+    shared = linear.quantize_activations(x, QType.Q5_0)
+    for qtype in (QType.Q5_0, QType.Q8_0):
+        w = quantize(weights, qtype)
+        assert np.array_equal(matmul(x, w, qtype, quantized=shared), matmul(x, w, qtype))
+
+
 def test_avx512_pair_kernels_run_where_the_cpu_has_avx512():
     features = llvm.get_host_cpu_features()
     expected = simd.host_isa() is simd.VNNI and all(

@@ -59,11 +59,24 @@ _NO_SUMS = np.zeros((1, 1), np.float32)
 _CHUNK_ORDER = np.array(CHUNK_ORDER)
 
 
-def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = None, isa=None) -> np.ndarray:
+def activation_quantizer(qtype: QType):
+    """The function that quantizes the activations for a `qtype` weight (None: float weights).
+    Weights with the same quantizer can share one `quantize_activations` result."""
+    return _INTEGER[qtype][0] if qtype in _INTEGER else None
+
+
+def quantize_activations(x: np.ndarray, qtype: QType) -> tuple:
+    """What `matmul` computes from x first for a `qtype` weight; pass it back as `quantized`."""
+    return _INTEGER[qtype][0](np.ascontiguousarray(x, dtype=np.float32))
+
+
+def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = None, isa=None,
+           quantized: tuple | None = None) -> np.ndarray:
     """x float32 [n_tok, k] times W (uint8 [m, row_bytes] in `qtype`'s layout) transposed -> [n_tok, m].
 
     `threads` sets Numba's thread count for this call; `isa` is `simd.VNNI`, `simd.AVX2` or `simd.PORTABLE`
-    (default: the best this CPU has).
+    (default: the best this CPU has); `quantized`: `quantize_activations(x, t)` for a type t with this
+    one's `activation_quantizer`, to quantize x once for several weights.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.ascontiguousarray(w).view(np.uint8)
@@ -78,7 +91,7 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
     if qtype not in _INTEGER:
         raise ValueError(f"no CPU matmul for {QType(qtype).name}")
     quantize, kernel = _INTEGER[qtype]
-    codes, scales, *sums = quantize(x)
+    codes, scales, *sums = quantize(x) if quantized is None else quantized
     isa = host_isa() if isa is None else isa
     if qtype in _DECODE_ONCE and x.shape[0] >= DECODE_ONCE_MIN_TOKENS:
         n_tok, k = codes.shape
