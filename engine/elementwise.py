@@ -19,37 +19,32 @@ from llmx.quant.cpu import simd as S
 
 
 @njit(cache=True, nogil=True)
-def _block_sum(a, lo, n):
-    """numpy's pairwise_sum for n <= 128: 8 lanes, combined as a tree, then the rest in order."""
+def _block_sum(x, lo, n):
+    """numpy's pairwise_sum of float64(x[i])^2 for i in lo..lo+n-1, n <= 128: lane i of 8 sums
+    elements i, i + 8, ... in order (one vector add per 8), combined as a tree, then the rest in order."""
     if n < 8:
         total = 0.0
-        for i in range(n):
-            total += a[lo + i]
+        for i in range(lo, lo + n):
+            total += np.float64(x[i]) * np.float64(x[i])
         return total
-    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
-    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
-    i = 8
-    while i < n - n % 8:
-        r0 += a[lo + i]
-        r1 += a[lo + i + 1]
-        r2 += a[lo + i + 2]
-        r3 += a[lo + i + 3]
-        r4 += a[lo + i + 4]
-        r5 += a[lo + i + 5]
-        r6 += a[lo + i + 6]
-        r7 += a[lo + i + 7]
-        i += 8
-    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < n:
-        total += a[lo + i]
-        i += 1
+    lanes = S.zero_f64x8()
+    raw = x.view(np.uint8)
+    whole = n - n % 8
+    for i in range(lo, lo + whole, 8):
+        lanes = S.add_f64x8(lanes, S.squares_f64x8(raw, 4 * i))
+    r = S.lane_f64x8
+    total = ((r(lanes, 0) + r(lanes, 1)) + (r(lanes, 2) + r(lanes, 3))) + \
+        ((r(lanes, 4) + r(lanes, 5)) + (r(lanes, 6) + r(lanes, 7)))
+    for i in range(lo + whole, lo + n):
+        total += np.float64(x[i]) * np.float64(x[i])
     return total
 
 
 @njit(cache=True, nogil=True)
 def pairwise_sum(a, lo, n):
-    """numpy's pairwise summation of float64 a[lo:lo + n]: halves (cut at a multiple of 8)
-    summed separately down to blocks of 128, so the mean square equals np.mean's to the last bit.
+    """numpy's pairwise summation of the float64 squares of float32 a[lo:lo + n]: halves (cut at a
+    multiple of 8) summed separately down to blocks of 128, so the mean square equals np.mean's to
+    the last bit.
     Numba cannot cache a recursive function, so the recursion runs on an explicit stack."""
     if n <= 128:
         return _block_sum(a, lo, n)
@@ -84,27 +79,24 @@ PARALLEL_ROWS = 16
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _rms_norm_row(x, weight, eps, out, r, squares):
-    """out[r] = x[r] * float32(1 / sqrt(mean(x[r]^2) + eps)) * weight; squares: float64 scratch."""
+def _rms_norm_row(x, weight, eps, out, r):
+    """out[r] = x[r] * float32(1 / sqrt(mean(x[r]^2) + eps)) * weight."""
     n = x.shape[1]
-    for i in range(n):
-        squares[i] = np.float64(x[r, i]) * np.float64(x[r, i])
-    scale = np.float32(1.0 / np.sqrt(pairwise_sum(squares, 0, n) / n + eps))
+    scale = np.float32(1.0 / np.sqrt(pairwise_sum(x[r], 0, n) / n + eps))
     for i in range(n):
         out[r, i] = (x[r, i] * scale) * weight[i]
 
 
 @njit(cache=True, nogil=True)
 def _rms_norm_rows(x, weight, eps, out):
-    squares = np.empty(x.shape[1], np.float64)
     for r in range(x.shape[0]):
-        _rms_norm_row(x, weight, eps, out, r, squares)
+        _rms_norm_row(x, weight, eps, out, r)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _rms_norm_rows_parallel(x, weight, eps, out):
     for r in prange(x.shape[0]):
-        _rms_norm_row(x, weight, eps, out, r, np.empty(x.shape[1], np.float64))
+        _rms_norm_row(x, weight, eps, out, r)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

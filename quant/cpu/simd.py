@@ -1142,3 +1142,45 @@ def _half(first):
 
 low_f32x8 = _half(0)  # lanes 0..7: the first token's share
 high_f32x8 = _half(8)  # lanes 8..15: the second's
+
+
+# -- 8 x f64: RMSNorm's sum of squares in numpy's pairwise order ---------------------------------
+
+F64x8 = Vec(types.float64, 8)
+_V8F64 = ir.VectorType(ir.DoubleType(), 8)
+
+
+@intrinsic
+def squares_f64x8(typingctx, array, byte_offset):
+    """8 float32 at `byte_offset`, each widened to float64 and squared (exact in float64)."""
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        wide = builder.fpext(builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _V8F32),
+                                          align=1), _V8F64)
+        return builder.fmul(wide, wide)
+
+    return F64x8(array, types.intp), codegen
+
+
+@intrinsic
+def zero_f64x8(typingctx):
+    def codegen(context, builder, signature, args):
+        return _const_vec(_V8F64, 0.0)
+
+    return F64x8(), codegen
+
+
+@intrinsic
+def add_f64x8(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1])
+
+    return F64x8(F64x8, F64x8), codegen
+
+
+@intrinsic
+def lane_f64x8(typingctx, v, i):
+    def codegen(context, builder, signature, args):
+        return builder.extract_element(args[0], args[1])
+
+    return types.float64(F64x8, types.int64), codegen
