@@ -381,7 +381,10 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
     quads = group // 4 if k_tiled and v_lanes == 8 else 0
     per_row = n_head_kv * quads + (n_head - 4 * n_head_kv * quads)
     for item in prange(n * per_row):
-        t, rest = item // per_row, item % per_row
+        # Rows in the order 0, n-1, 1, n-2, ...: a causal prompt's row t costs ~t, and threads take
+        # contiguous ranges of items, so each range gets early and late rows alike.
+        r, rest = item // per_row, item % per_row
+        t = r // 2 if r % 2 == 0 else n - 1 - r // 2
         table = tables[row_seq[t]]
         last = positions[t]
         first = max(0, last - window + 1) if window > 0 else 0
