@@ -242,6 +242,61 @@ def _pair_tile(isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p0, p1, nb, n_tok):
 
 
 @njit(inline="always")
+def _rows_scaled(f0, f1, f2, f3, i0, i1, i2, i3, sx, d, s):
+    """Four rows' float sums gain float(ints) x (d_row x dx), the pair's dx in sx."""
+    return (S.fma_f32x16(f0, i0, S.scale_f32x16(sx, d[s])), S.fma_f32x16(f1, i1, S.scale_f32x16(sx, d[s + 1])),
+            S.fma_f32x16(f2, i2, S.scale_f32x16(sx, d[s + 2])), S.fma_f32x16(f3, i3, S.scale_f32x16(sx, d[s + 3])))
+
+
+@njit(inline="always")
+def _pair_tile_4(isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p, nb):
+    """`_pair_tile` for pairs p..p+3 (all real): each decoded weight vector loaded once for 8 tokens.
+    Returns 16 float32x16 sums (pair major, then rows), then the four pairs' corrections."""
+    k = nb * QK
+    z = S.zero_f32x16()
+    f00 = f01 = f02 = f03 = f10 = f11 = f12 = f13 = z  # f<pair><row>
+    f20 = f21 = f22 = f23 = f30 = f31 = f32 = f33 = z
+    c0 = c1 = c2 = c3 = S.zero_f32x8()
+    for b in range(nb):
+        zi = S.zero_i32x16()
+        i00 = i01 = i02 = i03 = i10 = i11 = i12 = i13 = zi
+        i20 = i21 = i22 = i23 = i30 = i31 = i32 = i33 = zi
+        x0, x1 = (p * nb + b) * 16 * 64, ((p + 1) * nb + b) * 16 * 64
+        x2, x3 = ((p + 2) * nb + b) * 16 * 64, ((p + 3) * nb + b) * 16 * 64
+        wo = b * QK * 2
+        for c in range(16):  # 16 values of each token per step
+            v0, v1 = S.load_i16x32(x16p, x0 + 64 * c), S.load_i16x32(x16p, x1 + 64 * c)
+            v2, v3 = S.load_i16x32(x16p, x2 + 64 * c), S.load_i16x32(x16p, x3 + 64 * c)
+            w = S.load_twice_i16x32(w16, wo + 32 * c)
+            i00, i10, i20, i30 = S.dot_i16x32(i00, w, v0), S.dot_i16x32(i10, w, v1), S.dot_i16x32(i20, w, v2), \
+                S.dot_i16x32(i30, w, v3)
+            w = S.load_twice_i16x32(w16, wo + 2 * k + 32 * c)
+            i01, i11, i21, i31 = S.dot_i16x32(i01, w, v0), S.dot_i16x32(i11, w, v1), S.dot_i16x32(i21, w, v2), \
+                S.dot_i16x32(i31, w, v3)
+            w = S.load_twice_i16x32(w16, wo + 4 * k + 32 * c)
+            i02, i12, i22, i32 = S.dot_i16x32(i02, w, v0), S.dot_i16x32(i12, w, v1), S.dot_i16x32(i22, w, v2), \
+                S.dot_i16x32(i32, w, v3)
+            w = S.load_twice_i16x32(w16, wo + 6 * k + 32 * c)
+            i03, i13, i23, i33 = S.dot_i16x32(i03, w, v0), S.dot_i16x32(i13, w, v1), S.dot_i16x32(i23, w, v2), \
+                S.dot_i16x32(i33, w, v3)
+        s = b * GROUP
+        f00, f01, f02, f03 = _rows_scaled(f00, f01, f02, f03, i00, i01, i02, i03,
+                                          S.load_pair_f32x16(xdp, (p * nb + b) * 8), d, s)
+        f10, f11, f12, f13 = _rows_scaled(f10, f11, f12, f13, i10, i11, i12, i13,
+                                          S.load_pair_f32x16(xdp, ((p + 1) * nb + b) * 8), d, s)
+        f20, f21, f22, f23 = _rows_scaled(f20, f21, f22, f23, i20, i21, i22, i23,
+                                          S.load_pair_f32x16(xdp, ((p + 2) * nb + b) * 8), d, s)
+        f30, f31, f32, f33 = _rows_scaled(f30, f31, f32, f33, i30, i31, i32, i33,
+                                          S.load_pair_f32x16(xdp, ((p + 3) * nb + b) * 8), d, s)
+        t = 2 * p
+        c0 = _corrections(isa, extra, bs16, dc, b, nb, t, t + 1, xd[t, b], xd[t + 1, b], c0)
+        c1 = _corrections(isa, extra, bs16, dc, b, nb, t + 2, t + 3, xd[t + 2, b], xd[t + 3, b], c1)
+        c2 = _corrections(isa, extra, bs16, dc, b, nb, t + 4, t + 5, xd[t + 4, b], xd[t + 5, b], c2)
+        c3 = _corrections(isa, extra, bs16, dc, b, nb, t + 6, t + 7, xd[t + 6, b], xd[t + 7, b], c3)
+    return f00, f01, f02, f03, f10, f11, f12, f13, f20, f21, f22, f23, f30, f31, f32, f33, c0, c1, c2, c3
+
+
+@njit(inline="always")
 def _store_pair(out, t, r0, m, n_tok, f0, f1, f2, f3, k):
     """Rows r0..r0+3 for tokens t, t + 1: each half's `hsum_f32x8` plus its correction (k: row r,
     token t + j at lane 2r + j)."""
@@ -265,13 +320,23 @@ def _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, decode, block_
             for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
                 r0 = g * GROUP
                 _decode_group(decode, w, _row_offsets(r0, m, row_bytes), nb, block_bytes, w16, extra, d, dc)
-                for p in range(first, end, 2):
+                p = first
+                while p + 4 <= end and 2 * p + 8 <= n_tok:  # four whole pairs
+                    a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, g0, g1, g2, g3, k0, k1, k2, k3 = _pair_tile_4(
+                        isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p, nb)
+                    _store_pair(out, 2 * p, r0, m, n_tok, a0, a1, a2, a3, k0)
+                    _store_pair(out, 2 * p + 2, r0, m, n_tok, b0, b1, b2, b3, k1)
+                    _store_pair(out, 2 * p + 4, r0, m, n_tok, e0, e1, e2, e3, k2)
+                    _store_pair(out, 2 * p + 6, r0, m, n_tok, g0, g1, g2, g3, k3)
+                    p += 4
+                while p < end:
                     p1 = min(p + 1, end - 1)
                     f00, f01, f10, f11, f20, f21, f30, f31, k0, k1 = _pair_tile(
                         isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p, p1, nb, n_tok)
                     _store_pair(out, 2 * p, r0, m, n_tok, f00, f10, f20, f30, k0)
                     if p + 1 < end:
                         _store_pair(out, 2 * p + 2, r0, m, n_tok, f01, f11, f21, f31, k1)
+                    p += 2
 
 
 @njit(cache=True, nogil=True, parallel=True)
