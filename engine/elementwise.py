@@ -155,30 +155,33 @@ def gelu_table() -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _gelu_span(x, table, out, lo, hi):
+def _gelu_span(x, table, out, lo, hi, times):
+    """out[i] = gelu(x[i]) * times[i] for i in lo..hi-1 (times: empty for no product)."""
     for i in range(lo, hi):
         v = x[i]
-        out[i] = 0.0 if v <= -10 else v if v >= 10 else table[S.f16_bits(v)]
+        g = 0.0 if v <= -10 else v if v >= 10 else table[S.f16_bits(v)]
+        out[i] = g * times[i] if times.size else g
 
 
 @njit(cache=True, nogil=True)
-def _gelu(x, table, out):
-    _gelu_span(x, table, out, 0, x.size)
+def _gelu(x, table, out, times):
+    _gelu_span(x, table, out, 0, x.size, times)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _gelu_parallel(x, table, out, span):
+def _gelu_parallel(x, table, out, times, span):
     for c in prange((x.size + span - 1) // span):
-        _gelu_span(x, table, out, c * span, min(x.size, (c + 1) * span))
+        _gelu_span(x, table, out, c * span, min(x.size, (c + 1) * span), times)
 
 
-def gelu_tanh_f16(x: np.ndarray) -> np.ndarray:
+def gelu_tanh_f16(x: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
     """GELU as ggml's CPU backend: the float16 table at the input rounded to float16, and the
-    identity / zero beyond +-10."""
+    identity / zero beyond +-10; then times `times` (elementwise, float32), if given."""
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    other = np.empty(0, np.float32) if times is None else np.ascontiguousarray(times, dtype=np.float32).reshape(-1)
     out = np.empty_like(flat)
     if x.ndim > 1 and len(x) >= PARALLEL_ROWS:
-        _gelu_parallel(flat, gelu_table(), out, 16384)
+        _gelu_parallel(flat, gelu_table(), out, other, 16384)
     else:
-        _gelu(flat, gelu_table(), out)
+        _gelu(flat, gelu_table(), out, other)
     return out.reshape(x.shape)

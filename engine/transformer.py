@@ -141,7 +141,7 @@ class Transformer:
         x = x + attn
         h = rms_norm(x, self._vector(p + "ffn_norm.weight"), c.rms_eps)
         gate, up = self._linears(h, p + "ffn_gate", p + "ffn_up")
-        ffn = self._linear(activate(gate, c.activation) * up, p + "ffn_down")
+        ffn = self._linear(activate(gate, c.activation, up), p + "ffn_down")
         if c.post_norms:
             ffn = rms_norm(ffn, self._vector(p + "post_ffw_norm.weight"), c.rms_eps)
         return x + ffn
@@ -207,7 +207,8 @@ def yarn_mix(rope_dim: int, orig_ctx: int, base: float, freq_scale: float,
     return ramp[None, :], 1.0 + 0.1 * math.log(1.0 / freq_scale)
 
 
-def activate(x: np.ndarray, kind: str) -> np.ndarray:
+def activate(x: np.ndarray, kind: str, times: np.ndarray) -> np.ndarray:
+    """The gate's activation times `times` (the up projection)."""
     if kind == "silu":
-        return x / (np.float32(1) + np.exp(-x))
-    return gelu_tanh_f16(x)
+        return x / (np.float32(1) + np.exp(-x)) * times
+    return gelu_tanh_f16(x, times)

@@ -63,3 +63,6 @@ def test_gelu_same_bits_as_numpy():
     with np.errstate(all="ignore"):
         assert np.array_equal(gelu_tanh_f16(x), numpy_gelu_tanh_f16(x))  # many rows: split over threads
         assert np.array_equal(gelu_tanh_f16(x[:3]), numpy_gelu_tanh_f16(x[:3]))
+        up = rng.standard_normal(x.shape).astype(np.float32)  # the gate times the up projection
+        assert np.array_equal(gelu_tanh_f16(x, up), numpy_gelu_tanh_f16(x) * up)
+        assert np.array_equal(gelu_tanh_f16(x[:3], up[:3]), numpy_gelu_tanh_f16(x[:3]) * up[:3])
