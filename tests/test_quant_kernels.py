@@ -123,6 +123,8 @@ def test_activation_quantizers_match_reference():
     x = (np.random.default_rng(6).standard_normal((5, 1024)) * 4).astype(np.float32)
     x[0, :32] = 0
     x[1, 256:512] = 0
+    x[2, 300], x[2, 400] = -20, 20  # two values of the largest magnitude: the first one's sign counts
+    x[3, 40:44] = [0.5, 1.5, -2.5, 127]  # scaled by exactly 1: halves round to even
     for name in ("quantize_q8_0", "quantize_q8_1", "quantize_q8_k"):
         ours = getattr(activations, name)(x)
         expected = getattr(reference_activations, name)(x)

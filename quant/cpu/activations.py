@@ -9,18 +9,34 @@ from llmx.quant.cpu import simd as S
 
 
 @njit(inline="always")
+def _max_abs(raw, lo, n):
+    """max |x| over n float32 (n a multiple of 8) from element lo of raw (bytes), 8 lanes at a time."""
+    top = S.zero_f32x8()
+    for i in range(lo, lo + n, 8):
+        top = S.max_abs_f32x8(top, S.load_f32x8(raw, 4 * i))
+    amax = S.lane_f32x8(top, 0)
+    for i in range(1, 8):
+        amax = max(amax, S.lane_f32x8(top, i))
+    return amax
+
+
+@njit(inline="always")
+def _round_8(raw, codes, i, factor, cap):
+    """codes[i..i+7] = min(cap, rint(x * factor)); returns the 8 codes as int32 lanes."""
+    q = S.round_codes_i32x8(S.load_f32x8(raw, 4 * i), factor, cap)
+    S.store_i8x8(codes, i, q)
+    return q
+
+
+@njit(inline="always")
 def _q8_block(x, lo, codes):
     """One 32-value block at x[lo:lo+32] -> codes; returns (d unrounded, sum of codes)."""
-    amax = np.float32(0)
-    for i in range(lo, lo + 32):
-        amax = max(amax, abs(x[i]))
+    raw = x.view(np.uint8)
+    amax = _max_abs(raw, lo, 32)
     inv = np.float32(127) / amax if amax != 0 else np.float32(0)
-    total = 0
-    for i in range(lo, lo + 32):
-        q = np.int32(np.rint(x[i] * inv))
-        codes[i] = q
-        total += q
-    return amax / np.float32(127), total
+    q = S.add_i32x8(S.add_i32x8(_round_8(raw, codes, lo, inv, 127), _round_8(raw, codes, lo + 8, inv, 127)),
+                    S.add_i32x8(_round_8(raw, codes, lo + 16, inv, 127), _round_8(raw, codes, lo + 24, inv, 127)))
+    return amax / np.float32(127), S.hsum_i32x8(q)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -57,22 +73,20 @@ def quantize_q8_k(x):
     sums = np.empty((n, k // 16), np.int32)
     for t in prange(n):
         row = x[t]
+        raw = row.view(np.uint8)
         for b in range(k // 256):
             lo = b * 256
-            imax = lo
-            for i in range(lo, lo + 256):
-                if abs(row[i]) > abs(row[imax]):
-                    imax = i
+            amax = _max_abs(raw, lo, 256)
+            imax = lo  # the first value of largest magnitude (its sign matters)
+            while imax < lo + 255 and abs(row[imax]) != amax:
+                imax += 1
             maxv = row[imax]
             iscale = np.float32(-127) / maxv if maxv != 0 else np.float32(0)
             scales[t, b] = np.float32(1) / iscale if maxv != 0 else np.float32(0)
             for j in range(16):
-                total = 0
-                for i in range(lo + 16 * j, lo + 16 * j + 16):
-                    q = min(127, np.int32(np.rint(row[i] * iscale)))
-                    codes[t, i] = q
-                    total += q
-                sums[t, b * 16 + j] = total
+                at = lo + 16 * j
+                q = S.add_i32x8(_round_8(raw, codes[t], at, iscale, 127), _round_8(raw, codes[t], at + 8, iscale, 127))
+                sums[t, b * 16 + j] = S.hsum_i32x8(q)
     return codes, scales, sums
 
 

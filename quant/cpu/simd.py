@@ -1184,3 +1184,40 @@ def lane_f64x8(typingctx, v, i):
         return builder.extract_element(args[0], args[1])
 
     return types.float64(F64x8, types.int64), codegen
+
+
+# -- activation quantization (Q8_0 / Q8_K) on 8 lanes ----------------------------------------------
+
+
+@intrinsic
+def max_abs_f32x8(typingctx, top, v):
+    """Lane-wise max(top, |v|); a NaN in v leaves top (as a scalar `if |v| > top` scan does)."""
+    def codegen(context, builder, signature, args):
+        mag = _call(builder, "llvm.fabs.v8f32", _V8F32, [args[1]])
+        return builder.select(builder.fcmp_ordered(">", mag, args[0]), mag, args[0])
+
+    return F32x8(F32x8, F32x8), codegen
+
+
+@intrinsic
+def round_codes_i32x8(typingctx, v, factor, top):
+    """min(top, rint(v * factor)) as int32 on each lane (np.rint: halves to even)."""
+    def codegen(context, builder, signature, args):
+        scaled = builder.fmul(args[0], _splat(builder, args[1], _V8F32))
+        ints = builder.fptosi(_call(builder, "llvm.rint.v8f32", _V8F32, [scaled]), _V8I32)
+        cap = _splat(builder, args[2], _V8I32)
+        return builder.select(builder.icmp_signed("<", ints, cap), ints, cap)
+
+    return I32x8(F32x8, types.float32, types.int32), codegen
+
+
+@intrinsic
+def store_i8x8(typingctx, array, byte_offset, v):
+    """The low byte of each of 8 int32 lanes, 8 bytes at `byte_offset`."""
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = _pointer(context, builder, signature.args[0], args[0], offset, ir.VectorType(_I8, 8))
+        builder.store(builder.trunc(args[2], ir.VectorType(_I8, 8)), ptr, align=1)
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp, I32x8), codegen
