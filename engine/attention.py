@@ -422,7 +422,7 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
     tables, row_seq, positions = np.ascontiguousarray(tables, dtype=np.int32), np.asarray(row_seq, np.int64), \
         positions.astype(np.int64)
     if tiled and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and S.has_avx512_pairs():
-        q2 = np.ascontiguousarray(q16.reshape(n, n_head // 2, 2, d // 8, 8).transpose(0, 1, 3, 2, 4)).reshape(-1)
+        q2 = _head_pairs(q16)
         cells = _cells(tables, row_seq, positions, keys.shape[1], keys.shape[2])
     else:
         q2, cells = np.empty(0, np.float32), np.empty((0, 0), np.int64)
@@ -440,3 +440,17 @@ def _cells(tables: np.ndarray, row_seq: np.ndarray, positions: np.ndarray, block
     span = np.minimum(np.arange(int(positions.max()) + 1 + PAD)[None, :], last[:, None])  # [n_seqs, span]
     blocks = np.take_along_axis(tables, span // block_size, axis=1).astype(np.int64)
     return (blocks * block_size + span % block_size) * n_head_kv
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _head_pairs(q):
+    """float32 [n, n_head, d] -> [n, n_head / 2, d / 8, 2, 8] flat: heads 2i, 2i + 1 interleaved by 8."""
+    n, n_head, d = q.shape
+    out = np.empty(n * n_head * d, np.float32)
+    for t in prange(n):
+        for h in range(n_head):
+            base = (t * n_head + h - h % 2) * d + 8 * (h % 2)
+            for c in range(d // 8):
+                for i in range(8):
+                    out[base + 16 * c + i] = q[t, h, 8 * c + i]
+    return out
