@@ -41,16 +41,17 @@ def _block_sum(x, lo, n):
 
 
 @njit(cache=True, nogil=True)
-def pairwise_sum(a, lo, n):
+def pairwise_sum(a, lo, n, frames, left):
     """numpy's pairwise summation of the float64 squares of float32 a[lo:lo + n]: halves (cut at a
     multiple of 8) summed separately down to blocks of 128, so the mean square equals np.mean's to
     the last bit.
-    Numba cannot cache a recursive function, so the recursion runs on an explicit stack."""
+    Numba cannot cache a recursive function, so the recursion runs on an explicit stack, scratch
+    the caller allocates once for many rows: frames int64 [3, 64] (start, size, stage), left
+    float64 [64] (a frame's left half's sum)."""
     if n <= 128:
         return _block_sum(a, lo, n)
-    starts, sizes = np.empty(64, np.int64), np.empty(64, np.int64)
-    stage, left = np.zeros(64, np.int64), np.empty(64, np.float64)
-    top, starts[0], sizes[0] = 0, lo, n
+    starts, sizes, stage = frames[0], frames[1], frames[2]
+    top, starts[0], sizes[0], stage[0] = 0, lo, n, 0
     result = 0.0
     while True:
         start, size = starts[top], sizes[top]
@@ -79,24 +80,29 @@ PARALLEL_ROWS = 16
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _rms_norm_row(x, weight, eps, out, r):
+def _rms_norm_row(x, weight, eps, out, r, frames, left):
     """out[r] = x[r] * float32(1 / sqrt(mean(x[r]^2) + eps)) * weight."""
     n = x.shape[1]
-    scale = np.float32(1.0 / np.sqrt(pairwise_sum(x[r], 0, n) / n + eps))
+    scale = np.float32(1.0 / np.sqrt(pairwise_sum(x[r], 0, n, frames, left) / n + eps))
     for i in range(n):
         out[r, i] = (x[r, i] * scale) * weight[i]
 
 
 @njit(cache=True, nogil=True)
 def _rms_norm_rows(x, weight, eps, out):
+    frames, left = np.empty((3, 64), np.int64), np.empty(64, np.float64)
     for r in range(x.shape[0]):
-        _rms_norm_row(x, weight, eps, out, r)
+        _rms_norm_row(x, weight, eps, out, r, frames, left)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _rms_norm_rows_parallel(x, weight, eps, out):
-    for r in prange(x.shape[0]):
-        _rms_norm_row(x, weight, eps, out, r)
+    rows = x.shape[0]
+    chunks = min(rows, 64)
+    for c in prange(chunks):  # each chunk of rows allocates its scratch once
+        frames, left = np.empty((3, 64), np.int64), np.empty(64, np.float64)
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            _rms_norm_row(x, weight, eps, out, r, frames, left)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
