@@ -1221,3 +1221,32 @@ def store_i8x8(typingctx, array, byte_offset, v):
         return context.get_dummy_value()
 
     return types.void(array, types.intp, I32x8), codegen
+
+
+@intrinsic
+def gelu_table_f32x16(typingctx, table, v):
+    """16 lanes of ggml's GELU: table[float16 bits of v] (one gather), 0 where v <= -10, v where v >= 10."""
+    def codegen(context, builder, signature, args):
+        data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0]).data
+        x = args[1]
+        bits = builder.bitcast(builder.fptrunc(x, ir.VectorType(ir.HalfType(), 16)), ir.VectorType(_I16, 16))
+        i64x16 = ir.VectorType(ir.IntType(64), 16)
+        offsets = builder.mul(builder.zext(bits, i64x16), _const_vec(i64x16, 4))  # float32 entries
+        addresses = builder.add(_splat(builder, builder.ptrtoint(data, ir.IntType(64)), i64x16), offsets)
+        ptrs = builder.inttoptr(addresses, ir.VectorType(data.type, 16))
+        true = ir.Constant(ir.VectorType(ir.IntType(1), 16), [ir.Constant(ir.IntType(1), 1)] * 16)
+        looked = _call(builder, "llvm.masked.gather.v16f32.v16p0", _V16F32,
+                       [ptrs, ir.Constant(_I32, 4), true, ir.Constant(_V16F32, ir.Undefined)])
+        low = builder.fcmp_ordered("<=", x, _const_vec(_V16F32, -10.0))
+        high = builder.fcmp_ordered(">=", x, _const_vec(_V16F32, 10.0))
+        return builder.select(low, _const_vec(_V16F32, 0.0), builder.select(high, x, looked))
+
+    return F32x16(table, F32x16), codegen
+
+
+@intrinsic
+def mul_f32x16(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.fmul(args[0], args[1])
+
+    return F32x16(F32x16, F32x16), codegen
