@@ -186,6 +186,7 @@ def _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, decode, block_bytes):
 # tile's vector holds for its token, lane for lane: the same bits.
 #     x16p int16 [n_pairs * nb * 16 * 2 * 16]   16 values of token 2p, then 16 of 2p + 1, ...
 #     xdp  float32 [n_pairs * nb * 2]            the super-block scales of tokens 2p, 2p + 1
+#     bs16p int16 [n_pairs * nb * 2 * 16]        the activation sums per 16 values, pairs side by side
 # Many tokens (a prompt) go in blocks of PAIR_BLOCK pairs, each block against every row group: the
 # int16 activations of 512 tokens (2 MB at k = 2048) would be re-read from L3 by every row group;
 # a block's stay in L2, and decoding the rows once per block costs less.
@@ -193,17 +194,22 @@ PAIR_BLOCK = 64
 
 
 @njit(inline="always")
-def _corrections(isa, extra, bs16, dc, b, nb, ta, tb, da, db, corr):
-    extras = S.hsum8_i32x8(
-        _extra_dot(isa, extra, bs16, 0, b, ta, nb), _extra_dot(isa, extra, bs16, 0, b, tb, nb),
-        _extra_dot(isa, extra, bs16, 1, b, ta, nb), _extra_dot(isa, extra, bs16, 1, b, tb, nb),
-        _extra_dot(isa, extra, bs16, 2, b, ta, nb), _extra_dot(isa, extra, bs16, 2, b, tb, nb),
-        _extra_dot(isa, extra, bs16, 3, b, ta, nb), _extra_dot(isa, extra, bs16, 3, b, tb, nb))
-    return S.sub_scaled_f32x8(corr, S.pair_scales_f32x8(dc, b * GROUP * 4, da, db), extras)
+def _corrections(extra, bs16p, dc, b, nb, p, da, db, corr):
+    """Pair p's integer corrections for the 4 rows' super-block b (16 products each, both tokens in
+    one 512-bit dot per row), reduced to [rows of token 2p, rows of token 2p + 1], then scaled and
+    taken from corr (same layout) as the 256-bit tile does, lane by lane."""
+    sums = S.load_i16x32(bs16p, (p * nb + b) * 64)
+    z = S.zero_i32x16()
+    e0 = S.dot_i16x32(z, S.load_twice_i16x32(extra, b * 32), sums)
+    e1 = S.dot_i16x32(z, S.load_twice_i16x32(extra, (nb + b) * 32), sums)
+    e2 = S.dot_i16x32(z, S.load_twice_i16x32(extra, (2 * nb + b) * 32), sums)
+    e3 = S.dot_i16x32(z, S.load_twice_i16x32(extra, (3 * nb + b) * 32), sums)
+    extras = S.hsum_halves_i32x16(e0, e1, e2, e3)
+    return S.sub_scaled_f32x8(corr, S.rows_pair_scales_f32x8(dc, b * GROUP * 4, da, db), extras)
 
 
 @njit(inline="always")
-def _pair_tile(isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p0, p1, nb, n_tok):
+def _pair_tile(x16p, xdp, xd, bs16p, w16, extra, d, dc, p0, p1, nb, n_tok):
     """4 decoded rows x pairs p0, p1 -> 8 float32x16 sums (rows major, pair p0 first) and the two
     pairs' corrections (8 lanes each: row r, token 2p + j at lane 2r + j)."""
     k = nb * QK
@@ -236,8 +242,8 @@ def _pair_tile(isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p0, p1, nb, n_tok):
         f21 = S.fma_f32x16(f21, i21, S.scale_f32x16(sb, d[s + 2]))
         f30 = S.fma_f32x16(f30, i30, S.scale_f32x16(sa, d[s + 3]))
         f31 = S.fma_f32x16(f31, i31, S.scale_f32x16(sb, d[s + 3]))
-        corr0 = _corrections(isa, extra, bs16, dc, b, nb, t00, t01, xd[t00, b], xd[t01, b], corr0)
-        corr1 = _corrections(isa, extra, bs16, dc, b, nb, t10, t11, xd[t10, b], xd[t11, b], corr1)
+        corr0 = _corrections(extra, bs16p, dc, b, nb, p0, xd[t00, b], xd[t01, b], corr0)
+        corr1 = _corrections(extra, bs16p, dc, b, nb, p1, xd[t10, b], xd[t11, b], corr1)
     return f00, f01, f10, f11, f20, f21, f30, f31, corr0, corr1
 
 
@@ -249,7 +255,7 @@ def _rows_scaled(f0, f1, f2, f3, i0, i1, i2, i3, sx, d, s):
 
 
 @njit(inline="always")
-def _pair_tile_4(isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p, nb):
+def _pair_tile_4(x16p, xdp, xd, bs16p, w16, extra, d, dc, p, nb):
     """`_pair_tile` for pairs p..p+3 (all real): each decoded weight vector loaded once for 8 tokens.
     Returns 16 float32x16 sums (pair major, then rows), then the four pairs' corrections."""
     k = nb * QK
@@ -289,23 +295,23 @@ def _pair_tile_4(isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p, nb):
         f30, f31, f32, f33 = _rows_scaled(f30, f31, f32, f33, i30, i31, i32, i33,
                                           S.load_pair_f32x16(xdp, ((p + 3) * nb + b) * 8), d, s)
         t = 2 * p
-        c0 = _corrections(isa, extra, bs16, dc, b, nb, t, t + 1, xd[t, b], xd[t + 1, b], c0)
-        c1 = _corrections(isa, extra, bs16, dc, b, nb, t + 2, t + 3, xd[t + 2, b], xd[t + 3, b], c1)
-        c2 = _corrections(isa, extra, bs16, dc, b, nb, t + 4, t + 5, xd[t + 4, b], xd[t + 5, b], c2)
-        c3 = _corrections(isa, extra, bs16, dc, b, nb, t + 6, t + 7, xd[t + 6, b], xd[t + 7, b], c3)
+        c0 = _corrections(extra, bs16p, dc, b, nb, p, xd[t, b], xd[t + 1, b], c0)
+        c1 = _corrections(extra, bs16p, dc, b, nb, p + 1, xd[t + 2, b], xd[t + 3, b], c1)
+        c2 = _corrections(extra, bs16p, dc, b, nb, p + 2, xd[t + 4, b], xd[t + 5, b], c2)
+        c3 = _corrections(extra, bs16p, dc, b, nb, p + 3, xd[t + 6, b], xd[t + 7, b], c3)
     return f00, f01, f02, f03, f10, f11, f12, f13, f20, f21, f22, f23, f30, f31, f32, f33, c0, c1, c2, c3
 
 
 @njit(inline="always")
 def _store_pair(out, t, r0, m, n_tok, f0, f1, f2, f3, k):
-    """Rows r0..r0+3 for tokens t, t + 1: each half's `hsum_f32x8` plus its correction (k: row r,
-    token t + j at lane 2r + j)."""
-    sums = S.add_f32x8(S.hsum_halves_f32x8(f0, f1, f2, f3), S.even_odd_f32x8(k))
+    """Rows r0..r0+3 for tokens t, t + 1: each half's `hsum_f32x8` plus its correction (k: rows of
+    token t, then rows of token t + 1)."""
+    sums = S.add_f32x8(S.hsum_halves_f32x8(f0, f1, f2, f3), k)
     store_sums(out, t, r0, m, n_tok, sums)
 
 
 @njit(inline="always")
-def _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, decode, block_bytes):
+def _pair_kmatmul(x16p, xdp, xd, bs16p, w, row_bytes, m, out, decode, block_bytes):
     n_tok, nb = xd.shape
     n_pairs = (n_tok + 1) // 2
     n_groups = (m + GROUP - 1) // GROUP
@@ -323,7 +329,7 @@ def _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, decode, block_
                 p = first
                 while p + 4 <= end and 2 * p + 8 <= n_tok:  # four whole pairs
                     a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, g0, g1, g2, g3, k0, k1, k2, k3 = _pair_tile_4(
-                        isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p, nb)
+                        x16p, xdp, xd, bs16p, w16, extra, d, dc, p, nb)
                     _store_pair(out, 2 * p, r0, m, n_tok, a0, a1, a2, a3, k0)
                     _store_pair(out, 2 * p + 2, r0, m, n_tok, b0, b1, b2, b3, k1)
                     _store_pair(out, 2 * p + 4, r0, m, n_tok, e0, e1, e2, e3, k2)
@@ -332,7 +338,7 @@ def _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, decode, block_
                 while p < end:
                     p1 = min(p + 1, end - 1)
                     f00, f01, f10, f11, f20, f21, f30, f31, k0, k1 = _pair_tile(
-                        isa, x16p, xdp, xd, bs16, w16, extra, d, dc, p, p1, nb, n_tok)
+                        x16p, xdp, xd, bs16p, w16, extra, d, dc, p, p1, nb, n_tok)
                     _store_pair(out, 2 * p, r0, m, n_tok, f00, f10, f20, f30, k0)
                     if p + 1 < end:
                         _store_pair(out, 2 * p + 2, r0, m, n_tok, f01, f11, f21, f31, k1)
@@ -340,28 +346,28 @@ def _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, decode, block_
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def pair_kmatmul_q2_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
-    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q2_k, 84)
+def pair_kmatmul_q2_k(x16p, xdp, xd, bs16p, w, row_bytes, m, out):
+    _pair_kmatmul(x16p, xdp, xd, bs16p, w, row_bytes, m, out, _decode_q2_k, 84)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def pair_kmatmul_q3_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
-    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q3_k, 110)
+def pair_kmatmul_q3_k(x16p, xdp, xd, bs16p, w, row_bytes, m, out):
+    _pair_kmatmul(x16p, xdp, xd, bs16p, w, row_bytes, m, out, _decode_q3_k, 110)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def pair_kmatmul_q4_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
-    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q4_k, 144)
+def pair_kmatmul_q4_k(x16p, xdp, xd, bs16p, w, row_bytes, m, out):
+    _pair_kmatmul(x16p, xdp, xd, bs16p, w, row_bytes, m, out, _decode_q4_k, 144)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def pair_kmatmul_q5_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
-    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q5_k, 176)
+def pair_kmatmul_q5_k(x16p, xdp, xd, bs16p, w, row_bytes, m, out):
+    _pair_kmatmul(x16p, xdp, xd, bs16p, w, row_bytes, m, out, _decode_q5_k, 176)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def pair_kmatmul_q6_k(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa):
-    _pair_kmatmul(x16p, xdp, xd, bs16, w, row_bytes, m, out, isa, _decode_q6_k, 210)
+def pair_kmatmul_q6_k(x16p, xdp, xd, bs16p, w, row_bytes, m, out):
+    _pair_kmatmul(x16p, xdp, xd, bs16p, w, row_bytes, m, out, _decode_q6_k, 210)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -99,7 +99,8 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
         if n_tok >= PAIRED_K_MIN_TOKENS and isa is VNNI and has_avx512_pairs():
             xdp = pairmatmul.pair_layout(scales.reshape(*scales.shape, 1))
             kernel = _DECODE_ONCE_PAIRED[qtype]
-            kernel(pairmatmul.q8_k_pairs(codes), xdp, scales, sums16, w.reshape(-1), row_bytes, m, out, isa)
+            sums16p = pairmatmul.pair_layout(sums16.reshape(n_tok, -1, 16))
+            kernel(pairmatmul.q8_k_pairs(codes), xdp, scales, sums16p, w.reshape(-1), row_bytes, m, out)
             return out
         ordered = codes.reshape(n_tok, k // 32, 32)[:, :, _CHUNK_ORDER].astype(np.int16)  # [n_tok, k / 32, 32]
         _DECODE_ONCE[qtype](ordered.reshape(-1), scales, sums16, w.reshape(-1), row_bytes, m, out, isa)

@@ -1045,12 +1045,38 @@ def hsum_halves_f32x8(typingctx, a0, a1, a2, a3):
 
 
 @intrinsic
-def even_odd_f32x8(typingctx, v):
-    """[v0, v2, v4, v6, v1, v3, v5, v7]."""
+def hsum_halves_i32x16(typingctx, a0, a1, a2, a3):
+    """[sum(low(a0)), .., sum(low(a3)), sum(high(a0)), .., sum(high(a3))]: 8 integer sums at once."""
     def codegen(context, builder, signature, args):
-        return _shuffle(builder, args[0], [0, 2, 4, 6, 1, 3, 5, 7])
+        def pick(a, b, indices):
+            mask = ir.Constant(ir.VectorType(_I32, 8), [ir.Constant(_I32, i) for i in indices])
+            return builder.shuffle_vector(a, b, mask)
 
-    return F32x8(F32x8), codegen
+        quads = [builder.add(_shuffle(builder, a, [0, 1, 2, 3, 8, 9, 10, 11]),
+                             _shuffle(builder, a, [4, 5, 6, 7, 12, 13, 14, 15])) for a in args]
+        pairs = [builder.add(pick(x, y, [0, 1, 8, 9, 4, 5, 12, 13]), pick(x, y, [2, 3, 10, 11, 6, 7, 14, 15]))
+                 for x, y in ((quads[0], quads[1]), (quads[2], quads[3]))]
+        return builder.add(pick(pairs[0], pairs[1], [0, 2, 8, 10, 4, 6, 12, 14]),
+                           pick(pairs[0], pairs[1], [1, 3, 9, 11, 5, 7, 13, 15]))
+
+    return I32x8(I32x16, I32x16, I32x16, I32x16), codegen
+
+
+@intrinsic
+def rows_pair_scales_f32x8(typingctx, array, byte_offset, xa, xb):
+    """4 float32 s0..s3 at `byte_offset` -> [s0*xa, .., s3*xa, s0*xb, .., s3*xb], each product
+    rounded to float32 as the scalar product would be."""
+    sig = F32x8(array, types.intp, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        four = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, ir.VectorType(_F32, 4)),
+                            align=1)
+        xs = builder.insert_element(ir.Constant(ir.VectorType(_F32, 2), ir.Undefined), args[2], ir.Constant(_I32, 0))
+        xs = builder.insert_element(xs, args[3], ir.Constant(_I32, 1))
+        return builder.fmul(_shuffle(builder, four, [0, 1, 2, 3] * 2), _shuffle(builder, xs, [0] * 4 + [1] * 4))
+
+    return sig, codegen
 
 
 def _store_quarter(first):
