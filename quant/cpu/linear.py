@@ -97,10 +97,7 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
         n_tok, k = codes.shape
         sums16 = sums[0].astype(np.int16).reshape(-1)
         if n_tok >= PAIRED_K_MIN_TOKENS and isa is VNNI and has_avx512_pairs():
-            xdp = pairmatmul.pair_layout(scales.reshape(*scales.shape, 1))
-            kernel = _DECODE_ONCE_PAIRED[qtype]
-            sums16p = pairmatmul.pair_layout(sums16.reshape(n_tok, -1, 16))
-            kernel(pairmatmul.q8_k_pairs(codes), xdp, scales, sums16p, w.reshape(-1), row_bytes, m, out)
+            _paired_k(qtype, codes, scales, sums16, w, out)
             return out
         ordered = codes.reshape(n_tok, k // 32, 32)[:, :, _CHUNK_ORDER].astype(np.int16)  # [n_tok, k / 32, 32]
         _DECODE_ONCE[qtype](ordered.reshape(-1), scales, sums16, w.reshape(-1), row_bytes, m, out, isa)
@@ -123,3 +120,14 @@ def _paired(qtype: QType, codes: np.ndarray, scales: np.ndarray, w: np.ndarray, 
     xd = pairmatmul.pair_layout(scales.reshape(n_tok, k // 32, 1))
     m, row_bytes = w.shape
     _PAIRED[qtype](pairmatmul.q8_0_pairs(codes), xd, w.reshape(-1), row_bytes, m, n_tok, out)
+
+
+def _paired_k(qtype: QType, codes: np.ndarray, scales: np.ndarray, sums16: np.ndarray, w: np.ndarray,
+              out: np.ndarray) -> None:
+    """The AVX-512 kernel for k-quants: Q8_K activations (int16, CHUNK_ORDER), their scales and sums
+    per 16 values, each in `kmatmul`'s pair layout."""
+    n_tok = codes.shape[0]
+    xdp = pairmatmul.pair_layout(scales.reshape(*scales.shape, 1))
+    sums16p = pairmatmul.pair_layout(sums16.reshape(n_tok, -1, 16))
+    m, row_bytes = w.shape
+    _DECODE_ONCE_PAIRED[qtype](pairmatmul.q8_k_pairs(codes), xdp, scales, sums16p, w.reshape(-1), row_bytes, m, out)

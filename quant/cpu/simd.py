@@ -902,14 +902,13 @@ def _load_vec(vector_type):
             offset = context.cast(builder, args[1], signature.args[1], types.intp)
             return builder.load(_pointer(context, builder, signature.args[0], args[0], offset, vector_type), align=1)
 
-        vec = {_V64I8: I8x64, _V16I32: I32x16, _V16F32: F32x16, _V32I16: I16x32}[vector_type]
+        vec = {_V64I8: I8x64, _V16F32: F32x16, _V32I16: I16x32}[vector_type]
         return vec(array, types.intp), codegen
 
     return load
 
 
 load_i8x64 = _load_vec(_V64I8)
-load_i32x16 = _load_vec(_V16I32)
 load_f32x16 = _load_vec(_V16F32)
 load_i16x32 = _load_vec(_V32I16)
 
@@ -1025,21 +1024,26 @@ def store_f32x16(typingctx, array, byte_offset, v):
     return types.void(array, types.intp, F32x16), codegen
 
 
+def _halves_sums(builder, vectors, add):
+    """Four 16-lane vectors -> [sum of each one's lanes 0..7, then of each one's lanes 8..15], each
+    sum in `hsum_f32x8`'s order ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7)), by transposing adds."""
+    def pick(a, b, indices):
+        mask = ir.Constant(ir.VectorType(_I32, 8), [ir.Constant(_I32, i) for i in indices])
+        return builder.shuffle_vector(a, b, mask)
+
+    quads = [add(_shuffle(builder, a, [0, 1, 2, 3, 8, 9, 10, 11]), _shuffle(builder, a, [4, 5, 6, 7, 12, 13, 14, 15]))
+             for a in vectors]
+    pairs = [add(pick(x, y, [0, 1, 8, 9, 4, 5, 12, 13]), pick(x, y, [2, 3, 10, 11, 6, 7, 14, 15]))
+             for x, y in ((quads[0], quads[1]), (quads[2], quads[3]))]
+    ab, cd = pairs  # vectors 0, 1 and 2, 3 half reduced
+    return add(pick(ab, cd, [0, 2, 8, 10, 4, 6, 12, 14]), pick(ab, cd, [1, 3, 9, 11, 5, 7, 13, 15]))
+
+
 @intrinsic
 def hsum_halves_f32x8(typingctx, a0, a1, a2, a3):
-    """[hsum(low(a0)), .., hsum(low(a3)), hsum(high(a0)), .., hsum(high(a3))], each sum in
-    `hsum_f32x8`'s order ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7)): eight sums by transposing adds."""
+    """[hsum(low(a0)), .., hsum(low(a3)), hsum(high(a0)), .., hsum(high(a3))], bit for bit `hsum_f32x8`."""
     def codegen(context, builder, signature, args):
-        def pick(a, b, indices):
-            mask = ir.Constant(ir.VectorType(_I32, 8), [ir.Constant(_I32, i) for i in indices])
-            return builder.shuffle_vector(a, b, mask)
-
-        quads = [builder.fadd(_shuffle(builder, a, [0, 1, 2, 3, 8, 9, 10, 11]),
-                              _shuffle(builder, a, [4, 5, 6, 7, 12, 13, 14, 15])) for a in args]
-        pairs = [builder.fadd(pick(x, y, [0, 1, 8, 9, 4, 5, 12, 13]), pick(x, y, [2, 3, 10, 11, 6, 7, 14, 15]))
-                 for x, y in ((quads[0], quads[1]), (quads[2], quads[3]))]
-        return builder.fadd(pick(pairs[0], pairs[1], [0, 2, 8, 10, 4, 6, 12, 14]),
-                            pick(pairs[0], pairs[1], [1, 3, 9, 11, 5, 7, 13, 15]))
+        return _halves_sums(builder, args, builder.fadd)
 
     return F32x8(F32x16, F32x16, F32x16, F32x16), codegen
 
@@ -1048,16 +1052,7 @@ def hsum_halves_f32x8(typingctx, a0, a1, a2, a3):
 def hsum_halves_i32x16(typingctx, a0, a1, a2, a3):
     """[sum(low(a0)), .., sum(low(a3)), sum(high(a0)), .., sum(high(a3))]: 8 integer sums at once."""
     def codegen(context, builder, signature, args):
-        def pick(a, b, indices):
-            mask = ir.Constant(ir.VectorType(_I32, 8), [ir.Constant(_I32, i) for i in indices])
-            return builder.shuffle_vector(a, b, mask)
-
-        quads = [builder.add(_shuffle(builder, a, [0, 1, 2, 3, 8, 9, 10, 11]),
-                             _shuffle(builder, a, [4, 5, 6, 7, 12, 13, 14, 15])) for a in args]
-        pairs = [builder.add(pick(x, y, [0, 1, 8, 9, 4, 5, 12, 13]), pick(x, y, [2, 3, 10, 11, 6, 7, 14, 15]))
-                 for x, y in ((quads[0], quads[1]), (quads[2], quads[3]))]
-        return builder.add(pick(pairs[0], pairs[1], [0, 2, 8, 10, 4, 6, 12, 14]),
-                           pick(pairs[0], pairs[1], [1, 3, 9, 11, 5, 7, 13, 15]))
+        return _halves_sums(builder, args, builder.add)
 
     return I32x8(I32x16, I32x16, I32x16, I32x16), codegen
 
