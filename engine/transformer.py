@@ -26,7 +26,7 @@ from llmx.engine.kv_cache import KVCache, SequenceHandle
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
-from llmx.quant.cpu.linear import activation_quantizer, matmul, quantize_activations
+from llmx.quant.cpu.linear import activation_quantizer, matmul, pack, quantize_activations
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,15 @@ class Transformer:
     threads: int | None = None
     # Called with (weight name, float32 input [n, k]) before each matmul: `llmx imatrix` listens here.
     observe_matmul: Callable[[str, np.ndarray], None] | None = None
+    # weight name -> its copy in the layout llama.cpp's CPU backend repacks it into at load (`linear.pack`)
+    packed: dict[str, np.ndarray] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, tensor in self.tensors.items():
+            if name.endswith(".weight") and name != "token_embd.weight" and tensor.data.ndim == 2:
+                packed = pack(tensor.data.view(np.uint8), tensor.qtype)
+                if packed is not None:
+                    self.packed[name] = packed
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, config: ModelConfig, threads: int | None = None) -> Transformer:
@@ -79,7 +88,8 @@ class Transformer:
         tensor = self._tensor(f"{name}.weight")
         if self.observe_matmul is not None:
             self.observe_matmul(tensor.name, x)
-        out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, quantized=quantized)
+        out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, quantized=quantized,
+                     packed=self.packed.get(tensor.name))
         bias = self.tensors.get(f"{name}.bias")
         return out if bias is None else out + bias.data.astype(np.float32)
 

@@ -43,3 +43,21 @@ def matmul_reference(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
     mins = FORMATS[qtype].blocks(w)["m"].astype(np.float64).reshape(w.shape[0], -1)  # [m, nb]
     scaled = weights - np.repeat(mins, 32, axis=1)
     return activations.dequantize_activations(codes, scales) @ scaled.T + sums.astype(np.float64) @ mins.T
+
+
+def repacked_q4_0_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """float32 [n_tok, m]: llama.cpp's repacked Q4_0 kernels (`ggml_gemm_q4_0_8x8_q8_0`) step by step.
+    Per (token, row), over the blocks in order: acc = fma(float(integer block dot), float32(dw * dx), acc).
+    The fma is taken in float64 (the product is exact there) and rounded once to float32."""
+    m = w.shape[0]
+    blocks = FORMATS[QType.Q4_0].blocks(w).reshape(m, -1)  # [m, nb]
+    qs = blocks["qs"].astype(np.int64)  # [m, nb, 16]: value j in the low nibble of byte j, j + 16 in the high
+    codes_w = np.concatenate([qs & 0x0F, qs >> 4], axis=2) - 8  # [m, nb, 32]
+    codes, scales = activations.quantize_q8_0(np.asarray(x, np.float32))
+    codes_x = codes.reshape(len(x), -1, 32).astype(np.int64)  # [n_tok, nb, 32]
+    acc = np.zeros((len(x), m), np.float32)
+    for b in range(blocks.shape[1]):
+        dots = (codes_x[:, b] @ codes_w[:, b].T).astype(np.float64)  # [n_tok, m], exact
+        scale = (blocks["d"][:, b].astype(np.float32)[None, :] * scales[:, b, None]).astype(np.float64)
+        acc = (dots * scale + acc).astype(np.float32)
+    return acc

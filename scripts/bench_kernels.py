@@ -5,6 +5,7 @@ the ratio of GB/s to the read bandwidth that a Numba streaming-sum kernel reache
 number of threads (with software prefetch, as the kernels use; the plain streaming sum's figure
 is printed too), and (batch > 1) tokens/s relative to batch 1. Shapes whose rows are not whole
 blocks of a type (k-quants need k % 256 == 0) are skipped, as llama.cpp picks another type there.
+Weights are prepared as the model prepares a weight matrix at load (`linear.pack`: Q4_0 repacked).
 
 Usage: python scripts/bench_kernels.py [--types Q8_0,Q4_K] [--shapes 4096x4096] [--batches 1,16]
                                        [--threads 1,2] [--isa avx2|portable] [--json]
@@ -21,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from llmx.quant.cpu import simd
-from llmx.quant.cpu.linear import matmul
+from llmx.quant.cpu.linear import matmul, pack
 from llmx.quant.formats import quantize
 from llmx.quant.qtypes import QType, block_size
 
@@ -75,12 +76,12 @@ def make_weights(qtype: QType, m: int, k: int, rng) -> np.ndarray:
     return np.ascontiguousarray(np.tile(seed, (-(-m // seed.shape[0]), 1))[:m])
 
 
-def time_matmul(x, w, qtype, threads, isa, min_seconds=0.3) -> float:
-    matmul(x, w, qtype, threads=threads, isa=isa)  # compile / warm
+def time_matmul(x, w, qtype, threads, isa, packed=None, min_seconds=0.3) -> float:
+    matmul(x, w, qtype, threads=threads, isa=isa, packed=packed)  # compile / warm
     runs, elapsed = 0, 0.0
     best = float("inf")
     while elapsed < min_seconds or runs < 3:
-        dt = _timed(lambda: matmul(x, w, qtype, threads=threads, isa=isa))
+        dt = _timed(lambda: matmul(x, w, qtype, threads=threads, isa=isa, packed=packed))
         best, elapsed, runs = min(best, dt), elapsed + dt, runs + 1
     return best
 
@@ -97,11 +98,12 @@ def run(args) -> list[dict]:
             if k % block_size(qtype):
                 continue  # e.g. k-quants need rows of 256: llama.cpp picks another type there
             w = make_weights(qtype, m, k, rng)
+            packed = pack(w, qtype)
             for threads in args.threads:
                 base_tps = None
                 for batch in args.batches:
                     x = rng.standard_normal((batch, k)).astype(np.float32)
-                    seconds = time_matmul(x, w, qtype, threads, isa)
+                    seconds = time_matmul(x, w, qtype, threads, isa, packed)
                     gbps = w.nbytes / seconds / 1e9
                     tps = batch / seconds
                     base_tps = tps if batch == args.batches[0] else base_tps

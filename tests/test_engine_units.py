@@ -89,3 +89,13 @@ def test_yarn_factor_one_changes_nothing(tiny):
     yarn = Transformer(dataclasses.replace(config, rope_scaling="yarn", rope_scale_factor=1.0), model.tensors)
     yarn_cache = KVCache(config, 64)
     np.testing.assert_allclose(yarn.forward(ids, yarn_cache.new_sequence(), yarn_cache), plain, rtol=1e-5, atol=1e-4)
+
+
+def test_q4_0_layer_weights_are_repacked_as_llama_cpp_loads_them():
+    """llama.cpp repacks every Q4_0 matrix it multiplies (rows a multiple of 8), not `token_embd`,
+    which it also reads by rows; the tiny model's output is its tied `token_embd`."""
+    gguf = GGUFFile.open(MODELS_DIR / "tiny-llama-q4_0.gguf")
+    model = Transformer.from_gguf(gguf, config_from_gguf(gguf))
+    q4_0 = {name for name, t in gguf.tensors.items() if t.qtype.name == "Q4_0"}
+    assert "token_embd.weight" in q4_0 and len(q4_0) == 22
+    assert set(model.packed) == q4_0 - {"token_embd.weight"}

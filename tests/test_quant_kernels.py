@@ -19,7 +19,7 @@ from llmx.quant.cpu import matmul as kernels
 from llmx.quant.cpu.linear import SUPPORTED, matmul
 from llmx.quant.formats import dequantize, quantize
 from llmx.quant.qtypes import QType
-from llmx.quant.reference import matmul_reference, quantized_activations
+from llmx.quant.reference import matmul_reference, quantized_activations, repacked_q4_0_reference
 
 TYPES = sorted(SUPPORTED, key=int)
 ISAS = {"portable": simd.PORTABLE, **({"avx2": simd.AVX2} if simd.has_avx2() else {}),
@@ -87,6 +87,30 @@ def test_avx512_pair_kernels_equal_256_bit_kernels_bit_for_bit(weights, qtype, m
         monkeypatch.setattr(linear, "PAIRED_K_MIN_TOKENS", 10**9)
         assert np.array_equal(paired, matmul(x, w, qtype)), n_tok
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("isa", list(ISAS), ids=str)
+def test_repacked_q4_0_takes_llama_cpps_repacked_float_order_bit_for_bit(isa):
+    """Q4_0 weights packed as llama.cpp's loader repacks them: every output the float that
+    `ggml_gemm_q4_0_8x8_q8_0`'s steps give, for one token, a tile of four and the rest; 40 rows
+    leave the last group of 16 half full."""
+    rng = np.random.default_rng(8)
+    for m in (40, 296):
+        w = quantize(rng.standard_normal((m, K)).astype(np.float32), QType.Q4_0)
+        packed = linear.pack(w, QType.Q4_0)
+        for n_tok in (1, 3, 4, 6, 16):
+            x = rng.standard_normal((n_tok, K)).astype(np.float32) * 3
+            for threads in (1, 2):
+                out = matmul(x, w, QType.Q4_0, threads=threads, isa=ISAS[isa], packed=packed)
+                assert np.array_equal(out, repacked_q4_0_reference(x, w)), (m, n_tok, threads)
+
+
+def test_only_what_llama_cpp_repacks_is_packed(weights):
+    """Q4_0 with a multiple of 8 rows; not M = 37 rows, not other types."""
+    assert linear.pack(quantize(weights[:32], QType.Q4_0), QType.Q4_0) is not None
+    assert linear.pack(quantize(weights, QType.Q4_0), QType.Q4_0) is None
+    for qtype in (QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.F16):
+        assert linear.pack(quantize(weights[:32], qtype), qtype) is None
 
 
 def test_activations_quantized_once_serve_every_weight_of_their_kind(weights):
@@ -167,18 +191,20 @@ CACHE_PROBE = textwrap.dedent("""
     import json, time
     start = time.perf_counter()
     import numpy as np
-    from llmx.quant.cpu import activations, dequantize, kmatmul, matmul as kernels, pairmatmul, simd
-    from llmx.quant.cpu.linear import SUPPORTED, matmul
+    from llmx.quant.cpu import activations, dequantize, kmatmul, matmul as kernels, pairmatmul, repacked, simd
+    from llmx.quant.cpu.linear import SUPPORTED, matmul, pack
     from llmx.quant.formats import quantize
     from llmx.quant.qtypes import QType
     isas = [simd.PORTABLE] + ([simd.host_isa()] if simd.has_avx2() else [])
     for qtype in SUPPORTED:
-        w = quantize(np.ones((4, 256), np.float32), qtype)
+        w = quantize(np.ones((8, 256), np.float32), qtype)
         dequantize.dequantize(w, qtype)
         for isa in isas:
             for n_tok in (1, 2, 4):  # one token, and several (decode-once and pair kernels)
-                matmul(np.ones((n_tok, 256), np.float32), w, qtype, isa=isa)
-    dispatchers = [f for mod in (kernels, kmatmul, pairmatmul, activations, dequantize) for f in vars(mod).values()
+                for packed in (None, pack(w, qtype)):  # as stored, and repacked (Q4_0)
+                    matmul(np.ones((n_tok, 256), np.float32), w, qtype, isa=isa, packed=packed)
+    modules = (kernels, kmatmul, pairmatmul, repacked, activations, dequantize)
+    dispatchers = [f for mod in modules for f in vars(mod).values()
                    if hasattr(f, "stats") and hasattr(f, "py_func")]
     misses = {d.py_func.__name__: sum(d.stats.cache_misses.values()) for d in dispatchers}
     hits = sum(sum(d.stats.cache_hits.values()) for d in dispatchers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from llmx.quant.cpu import activations, kmatmul, pairmatmul
+from llmx.quant.cpu import activations, kmatmul, pairmatmul, repacked
 from llmx.quant.cpu import matmul as kernels
 from llmx.quant.cpu.simd import CHUNK_ORDER, VNNI, has_avx512_pairs, host_isa
 from llmx.quant.qtypes import QType
@@ -70,13 +70,24 @@ def quantize_activations(x: np.ndarray, qtype: QType) -> tuple:
     return _INTEGER[qtype][0](np.ascontiguousarray(x, dtype=np.float32))
 
 
+def pack(w: np.ndarray, qtype: QType) -> np.ndarray | None:
+    """What llama.cpp's CPU backend makes of a weight matrix when it loads it: Q4_0 with a multiple
+    of 8 rows is repacked (`repacked`), and then multiplied in that kernel's float order; None for
+    every other weight, which stays as stored. Pass the result to `matmul` as `packed`. Embedding
+    tables that llama.cpp also reads by rows (`token_embd`, even when it is the output) stay as stored."""
+    w = np.ascontiguousarray(w).view(np.uint8)
+    if qtype == QType.Q4_0 and w.shape[0] % repacked.LLAMA_CPP_ROW_MULTIPLE == 0:
+        return repacked.pack_q4_0(w)
+    return None
+
+
 def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = None, isa=None,
-           quantized: tuple | None = None) -> np.ndarray:
+           quantized: tuple | None = None, packed: np.ndarray | None = None) -> np.ndarray:
     """x float32 [n_tok, k] times W (uint8 [m, row_bytes] in `qtype`'s layout) transposed -> [n_tok, m].
 
     `threads` sets Numba's thread count for this call; `isa` is `simd.VNNI`, `simd.AVX2` or `simd.PORTABLE`
     (default: the best this CPU has); `quantized`: `quantize_activations(x, t)` for a type t with this
-    one's `activation_quantizer`, to quantize x once for several weights.
+    one's `activation_quantizer`, to quantize x once for several weights; `packed`: `pack(w, qtype)`.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.ascontiguousarray(w).view(np.uint8)
@@ -84,6 +95,10 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
     out = np.empty((x.shape[0], m), np.float32)
     if threads is not None:
         numba.set_num_threads(threads)
+    if packed is not None:
+        codes, scales = (quantize_activations(x, qtype) if quantized is None else quantized)[:2]
+        _repacked(codes, scales, packed, m, out, host_isa() if isa is None else isa)
+        return out
     if qtype in _FLOAT:
         rounding, kernel = _FLOAT[qtype]
         kernel(x if rounding is None else rounding(x), w.reshape(-1), row_bytes, m, out)
@@ -117,7 +132,8 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
 def _paired(qtype: QType, codes: np.ndarray, scales: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     """The AVX-512 kernel for Q8_0/Q4_0/Q5_0: activations as x + 128 in `pairmatmul`'s pair layout."""
     n_tok, k = codes.shape
-    xd = pairmatmul.pair_layout(scales.reshape(n_tok, k // 32, 1))
+    # each scale 8 times, as the kernel multiplies it: a load there, not a shuffle on a busy port
+    xd = pairmatmul.pair_layout(np.repeat(scales.reshape(n_tok, k // 32, 1), 8, axis=2))
     m, row_bytes = w.shape
     _PAIRED[qtype](pairmatmul.q8_0_pairs(codes), xd, w.reshape(-1), row_bytes, m, n_tok, out)
 
@@ -131,3 +147,11 @@ def _paired_k(qtype: QType, codes: np.ndarray, scales: np.ndarray, sums16: np.nd
     sums16p = pairmatmul.pair_layout(sums16.reshape(n_tok, -1, 16))
     m, row_bytes = w.shape
     _DECODE_ONCE_PAIRED[qtype](pairmatmul.q8_k_pairs(codes), xdp, scales, sums16p, w.reshape(-1), row_bytes, m, out)
+
+
+def _repacked(codes: np.ndarray, scales: np.ndarray, packed: np.ndarray, m: int, out: np.ndarray, isa) -> None:
+    """The packed Q4_0 kernel: Q8_0 activations, their scales and -8 x their block sums."""
+    n_tok, k = codes.shape
+    starts = codes.reshape(n_tok, k // 32, 32).sum(axis=2, dtype=np.int32) * np.int32(-8)  # [n_tok, nb]
+    repacked.repacked_q4_0(codes.reshape(-1), scales.reshape(-1), starts.reshape(-1), packed, k // 32, m, n_tok,
+                           out, isa)

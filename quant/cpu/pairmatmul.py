@@ -13,7 +13,7 @@ acc = fma(float(lane dot), dw * dx, acc), then the 8-lane sum).
 
 Kernel arguments (the pair layout: pair p = tokens 2p and 2p + 1, an odd count padded with zeros):
     xq  uint8 [n_pairs * nb * 64]     activation codes + 128 of block b: token 2p's 32, then 2p + 1's
-    xd  float32 [n_pairs * nb * 2]    the activation block scales of tokens 2p, 2p + 1
+    xd  float32 [n_pairs * nb * 16]   the activation block scales of tokens 2p, 2p + 1, 8 times each
     w   uint8 [m * row_bytes]         the weight rows, flattened
     out float32 [n_tok, m]
 """
@@ -76,7 +76,7 @@ def _step(codes, starts, dw, i, xq, xd, at, acc):
     integers of the signed dot, which the 256-bit kernels take by other means."""
     dot = S.dot_u8i8_acc_i32x16(S.load_twice_i32x16(starts, 32 * i), S.load_i8x64(xq, at),
                                 S.load_twice_i8x64(codes, 32 * i))
-    return S.fma_f32x16(acc, dot, S.scale_f32x16(S.load_pair_f32x16(xd, at // 8), dw[i]))
+    return S.fma_f32x16(acc, dot, S.scale_f32x16(S.load_f32x16(xd, at), dw[i]))
 
 
 # -- tiles: 4 rows x 2 pairs, and 4 rows x 1 pair for the last odd pair ---------------------------

@@ -1116,6 +1116,68 @@ def dot_i16x32(typingctx, acc, a, b):
 
 
 @intrinsic
+def dot16_u8i8_acc(typingctx, isa, acc, u, s):
+    """`dot_u8i8_acc_i32x16` on any CPU: one 512-bit `vpdpbusd` where AVX-512 has it, else the
+    256-bit `dot_u8i8_acc_i32x8` on each half."""
+    avx2, vnni = _is_avx2(isa), _is_vnni(isa)
+    sig = I32x16(isa, I32x16, I8x64, I8x64)
+
+    def codegen(context, builder, signature, args):
+        _, total, u_v, s_v = args
+        if vnni and has_avx512_pairs():
+            words = [builder.bitcast(u_v, _V16I32), builder.bitcast(s_v, _V16I32)]
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
+        halves = []
+        for h in range(2):
+            bytes_h, lanes_h = range(32 * h, 32 * h + 32), range(8 * h, 8 * h + 8)
+            u_h, s_h = _shuffle(builder, u_v, bytes_h), _shuffle(builder, s_v, bytes_h)
+            t_h = _shuffle(builder, total, lanes_h)
+            if vnni:
+                words = [builder.bitcast(u_h, _V8I32), builder.bitcast(s_h, _V8I32)]
+                halves.append(_call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [t_h, *words]))
+            else:
+                dot = _avx2_dot_unsigned(builder, u_h, s_h) if avx2 else _portable_dot(builder, u_h, s_h, True)
+                halves.append(builder.add(t_h, dot))
+        mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
+        return builder.shuffle_vector(halves[0], halves[1], mask)
+
+    return sig, codegen
+
+
+@intrinsic
+def nibbles_i8x64(typingctx, v, high):
+    """The low (high=0) or high (high=1) nibble of each of 64 bytes, as 0..15."""
+    def codegen(context, builder, signature, args):
+        vec = args[0]
+        if signature.args[1].literal_value:
+            vec = builder.lshr(vec, _const_vec(_V64I8, 4))
+        return builder.and_(vec, _const_vec(_V64I8, 0x0F))
+
+    if not isinstance(high, types.IntegerLiteral):
+        return None  # Numba then retries with the literal
+    return I8x64(I8x64, high), codegen
+
+
+@intrinsic
+def splat_u32_i8x64(typingctx, array, byte_offset):
+    """The 4 bytes at `byte_offset`, repeated 16 times: 4 activation values facing 16 weight rows."""
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        word = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _I32), align=1)
+        return builder.bitcast(_splat(builder, word, _V16I32), _V64I8)
+
+    return I8x64(array, types.intp), codegen
+
+
+@intrinsic
+def splat_i32x16(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return _splat(builder, context.cast(builder, args[0], signature.args[0], types.int32), _V16I32)
+
+    return I32x16(value), codegen
+
+
+@intrinsic
 def zero_i32x16(typingctx):
     def codegen(context, builder, signature, args):
         return _const_vec(_V16I32, 0)
@@ -1134,10 +1196,10 @@ def scale_f32x16(typingctx, v, factor):
 
 @intrinsic
 def fma_f32x16(typingctx, acc, v, scale):
-    """acc + float(v) * scale, lane by lane (`fma_f32x8` with a scale per lane)."""
+    """acc + float(v) * scale, lane by lane, rounded once (`vfmadd`) on every CPU."""
     def codegen(context, builder, signature, args):
         total, ints, factors = args
-        return _call(builder, "llvm.fmuladd.v16f32", _V16F32, [builder.sitofp(ints, _V16F32), factors, total])
+        return _call(builder, "llvm.fma.v16f32", _V16F32, [builder.sitofp(ints, _V16F32), factors, total])
 
     return F32x16(F32x16, I32x16, F32x16), codegen
 
