@@ -77,10 +77,11 @@ def test_vnni_and_avx2_kernels_give_the_same_bits(weights, qtype):
 @pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q5_0, *K_TYPES], ids=lambda q: q.name)
 def test_avx512_pair_kernels_equal_256_bit_kernels_bit_for_bit(weights, qtype, monkeypatch):
     """Two tokens per 512-bit register (`pairmatmul`, `kmatmul.pair_kmatmul_*`), odd token counts
-    padded: the same bits as the 256-bit VNNI kernels, token by token. Hosts without AVX-512 run
-    the 256-bit kernels both times (and must still agree)."""
+    padded, and for Q8_0/Q4_0/Q5_0 16 tokens per register (`lanematmul`) for whole groups of 16:
+    the same bits as the 256-bit VNNI kernels, token by token. Hosts without AVX-512 run the
+    256-bit kernels both times (and must still agree)."""
     w = quantize(weights, qtype)
-    for n_tok in (2, 3, 4, 7, 16, 133):  # 133: more than one block of pairs (kmatmul.PAIR_BLOCK)
+    for n_tok in (2, 3, 4, 7, 16, 133):  # 133: 8 groups of 16 and 5 in pairs; more than one block of pairs
         x = np.random.default_rng(n_tok).standard_normal((n_tok, K)).astype(np.float32) * 3
         paired = matmul(x, w, qtype)
         monkeypatch.setattr(linear, "PAIRED_MIN_TOKENS", 10**9)
@@ -191,7 +192,8 @@ CACHE_PROBE = textwrap.dedent("""
     import json, time
     start = time.perf_counter()
     import numpy as np
-    from llmx.quant.cpu import activations, dequantize, kmatmul, matmul as kernels, pairmatmul, repacked, simd
+    from llmx.quant.cpu import activations, dequantize, kmatmul, lanematmul, matmul as kernels, pairmatmul, repacked
+    from llmx.quant.cpu import simd
     from llmx.quant.cpu.linear import SUPPORTED, matmul, pack
     from llmx.quant.formats import quantize
     from llmx.quant.qtypes import QType
@@ -200,10 +202,10 @@ CACHE_PROBE = textwrap.dedent("""
         w = quantize(np.ones((8, 256), np.float32), qtype)
         dequantize.dequantize(w, qtype)
         for isa in isas:
-            for n_tok in (1, 2, 4):  # one token, and several (decode-once and pair kernels)
+            for n_tok in (1, 2, 4, 16):  # one token, and several (decode-once, pair and token-lane kernels)
                 for packed in (None, pack(w, qtype)):  # as stored, and repacked (Q4_0)
                     matmul(np.ones((n_tok, 256), np.float32), w, qtype, isa=isa, packed=packed)
-    modules = (kernels, kmatmul, pairmatmul, repacked, activations, dequantize)
+    modules = (kernels, kmatmul, pairmatmul, lanematmul, repacked, activations, dequantize)
     dispatchers = [f for mod in modules for f in vars(mod).values()
                    if hasattr(f, "stats") and hasattr(f, "py_func")]
     misses = {d.py_func.__name__: sum(d.stats.cache_misses.values()) for d in dispatchers}

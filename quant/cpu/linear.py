@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from llmx.quant.cpu import activations, kmatmul, pairmatmul, repacked
+from llmx.quant.cpu import activations, kmatmul, lanematmul, pairmatmul, repacked
 from llmx.quant.cpu import matmul as kernels
 from llmx.quant.cpu.simd import CHUNK_ORDER, VNNI, has_avx512_pairs, host_isa
 from llmx.quant.qtypes import QType
@@ -47,6 +47,9 @@ _DECODE_ONCE_PAIRED = {
 _PAIRED = {QType.Q8_0: pairmatmul.pairmatmul_q8_0, QType.Q4_0: pairmatmul.pairmatmul_q4_0,
            QType.Q5_0: pairmatmul.pairmatmul_q5_0}
 PAIRED_MIN_TOKENS = 2  # Q8_0/Q4_0/Q5_0
+# ... and 16 tokens per register (`lanematmul`) for each whole group of 16 tokens
+_TOKEN_LANES = {QType.Q8_0: lanematmul.lanematmul_q8_0, QType.Q4_0: lanematmul.lanematmul_q4_0,
+                QType.Q5_0: lanematmul.lanematmul_q5_0}
 PAIRED_K_MIN_TOKENS = 4  # k-quants
 # weight type -> (how ggml rounds the activations first, kernel)
 _FLOAT = {
@@ -130,7 +133,20 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
 
 
 def _paired(qtype: QType, codes: np.ndarray, scales: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    """The AVX-512 kernel for Q8_0/Q4_0/Q5_0: activations as x + 128 in `pairmatmul`'s pair layout."""
+    """The AVX-512 kernels for Q8_0/Q4_0/Q5_0 (activations as x + 128): whole groups of 16 tokens in
+    `lanematmul`'s layout, the rest in `pairmatmul`'s. Both give each output the same bits."""
+    n_tok, k = codes.shape
+    m, row_bytes = w.shape
+    scales = scales.reshape(n_tok, k // 32)
+    grouped = n_tok - n_tok % lanematmul.TOKENS
+    if grouped:
+        xt, xd = lanematmul.token_lanes(codes[:grouped], scales[:grouped])
+        _TOKEN_LANES[qtype](xt, xd, w.reshape(-1), row_bytes, m, grouped, out[:grouped].reshape(-1))
+    if grouped < n_tok:
+        _pairs(qtype, codes[grouped:], scales[grouped:], w, out[grouped:])
+
+
+def _pairs(qtype: QType, codes: np.ndarray, scales: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     n_tok, k = codes.shape
     # each scale 8 times, as the kernel multiplies it: a load there, not a shuffle on a busy port
     xd = pairmatmul.pair_layout(np.repeat(scales.reshape(n_tok, k // 32, 1), 8, axis=2))
