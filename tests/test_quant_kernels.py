@@ -79,10 +79,11 @@ def test_avx512_pair_kernels_equal_256_bit_kernels_bit_for_bit(weights, qtype, m
     """Two tokens per 512-bit register (`pairmatmul`, `kmatmul.pair_kmatmul_*`), odd token counts
     padded, and for Q8_0/Q4_0/Q5_0 16 tokens per register (`lanematmul`) for whole groups of 16:
     the same bits as the 256-bit VNNI kernels, token by token. Hosts without AVX-512 run the
-    256-bit kernels both times (and must still agree)."""
-    w = quantize(weights, qtype)
+    256-bit kernels both times (and must still agree). Rows of 2 x K values: long enough for `lanematmul`."""
+    w = quantize(np.tile(weights, 2), qtype)
+    assert 2 * K >= linear.TOKEN_LANES_MIN_K
     for n_tok in (2, 3, 4, 7, 16, 133):  # 133: 8 groups of 16 and 5 in pairs; more than one block of pairs
-        x = np.random.default_rng(n_tok).standard_normal((n_tok, K)).astype(np.float32) * 3
+        x = np.random.default_rng(n_tok).standard_normal((n_tok, 2 * K)).astype(np.float32) * 3
         paired = matmul(x, w, qtype)
         monkeypatch.setattr(linear, "PAIRED_MIN_TOKENS", 10**9)
         monkeypatch.setattr(linear, "PAIRED_K_MIN_TOKENS", 10**9)
@@ -199,12 +200,12 @@ CACHE_PROBE = textwrap.dedent("""
     from llmx.quant.qtypes import QType
     isas = [simd.PORTABLE] + ([simd.host_isa()] if simd.has_avx2() else [])
     for qtype in SUPPORTED:
-        w = quantize(np.ones((8, 256), np.float32), qtype)
+        w = quantize(np.ones((8, 1024), np.float32), qtype)
         dequantize.dequantize(w, qtype)
         for isa in isas:
             for n_tok in (1, 2, 4, 16):  # one token, and several (decode-once, pair and token-lane kernels)
                 for packed in (None, pack(w, qtype)):  # as stored, and repacked (Q4_0)
-                    matmul(np.ones((n_tok, 256), np.float32), w, qtype, isa=isa, packed=packed)
+                    matmul(np.ones((n_tok, 1024), np.float32), w, qtype, isa=isa, packed=packed)
     modules = (kernels, kmatmul, pairmatmul, lanematmul, repacked, activations, dequantize)
     dispatchers = [f for mod in modules for f in vars(mod).values()
                    if hasattr(f, "stats") and hasattr(f, "py_func")]

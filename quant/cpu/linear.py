@@ -47,7 +47,9 @@ _DECODE_ONCE_PAIRED = {
 _PAIRED = {QType.Q8_0: pairmatmul.pairmatmul_q8_0, QType.Q4_0: pairmatmul.pairmatmul_q4_0,
            QType.Q5_0: pairmatmul.pairmatmul_q5_0}
 PAIRED_MIN_TOKENS = 2  # Q8_0/Q4_0/Q5_0
-# ... and 16 tokens per register (`lanematmul`) for each whole group of 16 tokens
+# ... and 16 tokens per register (`lanematmul`) for each whole group of 16 tokens, in rows of at
+# least 1024 values (its per-row sums and stores cost more than it saves on shorter rows, measured)
+TOKEN_LANES_MIN_K = 1024
 _TOKEN_LANES = {QType.Q8_0: lanematmul.lanematmul_q8_0, QType.Q4_0: lanematmul.lanematmul_q4_0,
                 QType.Q5_0: lanematmul.lanematmul_q5_0}
 PAIRED_K_MIN_TOKENS = 4  # k-quants
@@ -138,7 +140,7 @@ def _paired(qtype: QType, codes: np.ndarray, scales: np.ndarray, w: np.ndarray, 
     n_tok, k = codes.shape
     m, row_bytes = w.shape
     scales = scales.reshape(n_tok, k // 32)
-    grouped = n_tok - n_tok % lanematmul.TOKENS
+    grouped = n_tok - n_tok % lanematmul.TOKENS if k >= TOKEN_LANES_MIN_K else 0
     if grouped:
         xt, xd = lanematmul.token_lanes(codes[:grouped], scales[:grouped])
         _TOKEN_LANES[qtype](xt, xd, w.reshape(-1), row_bytes, m, grouped, out[:grouped].reshape(-1))
