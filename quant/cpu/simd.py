@@ -1177,19 +1177,6 @@ def splat_i32x16(typingctx, value):
     return I32x16(value), codegen
 
 
-MAGIC_INT = 0x4B400000  # the bits of 1.5 x 2^23: plus an integer below 2^22 in size, the bits of 1.5 x 2^23 + it
-
-
-@intrinsic
-def from_magic_f32x16(typingctx, v):
-    """Integers held as the bits of MAGIC_INT + i -> float(i), exactly, by one float subtract: the
-    conversion without `vcvtdq2ps`, which has one port for 512-bit vectors, the subtract two."""
-    def codegen(context, builder, signature, args):
-        return builder.fsub(builder.bitcast(args[0], _V16F32), _const_vec(_V16F32, 12582912.0))
-
-    return F32x16(I32x16), codegen
-
-
 @intrinsic
 def zero_i32x16(typingctx):
     def codegen(context, builder, signature, args):
