@@ -52,8 +52,7 @@ def _decode_q4_0(w, off, codes, starts, dw, i):
 @njit(inline="always")
 def _decode_q5_0(w, off, codes, starts, dw, i):
     dw[i] = S.load_f16(w, off)
-    stored = S.or_i8x32(S.load_nibbles_i8x32(w, off + 6), S.bits_i8x32(S.load_u32(w, off + 2), 16))
-    _store_block(codes, starts, i, S.add_i8x32(stored, -16))
+    _store_block(codes, starts, i, S.q5_0_codes_i8x32(S.load_nibbles_i8x32(w, off + 6), S.load_u32(w, off + 2)))
 
 
 @njit(inline="always")

@@ -31,7 +31,7 @@ PORTABLE = np.int8(0)
 AVX2 = np.int16(0)
 VNNI = np.int32(0)
 
-_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V32I8, _V16I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16)
 _V16I16, _V32I16 = ir.VectorType(_I16, 16), ir.VectorType(_I16, 32)
 _V8I32, _V16I32 = ir.VectorType(_I32, 8), ir.VectorType(_I32, 16)
@@ -150,10 +150,10 @@ def load_nibbles_i8x32(typingctx, array, byte_offset):
     def codegen(context, builder, signature, args):
         offset = context.cast(builder, args[1], signature.args[1], types.intp)
         packed = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _V16I8), align=1)
-        low = builder.and_(packed, _const_vec(_V16I8, 0x0F))
-        high = builder.lshr(packed, _const_vec(_V16I8, 4))
-        mask = ir.Constant(ir.VectorType(_I32, 32), [ir.Constant(_I32, i) for i in range(32)])
-        return builder.shuffle_vector(low, high, mask)
+        # the 16 bytes in both halves (a broadcast load), the upper half shifted by 4 (`vpsrlvq`), one mask
+        twice = builder.bitcast(_shuffle(builder, packed, [i % 16 for i in range(32)]), ir.VectorType(_I64, 4))
+        shifted = builder.lshr(twice, ir.Constant(ir.VectorType(_I64, 4), [ir.Constant(_I64, n) for n in (0, 0, 4, 4)]))
+        return builder.and_(builder.bitcast(shifted, _V32I8), _const_vec(_V32I8, 0x0F))
 
     return sig, codegen
 
@@ -195,6 +195,20 @@ def field_i8x32(typingctx, v, shift, mask):
         shift_v = _splat(builder, builder.trunc(shift_by, _I8), _V32I8)
         mask_v = _splat(builder, builder.trunc(keep, _I8), _V32I8)
         return builder.and_(builder.lshr(vec, shift_v), mask_v)
+
+    return sig, codegen
+
+
+@intrinsic
+def q5_0_codes_i8x32(typingctx, nibbles, bits):
+    """Q5_0's signed codes, nibble + 16 x (bit j of `bits`) - 16: the nibble where the bit is set,
+    the nibble - 16 where it is clear (one masked subtract)."""
+    sig = I8x32(I8x32, types.uint32)
+
+    def codegen(context, builder, signature, args):
+        nib, word = args
+        set_bits = builder.bitcast(word, ir.VectorType(ir.IntType(1), 32))
+        return builder.select(set_bits, nib, builder.sub(nib, _const_vec(_V32I8, 16)))
 
     return sig, codegen
 
