@@ -48,7 +48,8 @@ def matmul_reference(x: np.ndarray, w: np.ndarray, qtype: QType) -> np.ndarray:
 def repacked_q4_0_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """float32 [n_tok, m]: llama.cpp's repacked Q4_0 kernels (`ggml_gemm_q4_0_8x8_q8_0`) step by step.
     Per (token, row), over the blocks in order: acc = fma(float(integer block dot), float32(dw * dx), acc).
-    The fma is taken in float64 (the product is exact there) and rounded once to float32."""
+    The fma is taken in float64, where the product is exact, then rounded to float32: one float32
+    rounding of the exact value unless the float64 sum itself rounds onto a float32 tie (rare)."""
     m = w.shape[0]
     blocks = FORMATS[QType.Q4_0].blocks(w).reshape(m, -1)  # [m, nb]
     qs = blocks["qs"].astype(np.int64)  # [m, nb, 16]: value j in the low nibble of byte j, j + 16 in the high
