@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from llmx.quant.cpu import simd as S
 from llmx.quant.cpu.kmatmul import CHUNKS
-from llmx.quant.cpu.matmul import GROUP, _prefetch_group, _row_offsets
+from llmx.quant.cpu.matmul import GROUP, _row_offsets
 from llmx.quant.cpu.pairmatmul import _decode_group, _decode_q4_0, _decode_q5_0, _decode_q8_0
 
 TOKENS = 16  # tokens per vector
@@ -54,15 +54,17 @@ def _sum_lanes(a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @njit(inline="always")
-def _rows_2(codes, starts, dw, i0, i1, xt, xd, g, nb, sums, r, w, ahead, step_bytes):
+def _rows_2(codes, starts, dw, i0, i1, xt, xd, g, nb, sums, r, w, ahead, stride):
     """Rows i0 // nb and i1 // nb of the scratch, 16 tokens: their sums into sums[r], sums[r + 1].
-    `ahead` >= 0: prefetch the next row group's bytes from there (it is decoded next) while computing."""
+    Meanwhile bytes ahead .. ahead + nb x stride of `w` are prefetched (the part of the next row group
+    that this call is given), two lines per block: a loop with no branch, so that the accumulators
+    stay in their registers from one block to the next."""
     z = S.zero_f32x16()
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
     b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
     for b in range(nb):
-        if ahead >= 0:
-            _prefetch_group(w, ahead, b, step_bytes)
+        S.prefetch(w, ahead + b * stride)
+        S.prefetch(w, ahead + b * stride + 64)
         at = (g * nb + b) * LANE_BLOCK_BYTES
         x0, x1, x2, x3 = S.load_i8x64(xt, at), S.load_i8x64(xt, at + 64), S.load_i8x64(xt, at + 128), \
             S.load_i8x64(xt, at + 192)
@@ -99,7 +101,7 @@ def _lanematmul(xt, xd, w, row_bytes, m, n_tok, out, decode, block_bytes):
     n_groups = (n_tok + TOKENS - 1) // TOKENS
     n_row_groups = (m + GROUP - 1) // GROUP
     n_chunks = min(CHUNKS, n_row_groups)
-    step_bytes = GROUP * block_bytes
+    stride = GROUP // 2 * block_bytes  # bytes of the next row group each call prefetches per block (<= 128)
     for chunk in prange(n_chunks):
         codes = np.empty(GROUP * nb * 32, np.uint8)
         starts = np.empty(GROUP * nb * LANES, np.int32)
@@ -108,10 +110,10 @@ def _lanematmul(xt, xd, w, row_bytes, m, n_tok, out, decode, block_bytes):
         for rg in range(chunk * n_row_groups // n_chunks, (chunk + 1) * n_row_groups // n_chunks):
             r0 = rg * GROUP
             _decode_group(decode, w, _row_offsets(r0, m, row_bytes), nb, block_bytes, codes, starts, dw)
-            ahead = (r0 + GROUP) * row_bytes if r0 + GROUP < m else -1
+            ahead = min(r0 + GROUP, m - 1) * row_bytes  # the next rows (which are decoded next), or the last
             for g in range(n_groups):
-                _rows_2(codes, starts, dw, 0, nb, xt, xd, g, nb, sums, 0, w, ahead if g == 0 else -1, step_bytes)
-                _rows_2(codes, starts, dw, 2 * nb, 3 * nb, xt, xd, g, nb, sums, 2, w, -1, step_bytes)
+                _rows_2(codes, starts, dw, 0, nb, xt, xd, g, nb, sums, 0, w, ahead, stride)
+                _rows_2(codes, starts, dw, 2 * nb, 3 * nb, xt, xd, g, nb, sums, 2, w, ahead + nb * stride, stride)
                 _store_group(out, sums, g, r0, m, n_tok)
 
 
