@@ -6,9 +6,10 @@ number of threads (with software prefetch, as the kernels use; the plain streami
 is printed too), and (batch > 1) tokens/s relative to batch 1. Shapes whose rows are not whole
 blocks of a type (k-quants need k % 256 == 0) are skipped, as llama.cpp picks another type there.
 Weights are prepared as the model prepares a weight matrix at load (`linear.pack`: Q4_0 repacked).
+The batches of one (type, shape, threads) are timed in turns, so that their ratio sees one machine state.
 
 Usage: python scripts/bench_kernels.py [--types Q8_0,Q4_K] [--shapes 4096x4096] [--batches 1,16]
-                                       [--threads 1,2] [--isa avx2|portable] [--json]
+                                       [--threads 1,2] [--isa host|portable] [--json]
 """
 
 from __future__ import annotations
@@ -76,13 +77,25 @@ def make_weights(qtype: QType, m: int, k: int, rng) -> np.ndarray:
     return np.ascontiguousarray(np.tile(seed, (-(-m // seed.shape[0]), 1))[:m])
 
 
-def time_matmul(x, w, qtype, threads, isa, packed=None, min_seconds=0.3) -> float:
-    matmul(x, w, qtype, threads=threads, isa=isa, packed=packed)  # compile / warm
-    runs, elapsed = 0, 0.0
-    best = float("inf")
-    while elapsed < min_seconds or runs < 3:
-        dt = _timed(lambda: matmul(x, w, qtype, threads=threads, isa=isa, packed=packed))
-        best, elapsed, runs = min(best, dt), elapsed + dt, runs + 1
+def time_batches(xs: dict, w, qtype, threads, isa, packed=None, min_seconds=0.3, slice_seconds=0.02) -> dict:
+    """Best seconds of one `matmul` for each batch's x in `xs`, the batches taking turns (a slice of
+    ~20 ms each per round) until each has run `min_seconds`: this machine's speed drifts by +-10%
+    within minutes, and the batch-16 / batch-1 ratio is only meaningful when both see the same drift."""
+    def once(x):
+        return _timed(lambda: matmul(x, w, qtype, threads=threads, isa=isa, packed=packed))
+
+    for x in xs.values():
+        once(x)  # compile / warm
+    best = {batch: float("inf") for batch in xs}
+    elapsed = {batch: 0.0 for batch in xs}
+    runs = {batch: 0 for batch in xs}
+    while any(elapsed[b] < min_seconds or runs[b] < 3 for b in xs):
+        for batch, x in xs.items():
+            spent = 0.0
+            while spent < slice_seconds or runs[batch] < 1:
+                dt = once(x)
+                best[batch], spent, runs[batch] = min(best[batch], dt), spent + dt, runs[batch] + 1
+            elapsed[batch] += spent
     return best
 
 
@@ -99,11 +112,12 @@ def run(args) -> list[dict]:
                 continue  # e.g. k-quants need rows of 256: llama.cpp picks another type there
             w = make_weights(qtype, m, k, rng)
             packed = pack(w, qtype)
+            xs = {batch: rng.standard_normal((batch, k)).astype(np.float32) for batch in args.batches}
             for threads in args.threads:
                 base_tps = None
+                best = time_batches(xs, w, qtype, threads, isa, packed)
                 for batch in args.batches:
-                    x = rng.standard_normal((batch, k)).astype(np.float32)
-                    seconds = time_matmul(x, w, qtype, threads, isa, packed)
+                    seconds = best[batch]
                     gbps = w.nbytes / seconds / 1e9
                     tps = batch / seconds
                     base_tps = tps if batch == args.batches[0] else base_tps
@@ -133,7 +147,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(ALL_SHAPES))
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--isa", choices=["avx2", "portable"], default="avx2")
+    parser.add_argument("--isa", choices=["host", "portable"], default="host",
+                        help="host: the best kernels this CPU runs")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.types = args.types.split(",")
@@ -141,7 +156,7 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.threads = [int(t) for t in args.threads.split(",")]
     if not args.json:
-        print(f"isa: {args.isa} (host: {simd.isa_name(simd.host_isa())})")
+        print(f"isa: {args.isa} (host: {simd.isa_name(simd.host_isa())}, AVX-512 kernels: {simd.has_avx512_pairs()})")
     rows = run(args)
     if args.json:
         print(json.dumps(rows, indent=2))

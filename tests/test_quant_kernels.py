@@ -91,6 +91,22 @@ def test_avx512_pair_kernels_equal_256_bit_kernels_bit_for_bit(weights, qtype, m
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q5_0], ids=lambda q: q.name)
+def test_token_lanes_over_many_row_groups_equal_256_bit_kernels_bit_for_bit(qtype, monkeypatch):
+    """`lanematmul` decodes each group of 4 rows while the group before it computes: with 1029 rows
+    each of its chunks walks several groups (the last one part full), and every decoded row must be
+    where the next group reads it. 16 tokens, and 35 (two groups of 16, the rest in pairs)."""
+    rng = np.random.default_rng(5)
+    k = linear.TOKEN_LANES_MIN_K
+    w = quantize(rng.standard_normal((1029, k)).astype(np.float32), qtype)
+    for n_tok in (16, 35):
+        x = rng.standard_normal((n_tok, k)).astype(np.float32) * 3
+        lanes = matmul(x, w, qtype)
+        monkeypatch.setattr(linear, "PAIRED_MIN_TOKENS", 10**9)
+        assert np.array_equal(lanes, matmul(x, w, qtype)), n_tok
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("isa", list(ISAS), ids=str)
 def test_repacked_q4_0_takes_llama_cpps_repacked_float_order_bit_for_bit(isa):
     """Q4_0 weights packed as llama.cpp's loader repacks them: every output the float that

@@ -13,8 +13,9 @@ row is `hsum_f32x8`'s, as vector adds of the eight accumulators. (Measured here,
 3-10% faster than the pair kernels on 4096 x 4096 at 16 tokens, no faster on rows of 640 values.)
 
 Weights are decoded per group of 4 rows into `pairmatmul`'s scratch (signed codes, -128 x their
-sums per lane, float32 scales); the activations come as x + 128 (unsigned), so each dot starts
-from -128 x the weight lane's sum.
+sums per lane, float32 scales), each group while the previous one's first token group is computed
+(a double scratch); the activations come as x + 128 (unsigned), so each dot starts from -128 x the
+weight lane's sum.
 
 Kernel arguments (token group g = tokens 16g..16g+15, the last one padded with zeros):
     xt  uint8 [n_groups * nb * 8 * 64]   block b, lane l: values 4l..4l+3 + 128 of the 16 tokens
@@ -54,17 +55,23 @@ def _sum_lanes(a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @njit(inline="always")
-def _rows_2(codes, starts, dw, i0, i1, xt, xd, g, nb, sums, r, w, ahead, stride):
+def _rows_2(codes, starts, dw, i0, i1, xt, xd, g, nb, sums, r, w, ahead, stride,
+            decode, block_bytes, d0, d1, j0, j1, decoding):
     """Rows i0 // nb and i1 // nb of the scratch, 16 tokens: their sums into sums[r], sums[r + 1].
-    Meanwhile bytes ahead .. ahead + nb x stride of `w` are prefetched (the part of the next row group
-    that this call is given), two lines per block: a loop with no branch, so that the accumulators
-    stay in their registers from one block to the next."""
+    Meanwhile, block by block: bytes ahead .. ahead + nb x stride of `w` are prefetched, two lines per
+    block, and with `decoding` (a constant at each call site) the weight rows at bytes d0 and d1 are
+    decoded into the scratch at rows j0 // nb and j1 // nb. The decode's operations fill issue slots
+    that the dots leave idle, where a separate decode pass adds its whole time; and the loop holds no
+    branch, so that the accumulators stay in their registers from one block to the next."""
     z = S.zero_f32x16()
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
     b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
     for b in range(nb):
         S.prefetch(w, ahead + b * stride)
         S.prefetch(w, ahead + b * stride + 64)
+        if decoding:
+            decode(w, d0 + b * block_bytes, codes, starts, dw, j0 + b)
+            decode(w, d1 + b * block_bytes, codes, starts, dw, j1 + b)
         at = (g * nb + b) * LANE_BLOCK_BYTES
         x0, x1, x2, x3 = S.load_i8x64(xt, at), S.load_i8x64(xt, at + 64), S.load_i8x64(xt, at + 128), \
             S.load_i8x64(xt, at + 192)
@@ -96,24 +103,48 @@ def _store_group(out, sums, g, r0, m, n_tok):
 
 
 @njit(inline="always")
+def _row_group(codes, starts, dw, cur, nxt, nb, xt, xd, g, sums, w, ahead, stride, decode, block_bytes,
+               next_offsets, decoding):
+    """The 4 rows at scratch row cur // nb, token group g: their sums into `sums`; with `decoding`,
+    meanwhile the next 4 rows (bytes at `next_offsets`) into the scratch at row nxt // nb."""
+    o0, o1, o2, o3 = next_offsets
+    _rows_2(codes, starts, dw, cur, cur + nb, xt, xd, g, nb, sums, 0, w, ahead, stride,
+            decode, block_bytes, o0, o1, nxt, nxt + nb, decoding)
+    _rows_2(codes, starts, dw, cur + 2 * nb, cur + 3 * nb, xt, xd, g, nb, sums, 2, w, ahead + nb * stride, stride,
+            decode, block_bytes, o2, o3, nxt + 2 * nb, nxt + 3 * nb, decoding)
+
+
+@njit(inline="always")
 def _lanematmul(xt, xd, w, row_bytes, m, n_tok, out, decode, block_bytes):
     nb = row_bytes // block_bytes
     n_groups = (n_tok + TOKENS - 1) // TOKENS
     n_row_groups = (m + GROUP - 1) // GROUP
     n_chunks = min(CHUNKS, n_row_groups)
-    stride = GROUP // 2 * block_bytes  # bytes of the next row group each call prefetches per block (<= 128)
+    stride = GROUP // 2 * block_bytes  # bytes of a row group that each `_rows_2` prefetches per block (<= 128)
+    half = GROUP * nb  # the scratch holds two row groups: the one computed and the next, being decoded
     for chunk in prange(n_chunks):
-        codes = np.empty(GROUP * nb * 32, np.uint8)
-        starts = np.empty(GROUP * nb * LANES, np.int32)
-        dw = np.empty(GROUP * nb, np.float32)
+        codes = np.empty(2 * half * 32, np.uint8)
+        starts = np.empty(2 * half * LANES, np.int32)
+        dw = np.empty(2 * half, np.float32)
         sums = np.empty(GROUP * TOKENS, np.float32)
-        for rg in range(chunk * n_row_groups // n_chunks, (chunk + 1) * n_row_groups // n_chunks):
+        first, end = chunk * n_row_groups // n_chunks, (chunk + 1) * n_row_groups // n_chunks
+        _decode_group(decode, w, _row_offsets(first * GROUP, m, row_bytes), nb, block_bytes, codes, starts, dw)
+        for rg in range(first, end):
             r0 = rg * GROUP
-            _decode_group(decode, w, _row_offsets(r0, m, row_bytes), nb, block_bytes, codes, starts, dw)
-            ahead = min(r0 + GROUP, m - 1) * row_bytes  # the next rows (which are decoded next), or the last
-            for g in range(n_groups):
-                _rows_2(codes, starts, dw, 0, nb, xt, xd, g, nb, sums, 0, w, ahead, stride)
-                _rows_2(codes, starts, dw, 2 * nb, 3 * nb, xt, xd, g, nb, sums, 2, w, ahead + nb * stride, stride)
+            cur = (rg - first) % 2 * half
+            nxt = half - cur
+            ahead = min(r0 + 2 * GROUP, m - 1) * row_bytes  # the group after the next (or the last row)
+            next_offsets = _row_offsets(min(r0 + GROUP, m - 1), m, row_bytes)
+            if rg + 1 < end:
+                _row_group(codes, starts, dw, cur, nxt, nb, xt, xd, 0, sums, w, ahead, stride, decode, block_bytes,
+                           next_offsets, True)
+            else:
+                _row_group(codes, starts, dw, cur, nxt, nb, xt, xd, 0, sums, w, ahead, stride, decode, block_bytes,
+                           next_offsets, False)
+            _store_group(out, sums, 0, r0, m, n_tok)
+            for g in range(1, n_groups):
+                _row_group(codes, starts, dw, cur, nxt, nb, xt, xd, g, sums, w, ahead, stride, decode, block_bytes,
+                           next_offsets, False)
                 _store_group(out, sums, g, r0, m, n_tok)
 
 
