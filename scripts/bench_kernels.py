@@ -79,8 +79,8 @@ def make_weights(qtype: QType, m: int, k: int, rng) -> np.ndarray:
 
 def time_batches(xs: dict, w, qtype, threads, isa, packed=None, min_seconds=0.3, slice_seconds=0.02) -> dict:
     """Best seconds of one `matmul` for each batch's x in `xs`, the batches taking turns (a slice of
-    ~20 ms each per round) until each has run `min_seconds`: this machine's speed drifts by +-10%
-    within minutes, and the batch-16 / batch-1 ratio is only meaningful when both see the same drift."""
+    ~20 ms each per round) until each has run `min_seconds`, so that the batch-16 / batch-1 ratio
+    compares the two under one state of the machine, whose speed drifts within minutes."""
     def once(x):
         return _timed(lambda: matmul(x, w, qtype, threads=threads, isa=isa, packed=packed))
 
