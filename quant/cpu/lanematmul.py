@@ -80,7 +80,7 @@ def _rows_2(codes, starts, dw, i0, i1, xt, xd, g, nb, sums, r, w, ahead, stride,
             S.load_i8x64(xt, at + 448)
         dx = S.load_f32x16(xd, (g * nb + b) * 4 * TOKENS)
         ia, ib = i0 + b, i1 + b
-        sa, sb = S.scale_f32x16(dx, dw[ia]), S.scale_f32x16(dx, dw[ib])
+        sa, sb = S.scale_f32x16(dx, S.load_f32(dw, 4 * ia)), S.scale_f32x16(dx, S.load_f32(dw, 4 * ib))
         a0, b0 = _lane(codes, starts, ia, 0, x0, sa, a0), _lane(codes, starts, ib, 0, x0, sb, b0)
         a1, b1 = _lane(codes, starts, ia, 1, x1, sa, a1), _lane(codes, starts, ib, 1, x1, sb, b1)
         a2, b2 = _lane(codes, starts, ia, 2, x2, sa, a2), _lane(codes, starts, ib, 2, x2, sb, b2)

@@ -45,19 +45,19 @@ def _store_block(codes, starts, i, signed):
 
 @njit(inline="always")
 def _decode_q4_0(w, off, codes, starts, dw, i):
-    dw[i] = S.load_f16(w, off)
+    S.store_f32(dw, 4 * i, S.load_f16(w, off))
     _store_block(codes, starts, i, S.add_i8x32(S.load_nibbles_i8x32(w, off + 2), -8))
 
 
 @njit(inline="always")
 def _decode_q5_0(w, off, codes, starts, dw, i):
-    dw[i] = S.load_f16(w, off)
+    S.store_f32(dw, 4 * i, S.load_f16(w, off))
     _store_block(codes, starts, i, S.q5_0_codes_i8x32(S.load_nibbles_i8x32(w, off + 6), S.load_u32(w, off + 2)))
 
 
 @njit(inline="always")
 def _decode_q8_0(w, off, codes, starts, dw, i):
-    dw[i] = S.load_f16(w, off)
+    S.store_f32(dw, 4 * i, S.load_f16(w, off))
     _store_block(codes, starts, i, S.load_i8x32(w, off + 2))
 
 
@@ -75,7 +75,7 @@ def _step(codes, starts, dw, i, xq, xd, at, acc):
     integers of the signed dot, which the 256-bit kernels take by other means."""
     dot = S.dot_u8i8_acc_i32x16(S.load_twice_i32x16(starts, 32 * i), S.load_i8x64(xq, at),
                                 S.load_twice_i8x64(codes, 32 * i))
-    return S.fma_f32x16(acc, dot, S.scale_f32x16(S.load_f32x16(xd, at), dw[i]))
+    return S.fma_f32x16(acc, dot, S.scale_f32x16(S.load_f32x16(xd, at), S.load_f32(dw, 4 * i)))
 
 
 # -- tiles: 4 rows x 2 pairs, and 4 rows x 1 pair for the last odd pair ---------------------------

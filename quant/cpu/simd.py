@@ -802,6 +802,19 @@ def load_f32(typingctx, array, byte_offset):
 
 
 @intrinsic
+def store_f32(typingctx, array, byte_offset, value):
+    """array[byte_offset / 4] = value, without the index arithmetic of a negative-index check."""
+    sig = types.void(array, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        builder.store(args[2], _pointer(context, builder, signature.args[0], args[0], offset, _F32), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def load_i64(typingctx, array, byte_offset):
     def codegen(context, builder, signature, args):
         offset = context.cast(builder, args[1], signature.args[1], types.intp)
