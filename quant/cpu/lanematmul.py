@@ -9,8 +9,9 @@ lane l for 16 tokens instead: the activations are laid out by token (values 4l..
 tokens side by side), the weight's 4 bytes are broadcast, and one scale product (dw x the 16
 tokens' dx) serves all eight lanes: per (row, 16 tokens, block) 8 dots, 8 conversions, 8 FMAs and
 one product, where the pair kernels issue 32 operations. The eight lanes' sum at the end of a
-row is `hsum_f32x8`'s, as vector adds of the eight accumulators. (Measured here, kernel alone, 2 threads:
-3-10% faster than the pair kernels on 4096 x 4096 at 16 tokens, no faster on rows of 640 values.)
+row is `hsum_f32x8`'s, as vector adds of the eight accumulators. (Measured here, 2 threads, at 16
+tokens: 0-23% faster than the pair kernels on rows of 1024 and 4096 values; see `linear.TOKEN_LANES_MIN_K`
+for shorter rows.)
 
 Weights are decoded per group of 4 rows into `pairmatmul`'s scratch (signed codes, -128 x their
 sums per lane, float32 scales), each group while the previous one's first token group is computed

@@ -48,7 +48,8 @@ _PAIRED = {QType.Q8_0: pairmatmul.pairmatmul_q8_0, QType.Q4_0: pairmatmul.pairma
            QType.Q5_0: pairmatmul.pairmatmul_q5_0}
 PAIRED_MIN_TOKENS = 2  # Q8_0/Q4_0/Q5_0
 # ... and 16 tokens per register (`lanematmul`) for each whole group of 16 tokens, in rows of at
-# least 1024 values (its per-row sums and stores cost more than it saves on shorter rows, measured)
+# least 1024 values. On shorter rows (measured, 2 threads) it is 0-19% faster at 16 tokens but 0-16%
+# slower at 33 (the lone 33rd token costs a whole pair pass) and mixed at 128: not yet worth it there.
 TOKEN_LANES_MIN_K = 1024
 _TOKEN_LANES = {QType.Q8_0: lanematmul.lanematmul_q8_0, QType.Q4_0: lanematmul.lanematmul_q4_0,
                 QType.Q5_0: lanematmul.lanematmul_q5_0}
