@@ -103,7 +103,7 @@ def test_activation_layouts_read_by_512_bit_loads_start_on_a_cache_line():
             xt, xd = lanematmul.token_lanes(codes, scales)
             layouts = [xt, xd, pairmatmul.q8_0_pairs(codes), pairmatmul.q8_k_pairs(codes),
                        pairmatmul.pair_layout(scales.reshape(n_tok, 32, 1)),
-                       simd.line_aligned_empty(n_tok + attempt, np.int16)]
+                       simd.np_line_aligned_empty(n_tok + attempt, np.int16)]
             assert [a.ctypes.data % simd.LINE for a in layouts] == [0] * len(layouts), (n_tok, attempt)
     x = rng.standard_normal((3, 64)).astype(np.float32)  # pair_layout's values: tokens 2p, 2p + 1 side by side
     pairs = pairmatmul.pair_layout(x.reshape(3, 2, 32)).reshape(2, 2, 2, 32)

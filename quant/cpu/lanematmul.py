@@ -128,7 +128,7 @@ def _lanematmul(xt, xd, w, row_bytes, m, n_tok, out, decode, block_bytes):
         codes = np.empty(2 * half * 32, np.uint8)
         starts = np.empty(2 * half * LANES, np.int32)
         dw = np.empty(2 * half, np.float32)
-        sums = S.line_aligned(np.empty(GROUP * TOKENS + S.LINE // 4, np.float32), GROUP * TOKENS)
+        sums = S.line_aligned_empty(GROUP * TOKENS, np.float32)
         first, end = chunk * n_row_groups // n_chunks, (chunk + 1) * n_row_groups // n_chunks
         _decode_group(decode, w, _row_offsets(first * GROUP, m, row_bytes), nb, block_bytes, codes, starts, dw)
         for rg in range(first, end):
@@ -171,9 +171,10 @@ def token_lanes(codes, scales):
     n_tok, k = codes.shape
     nb, n_groups = k // 32, (n_tok + TOKENS - 1) // TOKENS
     words = codes.reshape(-1).view(np.uint32)  # 4 values of one token: one lane's share
-    size = n_groups * nb * LANES * TOKENS
-    xt = S.line_aligned(np.full(size + S.LINE // 4, 0x80808080, np.uint32), size)  # padding tokens: x = 0
-    xd = S.line_aligned(np.zeros(n_groups * nb * TOKENS + S.LINE // 4, np.float32), n_groups * nb * TOKENS)
+    xt = S.line_aligned_empty(n_groups * nb * LANES * TOKENS, np.uint32)
+    xt[:] = 0x80808080  # padding tokens: x = 0
+    xd = S.line_aligned_empty(n_groups * nb * TOKENS, np.float32)
+    xd[:] = 0
     for gb in prange(n_groups * nb):  # (token group, block)
         g, b = gb // nb, gb % nb
         for j in range(min(TOKENS, n_tok - g * TOKENS)):

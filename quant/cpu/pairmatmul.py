@@ -195,7 +195,7 @@ def pair_layout(a: np.ndarray) -> np.ndarray:
     padded = np.zeros((n_tok + n_tok % 2, *a.shape[1:]), a.dtype)
     padded[:n_tok] = a
     pairs = padded.reshape(-1, 2, *a.shape[1:]).swapaxes(1, 2)
-    out = S.line_aligned_empty(pairs.size, a.dtype)  # read by 512-bit loads
+    out = S.np_line_aligned_empty(pairs.size, a.dtype)  # read by 512-bit loads
     out.reshape(pairs.shape)[...] = pairs
     return out
 
@@ -209,7 +209,7 @@ def q8_0_pairs(codes):
     n_tok, k = codes.shape
     nb, n_pairs = k // 32, (n_tok + 1) // 2
     flat = codes.reshape(-1)
-    out = S.line_aligned(np.empty(n_pairs * nb * 64 + S.LINE, np.uint8), n_pairs * nb * 64)  # 512-bit loads
+    out = S.line_aligned_empty(n_pairs * nb * 64, np.uint8)  # read by 512-bit loads
     for p in prange(n_pairs):
         for s in range(2):
             t = 2 * p + s
@@ -229,7 +229,7 @@ def q8_k_pairs(codes):
     n_tok, k = codes.shape
     n_pairs, steps = (n_tok + 1) // 2, k // 16
     flat = codes.reshape(-1)
-    out = S.line_aligned(np.empty(n_pairs * k * 2 + S.LINE // 2, np.int16), n_pairs * k * 2)  # 512-bit loads
+    out = S.line_aligned_empty(n_pairs * k * 2, np.int16)  # read by 512-bit loads
     for p in prange(n_pairs):
         for s in range(2):
             t = 2 * p + s

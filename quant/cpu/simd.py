@@ -133,22 +133,22 @@ LINE = 64  # bytes in a cache line: a 512-bit load from an address that is not a
 
 
 @njit(inline="always")
-def line_aligned(a, n):
-    """The n elements of `a` (allocated with LINE bytes to spare) from its first cache-line
-    boundary. Numba's allocator aligns arrays to 32 bytes and numpy's to 16: activations read with
-    512-bit loads from such a buffer cost two lines a load, and the token-lane kernel at 16 tokens
-    on 4096 x 4096 ran ~10% slower whenever its activations started 16, 32 or 48 bytes past a line
-    (measured), which made its speed change from one process to the next."""
-    skip = (-a.ctypes.data) % LINE // a.itemsize
-    return a[skip:skip + n]
+def line_aligned_empty(n, dtype):
+    """np.empty(n, dtype), starting on a cache line. Numba's allocator aligns arrays to 32 bytes and
+    numpy's to 16: activations read with 512-bit loads from such a buffer cost two lines a load, and
+    the token-lane kernel at 16 tokens on 4096 x 4096 ran ~10% slower whenever its activations
+    started 16, 32 or 48 bytes past a line (measured), which made its speed change from one process
+    to the next."""
+    spare = np.empty(n + LINE, dtype)  # LINE elements: at least LINE bytes to skip into
+    skip = (-spare.ctypes.data) % LINE // spare.itemsize
+    return spare[skip:skip + n]
 
 
-def line_aligned_empty(n: int, dtype) -> np.ndarray:
-    """np.empty(n, dtype), starting on a cache line (see `line_aligned`)."""
-    dtype = np.dtype(dtype)
-    raw = np.empty(n * dtype.itemsize + LINE, np.uint8)
-    skip = -raw.ctypes.data % LINE
-    return raw[skip:skip + n * dtype.itemsize].view(dtype)
+def np_line_aligned_empty(n: int, dtype) -> np.ndarray:
+    """`line_aligned_empty` for Python callers (numpy, no compilation)."""
+    spare = np.empty(n + LINE, dtype)
+    skip = -spare.ctypes.data % LINE // spare.itemsize
+    return spare[skip:skip + n]
 
 
 # -- loads ----------------------------------------------------------------------
