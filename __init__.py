@@ -11,7 +11,18 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from llmx.engine.engine import Engine
     from llmx.engine.model import Model
+
+__all__ = ["Engine", "load"]
+
+
+def __getattr__(name: str):
+    if name == "Engine":  # imported on first use: `import llmx` stays light
+        from llmx.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'llmx' has no attribute {name!r}")
 
 
 def load(path: str | Path | None = None, threads: int | None = None, ctx: int = 4096, device: str = "cpu",

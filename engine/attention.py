@@ -364,40 +364,45 @@ def _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, 
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, tiled, q2, cells,
-                  out):
+def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, row_tiled, q2,
+                  cells, out):
     """q float32 [n, n_head, d] (float16-exact values); k_pool/v_pool one layer's cache as bytes of
     float16 [n_blocks, block_size, n_head_kv, d or dv]; tables int32 [n_seqs, blocks] the block ids
     of each sequence, row_seq int64 [n] the sequence of each query row; positions int64 [n];
-    out float32 [n, n_head, dv]. `tiled`: the batch has 2+ tokens. q2 and cells (see
-    `_attend_heads_4_wide`): the quads' AVX-512 path, taken when q2 is not empty."""
+    out float32 [n, n_head, dv]. `row_tiled` uint8 [n]: the row takes tinyBLAS's order (else
+    ggml_vec_dot_f16's). q2 and cells (see `_attend_heads_4_wide`): the quads' AVX-512 path, taken
+    when q2 is not empty."""
     n, n_head, d = q.shape
     dv = out.shape[2]
     n_head_kv = n_head // group
     q_flat = q.reshape(-1)
-    k_tiled = tiled and d % 8 == 0
-    v_lanes = 8 if tiled and dv % 4 == 0 else 32  # tinyBLAS needs rows % 4 == 0
-    # Batched, with heads sharing a KV head four at a time: one item per row and four heads.
-    quads = group // 4 if k_tiled and v_lanes == 8 else 0
-    per_row = n_head_kv * quads + (n_head - 4 * n_head_kv * quads)
-    for item in prange(n * per_row):
+    # A tiled row whose heads share a KV head four at a time takes one item per four heads; the
+    # items a row does not need are empty, so every row has n_head items.
+    quads = group // 4 if d % 8 == 0 and dv % 4 == 0 else 0
+    for item in prange(n * n_head):
         # Rows in the order 0, n-1, 1, n-2, ...: a causal prompt's row t costs ~t, and threads take
         # contiguous ranges of items, so each range gets early and late rows alike.
-        r, rest = item // per_row, item % per_row
+        r, rest = item // n_head, item % n_head
         t = r // 2 if r % 2 == 0 else n - 1 - r // 2
+        tiled = row_tiled[t] != 0
+        k_tiled = tiled and d % 8 == 0
+        v_lanes = 8 if tiled and dv % 4 == 0 else 32  # tinyBLAS needs rows % 4 == 0
+        row_quads = quads if tiled else 0
+        if rest >= n_head_kv * row_quads + (n_head - 4 * n_head_kv * row_quads):
+            continue
         table = tables[row_seq[t]]
         last = positions[t]
         first = max(0, last - window + 1) if window > 0 else 0
-        if rest < n_head_kv * quads and q2.size > 0:
-            h0 = (rest // quads) * group + 4 * (rest % quads)
+        if rest < n_head_kv * row_quads and q2.size > 0:
+            h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
             _attend_heads_4_wide(q2, k_pool, v_pool, cells[row_seq[t]], h0 // group, t, h0, n_head, d, dv, first, last,
                                  kq_scale, out)
-        elif rest < n_head_kv * quads:  # quad rest % quads of KV head rest // quads
-            h0 = (rest // quads) * group + 4 * (rest % quads)
+        elif rest < n_head_kv * row_quads:  # quad rest % quads of KV head rest // quads
+            h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
             _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
                             first, last, kq_scale, out)
         else:  # the heads no quad covers, one at a time
-            h = _uncovered_head(rest - n_head_kv * quads, group, quads)
+            h = _uncovered_head(rest - n_head_kv * row_quads, group, row_quads)
             _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h // group, t, h, n_head, d, dv,
                          first, last, kq_scale, k_tiled, v_lanes, out)
 
@@ -410,24 +415,27 @@ def _uncovered_head(i, group, quads):
 
 
 def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np.ndarray, row_seq: np.ndarray,
-                 positions: np.ndarray, window: int | None, group: int, kq_scale: float, tiled: bool) -> np.ndarray:
+                 positions: np.ndarray, window: int | None, group: int, kq_scale: float,
+                 tiled: bool | np.ndarray) -> np.ndarray:
     """q float32 [n, n_head, d] -> [n, n_head, dv], the query rows of one or more sequences.
     keys/values: one layer's float16 pool [n_blocks, block_size, n_head_kv, d]; `tables` int32
     [n_seqs, blocks] each sequence's block ids; `row_seq` the sequence of each row; `positions`
     the rows' positions (their K/V already written). `kq_scale` multiplies the scores; `tiled`
-    says the whole batch has 2+ tokens (which ggml kernel llama.cpp would use)."""
+    (one bool, or one per row) picks the ggml kernel whose float order a row follows: tinyBLAS's
+    (llama.cpp's for prompts) or ggml_vec_dot_f16's (for one decoded token)."""
     n, n_head, d = q.shape
     q16 = round_to_f16(np.ascontiguousarray(q, dtype=np.float32).reshape(n, n_head * d)).reshape(n, n_head, d)
     out = np.empty((n, n_head, values.shape[-1]), np.float32)
     tables, row_seq, positions = np.ascontiguousarray(tables, dtype=np.int32), np.asarray(row_seq, np.int64), \
         positions.astype(np.int64)
-    if tiled and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and S.has_avx512_pairs():
+    row_tiled = np.ascontiguousarray(np.broadcast_to(np.asarray(tiled, np.uint8), (n,)))
+    if row_tiled.any() and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and S.has_avx512_pairs():
         q2 = _head_pairs(q16)
         cells = _cells(tables, row_seq, positions, keys.shape[1], keys.shape[2])
     else:
         q2, cells = np.empty(0, np.float32), np.empty((0, 0), np.int64)
     attend_kernel(q16, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq,
-                  keys.shape[1], positions, window or 0, group, np.float32(kq_scale), tiled, q2, cells, out)
+                  keys.shape[1], positions, window or 0, group, np.float32(kq_scale), row_tiled, q2, cells, out)
     return out
 
 

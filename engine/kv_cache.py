@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit, prange
 
+from llmx.engine.block_pool import BlockPool
 from llmx.engine.config import ModelConfig
 from llmx.errors import LlmxError
 from llmx.quant.cpu import simd as S
+from llmx.quant.cpu.activations import quantize_q8_0
 
 BLOCK_SIZE = 16
+CACHE_TYPES = ("f16", "q8_0")
+Q8_0_BLOCK, Q8_0_BYTES = 32, 34  # values per block; bytes per block (float16 scale, 32 int8 codes)
 
 
 @dataclass(eq=False)
@@ -28,36 +32,59 @@ class SequenceHandle:
 
     blocks: list[int] = field(default_factory=list)
     length: int = 0  # positions written
+    # Positions below this are the prompt's (None: the first forward's tokens). Attention takes a
+    # row's float order from its own role, never from the batch: see `prompt_order`.
+    prompt_length: int | None = None
+
+
+def check_cache_type(name: str, cache_type: str, head_dim: int) -> None:
+    if cache_type not in CACHE_TYPES:
+        raise LlmxError(f"{name} {cache_type!r} is not a KV cache type; use one of {', '.join(CACHE_TYPES)}")
+    if cache_type == "q8_0" and head_dim % Q8_0_BLOCK:
+        raise LlmxError(f"{name} q8_0 needs a head size that is a multiple of {Q8_0_BLOCK}, not {head_dim}")
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, n_tokens: int, block_size: int = BLOCK_SIZE):
+    """The cache's storage, one layer's pool at a time, and its `BlockPool` of block ids.
+    `cache_type_k/v` "q8_0" stores each head's row as llama.cpp's Q8_0 blocks (34 bytes per 32
+    values instead of 64); attention reads such a layer through `layer_f16`."""
+
+    def __init__(self, config: ModelConfig, n_tokens: int, block_size: int = BLOCK_SIZE, cache_type_k: str = "f16",
+                 cache_type_v: str = "f16", prefix_caching: bool = False):
+        check_cache_type("cache_type_k", cache_type_k, config.head_dim)
+        check_cache_type("cache_type_v", cache_type_v, config.head_dim_v)
         self.block_size = block_size
+        self.cache_types = (cache_type_k, cache_type_v)
         n_blocks = max(1, -(-n_tokens // block_size))
         shape = (config.n_layer, n_blocks, block_size, config.n_head_kv)
-        self.keys = np.zeros((*shape, config.head_dim), np.float16)
-        self.values = np.zeros((*shape, config.head_dim_v), np.float16)
-        self._free = list(range(n_blocks - 1, -1, -1))  # pop() hands out low blocks first
+        self.keys = _pool(shape, config.head_dim, cache_type_k)
+        self.values = _pool(shape, config.head_dim_v, cache_type_v)
+        self.pool = BlockPool(n_blocks, block_size, prefix_caching)
 
     @property
     def free_tokens(self) -> int:
-        return len(self._free) * self.block_size
+        return self.pool.num_free * self.block_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one position takes over all layers, keys and values."""
+        return self.keys[:, 0, 0].nbytes + self.values[:, 0, 0].nbytes
 
     def new_sequence(self) -> SequenceHandle:
         return SequenceHandle()
 
     def release(self, seq: SequenceHandle) -> None:
-        self._free.extend(reversed(seq.blocks))
+        self.pool.release(seq.blocks)
         seq.blocks.clear()
         seq.length = 0
 
     def reserve(self, seq: SequenceHandle, n_new: int) -> np.ndarray:
         """Make room for `n_new` more positions; returns their positions (int64 [n_new])."""
-        needed = -(-(seq.length + n_new) // self.block_size) - len(seq.blocks)
-        if needed > len(self._free):
-            raise LlmxError(f"the KV cache is full: {seq.length + n_new} positions do not fit; "
-                            "raise the context size (-c)")
-        seq.blocks.extend(self._free.pop() for _ in range(needed))
+        if seq.prompt_length is None:
+            seq.prompt_length = seq.length + n_new
+        needed = self.pool.blocks_for(seq.length + n_new) - len(seq.blocks)
+        if needed > 0:
+            seq.blocks.extend(self.pool.allocate(needed))
         return np.arange(seq.length, seq.length + n_new)
 
     def cells(self, seq: SequenceHandle, positions: np.ndarray) -> np.ndarray:
@@ -67,10 +94,26 @@ class KVCache:
 
     def write(self, layer: int, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         """k [n, n_head_kv, head_dim], v [n, n_head_kv, head_dim_v] into `cells` of layer `layer`."""
-        for pool, rows in ((self.keys[layer], k), (self.values[layer], v)):
+        k_type, v_type = self.cache_types
+        for pool, rows, kind in ((self.keys[layer], k, k_type), (self.values[layer], v, v_type)):
+            rows = np.ascontiguousarray(rows, dtype=np.float32)
+            if kind == "q8_0":
+                _write_q8_0(pool, np.asarray(cells), rows)
+                continue
             bits = pool.reshape(len(pool) * pool.shape[1], -1).view(np.uint16)  # [cells, n_head_kv * dim]
-            rows = np.ascontiguousarray(rows, dtype=np.float32).reshape(len(rows), -1)
+            rows = rows.reshape(len(rows), -1)
             (_write_rows_parallel if len(rows) >= PARALLEL_ROWS else _write_rows)(bits, np.asarray(cells), rows)
+
+    def layer_f16(self, layer: int, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Layer `layer`'s keys and values as float16 pools [n_blocks, block_size, n_head_kv, dim],
+        and `tables` pointing into them. A q8_0 layer is decoded for the blocks in `tables` only,
+        into a pool of those blocks, and the tables renumbered."""
+        if self.cache_types == ("f16", "f16"):
+            return self.keys[layer], self.values[layer], tables
+        used, renumbered = np.unique(tables, return_inverse=True)
+        keys, values = (_f16_blocks(pool[layer], used, kind) for pool, kind in
+                        ((self.keys, self.cache_types[0]), (self.values, self.cache_types[1])))
+        return keys, values, renumbered.reshape(tables.shape).astype(np.int32)
 
     def commit(self, seq: SequenceHandle, n_new: int) -> None:
         seq.length += n_new
@@ -81,6 +124,29 @@ class KVCache:
         for i, seq in enumerate(seqs):
             tables[i, : len(seq.blocks)] = seq.blocks
         return tables
+
+
+def prompt_order(positions: np.ndarray, prompt_length: int) -> np.ndarray:
+    """bool [n]: which rows take the prompt's float order in attention (llama.cpp's tinyBLAS for a
+    prompt of 2+ tokens) rather than a decoded token's (ggml_vec_dot_f16). It depends on the row's
+    position and its sequence's prompt only, so a row's bits do not depend on its batch or chunk."""
+    return (positions < prompt_length) & (prompt_length >= 2)
+
+
+def _pool(shape: tuple[int, ...], dim: int, cache_type: str) -> np.ndarray:
+    if cache_type == "q8_0":
+        return np.zeros((*shape, dim // Q8_0_BLOCK * Q8_0_BYTES), np.uint8)
+    return np.zeros((*shape, dim), np.float16)
+
+
+def _f16_blocks(pool: np.ndarray, blocks: np.ndarray, cache_type: str) -> np.ndarray:
+    """float16 [len(blocks), block_size, n_head_kv, dim] of one layer's `blocks`."""
+    if cache_type == "f16":
+        return pool[blocks]
+    n_blocks, block_size, n_head_kv, row_bytes = pool.shape
+    out = np.empty((len(blocks), block_size, n_head_kv, row_bytes // Q8_0_BYTES * Q8_0_BLOCK), np.float16)
+    _dequantize_q8_0_blocks(pool, blocks.astype(np.int64), out.view(np.uint16))
+    return out
 
 
 PARALLEL_ROWS = 16  # a prompt's rows are split over threads; a token's are not worth it
@@ -103,3 +169,39 @@ def _write_rows(bits, cells, rows):
 def _write_rows_parallel(bits, cells, rows):
     for i in prange(len(cells)):
         _write_row(bits, cells, rows, i)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _write_q8_0_rows(pool, cells, codes, scales):
+    """Q8_0 rows (codes int8 [n * n_head_kv, dim], scales float32 [n * n_head_kv, dim / 32]) into
+    cells of one layer's pool uint8 [n_blocks, block_size, n_head_kv, row_bytes]."""
+    flat = pool.reshape(-1, pool.shape[2], pool.shape[3])  # [cells, n_head_kv, row_bytes]
+    n_head_kv = pool.shape[2]
+    for r in prange(len(codes)):
+        row = flat[cells[r // n_head_kv], r % n_head_kv]
+        for b in range(scales.shape[1]):
+            bits = S.f16_bits(scales[r, b])
+            row[34 * b], row[34 * b + 1] = bits & 0xFF, bits >> 8
+            for i in range(32):
+                row[34 * b + 2 + i] = np.uint8(codes[r, 32 * b + i] & 0xFF)
+
+
+def _write_q8_0(pool: np.ndarray, cells: np.ndarray, rows: np.ndarray) -> None:
+    """rows float32 [n, n_head_kv, dim] as llama.cpp's quantize_row_q8_0 into `cells`."""
+    codes, scales = quantize_q8_0(rows.reshape(-1, rows.shape[-1]))
+    _write_q8_0_rows(pool, cells.astype(np.int64), codes, scales)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _dequantize_q8_0_blocks(pool, blocks, out):
+    """out[i] = float16 bits (uint16) of pool[blocks[i]] (Q8_0 rows: code x scale, rounded)."""
+    _, block_size, n_head_kv, row_bytes = pool.shape
+    raw = pool.reshape(-1).view(np.uint8)
+    for i in prange(len(blocks)):
+        for s in range(block_size):
+            for h in range(n_head_kv):
+                at = ((blocks[i] * block_size + s) * n_head_kv + h) * row_bytes
+                for b in range(row_bytes // 34):
+                    d = S.load_f16(raw, at + 34 * b)
+                    for j in range(32):
+                        out[i, s, h, 32 * b + j] = S.f16_bits(d * np.float32(np.int8(raw[at + 34 * b + 2 + j])))

@@ -6,18 +6,20 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmx.engine.archs import config_from_gguf
 from llmx.engine.kv_cache import KVCache
-from llmx.engine.sampling import SamplingParams, StopMatcher, logprob_of, make_rng, make_sampler, top_logprobs
 from llmx.engine.transformer import Transformer
 from llmx.errors import LlmxError, UsageError
 from llmx.formats.chat_template import ChatTemplate, chat_template_for
 from llmx.formats.gguf_file import GGUFFile
 from llmx.formats.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llmx.engine.engine import Engine, Request
 
 DEFAULT_CTX = 4096
 
@@ -65,6 +67,7 @@ class Model:
             self.gguf.load_into_memory()
         self.transformer = Transformer.from_gguf(self.gguf, self.config, threads)
         self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
+        self._engine: Engine | None = None
         self.load_seconds = time.perf_counter() - started
 
     def warm_up(self) -> float:
@@ -96,52 +99,28 @@ class Model:
                  stats: GenerationStats | None = None, logprobs: int | None = None, **sampling: Any) -> Iterator[str]:
         """Stream the continuation of `prompt` (text, special tokens parsed, BOS added; or ids)
         as text pieces. Sampling keywords as `SamplingParams` (temperature=0 is greedy). With
-        `logprobs=N`, `stats.logprobs` gets each token's log-probability and the N most likely."""
-        params = SamplingParams(**sampling)
+        `logprobs=N`, `stats.logprobs` gets each token's log-probability and the N most likely.
+        One request on the model's own `Engine`: the same path as many in `llmx serve`."""
         stats = stats if stats is not None else GenerationStats()
-        ids = self.tokenize(prompt, special=True) if isinstance(prompt, str) else list(prompt)
-        self._check_fits(len(ids))
-        return self._generate(ids, max_tokens, params, StopMatcher(stop), stats, logprobs)
+        request = self.engine.submit(prompt, max_tokens, stop, logprobs, **sampling)
+        return self._stream(request, stats)
 
-    def _generate(self, ids: list[int], max_tokens: int, params: SamplingParams, stops: StopMatcher,
-                  stats: GenerationStats, logprobs: int | None) -> Iterator[str]:
-        sample, rng = make_sampler(params), make_rng(params.seed)
-        capacity = min(self.ctx, len(ids) + max_tokens)
-        cache = KVCache(self.config, capacity)
-        seq = cache.new_sequence()
-        decoder = self.tokenizer.decoder()
-        eog = self.tokenizer.vocab.eog_ids()
-        stats.prompt_tokens = len(ids)
-        started = time.perf_counter()
-        logits = self.transformer.forward(np.array(ids), seq, cache, logits_for="last")[-1]
-        stats.prompt_seconds = time.perf_counter() - started
-        history = list(ids)
-        stats.finish_reason = "length"
-        for n in range(max_tokens):
-            token = sample(logits, history, rng)
-            if n == 0:
-                stats.first_token_seconds = time.perf_counter() - started
-            if token in eog:
-                stats.finish_reason = "stop"
-                break
-            if logprobs is not None:
-                stats.logprobs.append(_logprob_entry(logits, token, logprobs))
-            history.append(token)
-            stats.tokens.append(token)
-            stats.completion_tokens += 1
-            piece = stops.push(decoder.push(token))
-            if piece:
-                yield piece
-            if stops.stopped:
-                stats.finish_reason = "stop"
-                break
-            if n + 1 == max_tokens or len(history) >= capacity:
-                break
-            logits = self.transformer.forward(np.array([token]), seq, cache, logits_for="last")[-1]
-        stats.generation_seconds = time.perf_counter() - started - stats.prompt_seconds
-        tail = stops.push(decoder.flush()) + stops.flush()
-        if tail:
-            yield tail
+    @property
+    def engine(self) -> Engine:
+        """This model's engine for `generate` and `chat`, started on first use."""
+        if self._engine is None:
+            from llmx.engine.engine import Engine
+
+            self._engine = Engine(self, max_seqs=4, kv_cache_tokens=self.ctx)
+        return self._engine
+
+    def _stream(self, request: Request, stats: GenerationStats) -> Iterator[str]:
+        try:
+            yield from request
+        finally:
+            request.cancel()  # (no change when it finished: a consumer that stops early frees it)
+            request.wait()
+            _fill_stats(stats, request)
 
     def _check_fits(self, n_tokens: int) -> None:
         if n_tokens >= self.ctx:
@@ -171,6 +150,12 @@ class Model:
         return self.generate(self.chat_prompt(messages), max_tokens, stop, stats, logprobs, **sampling)
 
 
-def _logprob_entry(logits: np.ndarray, token: int, n: int) -> dict[str, Any]:
-    """The chosen token's log-probability under the raw logits, and the n most likely tokens."""
-    return {"token": token, "logprob": logprob_of(logits, token), "top_logprobs": top_logprobs(logits, n) if n else []}
+def _fill_stats(stats: GenerationStats, request: Request) -> None:
+    first = request.first_token_at or request.finished_at or request.submitted_at
+    stats.prompt_tokens = len(request.prompt_ids)
+    stats.completion_tokens = len(request.token_ids)
+    stats.tokens = list(request.token_ids)
+    stats.logprobs = list(request.logprobs or [])
+    stats.prompt_seconds = stats.first_token_seconds = first - request.submitted_at
+    stats.generation_seconds = (request.finished_at or first) - first
+    stats.finish_reason = request.finish_reason or "stop"

@@ -22,7 +22,7 @@ import numpy as np
 from llmx.engine.attention import attend_paged
 from llmx.engine.config import ModelConfig
 from llmx.engine.elementwise import apply_rope, gelu_tanh_f16, rms_norm
-from llmx.engine.kv_cache import KVCache, SequenceHandle
+from llmx.engine.kv_cache import KVCache, SequenceHandle, prompt_order
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
@@ -38,6 +38,7 @@ class BatchLayout:
     cells: np.ndarray  # int64 [n]: flat cache cell of each row
     row_seq: np.ndarray  # int64 [n]: index of each row's sequence
     tables: np.ndarray  # int32 [n_seqs, blocks]
+    prompt_rows: np.ndarray  # bool [n]: rows in their prompt's float order (`kv_cache.prompt_order`)
     # rope's cos/sin per rope base, computed by the first layer that needs them
     rope_tables: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -48,7 +49,9 @@ class BatchLayout:
         return cls(lengths=[len(p) for p in positions], positions=np.concatenate(positions),
                    cells=np.concatenate([cache.cells(s, p) for s, p in zip(seqs, positions, strict=True)]),
                    row_seq=np.repeat(np.arange(len(seqs)), [len(p) for p in positions]),
-                   tables=cache.block_tables(seqs))
+                   tables=cache.block_tables(seqs),
+                   prompt_rows=np.concatenate([prompt_order(p, s.prompt_length) for s, p in zip(seqs, positions,
+                                                                                                strict=True)]))
 
 
 @dataclass
@@ -121,9 +124,10 @@ class Transformer:
         return self.forward_batch([(seq, tokens)], cache, logits_for)[0]
 
     def forward_batch(self, batch: Sequence[tuple[SequenceHandle, np.ndarray]], cache: KVCache,
-                      logits_for: str = "last") -> list[np.ndarray]:
+                      logits_for: str | Sequence[bool] = "last") -> list[np.ndarray]:
         """Continue several sequences at once; per sequence, logits for every new position
-        ("all") or for its last one ("last")."""
+        ("all"), for its last one ("last"), or per sequence for its last one or none (bools;
+        none is an empty [0, n_vocab])."""
         layout = BatchLayout.build(batch, cache)
         tokens = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in batch])
         x = self._embed(tokens)  # [n_tok, n_embd]
@@ -131,14 +135,14 @@ class Transformer:
             x = self._block(layer, x, layout, cache)
         for (seq, _), n in zip(batch, layout.lengths, strict=True):
             cache.commit(seq, n)
-        ends = np.cumsum(layout.lengths)
-        rows = [np.arange(e - n, e) if logits_for == "all" else np.array([e - 1]) for e, n in zip(ends, layout.lengths,
-                                                                                                 strict=True)]
+        rows = _logit_rows(layout.lengths, logits_for)
         logits = self._logits(x[np.concatenate(rows)])
         bounds = np.cumsum([0] + [len(r) for r in rows])
         return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
+        if not len(x):
+            return np.empty((0, self.config.n_vocab), np.float32)
         x = rms_norm(x, self._vector("output_norm.weight"), self.config.rms_eps)
         return self._linear(x, "token_embd" if self.config.tied_output else "output")
 
@@ -175,8 +179,11 @@ class Transformer:
         else:
             kq_scale = scale
         cache.write(layer, layout.cells, k, v)
-        out = attend_paged(q, cache.keys[layer], cache.values[layer], layout.tables, layout.row_seq, layout.positions,
-                           window, c.n_head // c.n_head_kv, kq_scale, tiled=n >= 2)
+        keys, values, tables = cache.layer_f16(layer, layout.tables)
+        # Each row's float order comes from its own role (prompt or decoded token), as llama.cpp
+        # orders one stream; never from the batch, so a row's bits do not depend on its neighbours.
+        out = attend_paged(q, keys, values, tables, layout.row_seq, layout.positions, window, c.n_head // c.n_head_kv,
+                           kq_scale, tiled=layout.prompt_rows)
         return out.reshape(n, c.n_head * c.head_dim_v)
 
     def _rope_tables(self, layer: int, layout: BatchLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -200,6 +207,15 @@ class Transformer:
         mix, mscale = yarn_mix(c.rope_dim, c.rope_orig_ctx, base, scale)
         theta = theta * scale * (1 - mix) + theta * mix
         return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
+
+
+def _logit_rows(lengths: list[int], logits_for: str | Sequence[bool]) -> list[np.ndarray]:
+    """Per sequence, the rows of the batch whose logits are wanted."""
+    ends = np.cumsum(lengths)
+    if logits_for == "all":
+        return [np.arange(e - n, e) for e, n in zip(ends, lengths, strict=True)]
+    wanted = [True] * len(lengths) if logits_for == "last" else logits_for
+    return [np.array([e - 1] if w else [], np.int64) for e, w in zip(ends, wanted, strict=True)]
 
 
 def yarn_mix(rope_dim: int, orig_ctx: int, base: float, freq_scale: float,

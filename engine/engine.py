@@ -1,0 +1,292 @@
+"""`Engine`: continuous batching over one model, its loop in a background thread.
+
+    eng = llmx.Engine(model, max_seqs=16, max_batched_tokens=512, kv_cache_tokens=32768)
+    req = eng.submit("prompt", max_tokens=64, temperature=0.0)   # from any thread
+    for piece in req: ...                                         # or `async for piece in req.stream()`
+
+Each step the loop takes what other threads posted (new requests, cancels), asks the `Scheduler`
+what to compute, runs it as one `forward_batch` (`ModelRunner`; Numba kernels release the GIL, so
+an event loop elsewhere stays responsive), samples each finished chunk's next token and streams
+the text. `Model.generate` is this engine with one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llmx.engine.kv_cache import KVCache
+from llmx.engine.runner import ModelRunner
+from llmx.engine.sampling import SamplingParams, StopMatcher, logprob_of, make_rng, make_sampler, top_logprobs
+from llmx.engine.scheduler import Scheduler, Status
+from llmx.engine.scheduler import Sequence as SchedSequence
+from llmx.errors import LlmxError, UsageError
+
+if TYPE_CHECKING:
+    from llmx.engine.model import Model
+
+_END = object()  # the last item of a request's stream
+
+
+class Request:
+    """One generation: iterate it (or `stream()` it) for text pieces; once finished, `text`,
+    `token_ids`, `finish_reason` ("stop", "length", "cancelled", "error") and `usage` hold."""
+
+    def __init__(self, engine: Engine, request_id: int, prompt_ids: list[int], params: SamplingParams,
+                 stop: Sequence[str], logprobs: int | None, keep_logits: bool):
+        self.id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: LlmxError | None = None
+        self.logprobs: list[dict[str, Any]] | None = [] if logprobs is not None else None
+        self.step_logits: list[np.ndarray] | None = [] if keep_logits else None  # debug: every sampled row
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._engine = engine
+        self._n_logprobs = logprobs
+        self._sample, self._rng = make_sampler(params), make_rng(params.seed)
+        self._decoder = engine.model.tokenizer.decoder()
+        self._stops = StopMatcher(stop)
+        self._last_logits: np.ndarray | None = None
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+        self._done = threading.Event()
+
+    # -- the caller's side -------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[str]:
+        while (item := self._events.get()) is not _END:
+            yield item
+        self._raise_error()
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The pieces from asyncio, without blocking the event loop."""
+        events: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._async = (asyncio.get_running_loop(), events)
+            while True:  # what came before this call
+                try:
+                    events.put_nowait(self._events.get_nowait())
+                except queue.Empty:
+                    break
+        while (item := await events.get()) is not _END:
+            yield item
+        self._raise_error()
+
+    def cancel(self) -> None:
+        """Stop generating; the request's KV blocks are free after the engine's next step."""
+        self._engine._post("cancel", self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def usage(self) -> dict[str, int]:
+        n_prompt, n_out = len(self.prompt_ids), len(self.token_ids)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # -- the engine's side -------------------------------------------------------------
+
+    def _emit(self, item: Any) -> None:
+        with self._lock:
+            if self._async is None:
+                self._events.put(item)
+                return
+            loop, events = self._async
+        with contextlib.suppress(RuntimeError):  # the consumer's event loop is closed: nobody listens
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+    def _sample_from(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self.step_logits is not None:
+            self.step_logits.append(logits.copy())
+        self._last_logits = logits
+        return self._sample(logits, history, self._rng)
+
+    def _on_token(self, token: int) -> bool:
+        """A generated token: stream its text; True when a stop string ends the request."""
+        self.token_ids.append(token)
+        if self.logprobs is not None and self._last_logits is not None:
+            self.logprobs.append(_logprob_entry(self._last_logits, token, self._n_logprobs or 0))
+        self._push_text(self._stops.push(self._decoder.push(token)))
+        return self._stops.stopped
+
+    def _push_text(self, piece: str) -> None:
+        if piece:
+            self.text += piece
+            self._emit(piece)
+
+    def _finish(self, reason: str, error: LlmxError | None = None) -> None:
+        if self._done.is_set():
+            return
+        if error is None:
+            self._push_text(self._stops.push(self._decoder.flush()) + self._stops.flush())
+        self.finish_reason, self.error = reason, error
+        self.finished_at = time.perf_counter()
+        self._done.set()
+        self._emit(_END)
+
+
+class Engine:
+    def __init__(self, model: Model, max_seqs: int = 16, max_batched_tokens: int = 512, kv_cache_tokens: int = 32768,
+                 prefix_caching: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16"):
+        if kv_cache_tokens < 1:
+            raise UsageError("kv_cache_tokens must be at least 1")
+        self.model = model
+        self.cache = KVCache(model.config, kv_cache_tokens, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                             prefix_caching=prefix_caching)
+        self.scheduler = Scheduler(self.cache.pool, max_seqs, max_batched_tokens)
+        self._runner = ModelRunner(model.transformer, self.cache)
+        self._eos = frozenset(model.tokenizer.vocab.eog_ids())
+        self._ids = itertools.count()
+        self._live: dict[int, tuple[Request, SchedSequence]] = {}  # the loop thread's own
+        self._inbox: list[tuple[str, Request, SchedSequence | None]] = []
+        self._wake = threading.Condition()
+        self._closing = False
+        self.check_invariants = False  # tests: assert the scheduler's invariants every step
+        self._thread = threading.Thread(target=self._loop, name="llmx-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ------------------------------------------------------------------------
+
+    def submit(self, prompt: str | Sequence[int], max_tokens: int = 256, stop: Sequence[str] = (),
+               logprobs: int | None = None, keep_logits: bool = False, **sampling: Any) -> Request:
+        """Queue a generation (text: special tokens parsed, BOS added; or token ids). Sampling
+        keywords as `SamplingParams`; `logprobs=N` records each token's log-probability and the N
+        most likely; `keep_logits` keeps every row of logits sampled from (`step_logits`)."""
+        if self._closing:
+            raise LlmxError("the engine is closed")
+        ids = self.model.tokenize(prompt, special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self._check_prompt(ids)
+        if max_tokens < 0:
+            raise UsageError(f"max_tokens must be 0 or more, not {max_tokens}")
+        request = Request(self, next(self._ids), ids, SamplingParams(**sampling), stop, logprobs, keep_logits)
+        if max_tokens == 0:
+            request._finish("length")
+            return request
+        seq = SchedSequence(request.id, list(ids), max_tokens, self.model.ctx, self._eos, request._on_token)
+        self._post("submit", request, seq)
+        return request
+
+    def stats(self) -> dict[str, int]:
+        s, pool = self.scheduler.stats, self.cache.pool
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": pool.num_used, "kv_blocks_total": pool.n_blocks,
+                "kv_blocks_cached": pool.num_cached, "kv_bytes_per_token": self.cache.bytes_per_token,
+                "prefix_hit_tokens": s.prefix_hit_tokens, "prompt_tokens_computed": s.prompt_tokens_computed,
+                "generated_tokens": s.generated_tokens, "preemptions": s.preemptions, "steps": s.steps}
+
+    def close(self) -> None:
+        """Cancel what is left and stop the loop thread."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the loop thread ---------------------------------------------------------------------
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise UsageError("the prompt is empty")
+        if len(ids) >= self.model.ctx:
+            raise LlmxError(f"the prompt is {len(ids)} tokens but the context holds {self.model.ctx}; "
+                            "shorten it or raise the context size (-c)")
+        if self.cache.pool.blocks_for(len(ids) + 1) > self.cache.pool.n_blocks:
+            raise LlmxError(f"the prompt is {len(ids)} tokens but the KV cache holds "
+                            f"{self.cache.pool.n_blocks * self.cache.block_size}; shorten it or raise kv_cache_tokens")
+        n_vocab = self.model.config.n_vocab
+        if any(not 0 <= t < n_vocab for t in ids):
+            raise UsageError(f"token ids must be in 0..{n_vocab - 1}")
+
+    def _post(self, kind: str, request: Request, seq: SchedSequence | None = None) -> None:
+        with self._wake:
+            self._inbox.append((kind, request, seq))
+            self._wake.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._inbox and not self.scheduler.has_work and not self._closing:
+                    self._wake.wait()
+                inbox, self._inbox = self._inbox, []
+                closing = self._closing
+            self._take(inbox)
+            if closing:
+                self._cancel_all()
+                return
+            if self.scheduler.has_work:
+                self._step()
+
+    def _take(self, inbox: list[tuple[str, Request, SchedSequence | None]]) -> None:
+        for kind, request, seq in inbox:
+            if kind == "submit":
+                try:
+                    self.scheduler.add(seq)
+                except LlmxError as e:
+                    request._finish("error", e)
+                    continue
+                self._live[request.id] = (request, seq)
+            elif request.id in self._live:
+                self._end(request.id, "cancelled")
+            else:
+                request._finish("cancelled")  # (finished already, or never queued: no change then)
+
+    def _step(self) -> None:
+        output = self.scheduler.schedule()
+        if self.check_invariants:
+            self.scheduler.check(output)
+        try:
+            logits = self._runner.run(output)
+            sampled = {sid: self._live[sid][0]._sample_from(row, self._live[sid][1].token_ids)
+                       for sid, row in logits.items()}
+        except Exception as e:  # a failed step fails its requests, not the engine
+            error = e if isinstance(e, LlmxError) else LlmxError(f"generation failed: {type(e).__name__}: {e}")
+            for chunk in output.chunks:
+                self._end(chunk.seq_id, "error", error)
+            return
+        for seq in self.scheduler.update(output, sampled):
+            self._end(seq.seq_id, seq.finish_reason or "stop")
+
+    def _end(self, seq_id: int, reason: str, error: LlmxError | None = None) -> None:
+        request, seq = self._live.pop(seq_id)
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, reason)
+        request._finish(reason, error)
+
+    def _cancel_all(self) -> None:
+        for seq_id in list(self._live):
+            self._end(seq_id, "cancelled")
+
+
+def _logprob_entry(logits: np.ndarray, token: int, n: int) -> dict[str, Any]:
+    """The chosen token's log-probability under the raw logits, and the n most likely tokens."""
+    return {"token": token, "logprob": logprob_of(logits, token), "top_logprobs": top_logprobs(logits, n) if n else []}
