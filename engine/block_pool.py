@@ -53,13 +53,19 @@ class BlockPool:
         return len(self._free)
 
     @property
-    def num_used(self) -> int:
+    def num_referenced(self) -> int:
+        """Blocks some sequence holds."""
         return self.n_blocks - len(self._free)
 
     @property
     def num_cached(self) -> int:
         """Blocks that hold a cached prefix (referenced or not)."""
         return len(self._cached)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks that hold data: referenced by a sequence, or kept by the prefix cache."""
+        return self.num_referenced + sum(1 for b in self._key_of if self.refs[b] == 0)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)

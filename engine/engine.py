@@ -194,6 +194,7 @@ class Engine:
         s, pool = self.scheduler.stats, self.cache.pool
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": pool.num_used, "kv_blocks_total": pool.n_blocks,
+                "kv_blocks_referenced": pool.num_referenced,
                 "kv_blocks_cached": pool.num_cached, "kv_bytes_per_token": self.cache.bytes_per_token,
                 "prefix_hit_tokens": s.prefix_hit_tokens, "prompt_tokens_computed": s.prompt_tokens_computed,
                 "generated_tokens": s.generated_tokens, "preemptions": s.preemptions, "steps": s.steps}
