@@ -26,11 +26,13 @@ def __getattr__(name: str):
 
 
 def load(path: str | Path | None = None, threads: int | None = None, ctx: int = 4096, device: str = "cpu",
-         cache_dir: str | Path | None = None, use_mmap: bool = False) -> Model:
+         cache_dir: str | Path | None = None, use_mmap: bool = False, isa: str | None = None) -> Model:
     """Open a GGUF model (the default gemma-3-270m when `path` is None) for inference. The weights
-    are read into memory; `use_mmap=True` computes on the file's mmap instead (slower decoding)."""
+    are read into memory; `use_mmap=True` computes on the file's mmap instead (slower decoding).
+    `isa` forces "avx2", "vnni" or "portable" kernels (default: the best this CPU runs)."""
     from llmx.engine.default_model import resolve_model_path
     from llmx.engine.model import Model
 
     cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "llmx"
-    return Model(resolve_model_path(path, cache), threads=threads, ctx=ctx, device=device, use_mmap=use_mmap)
+    return Model(resolve_model_path(path, cache), threads=threads, ctx=ctx, device=device, use_mmap=use_mmap,
+                 isa=isa)

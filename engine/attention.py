@@ -113,11 +113,57 @@ def sum8_tree(v):
 @njit(cache=True, nogil=True, inline="always")
 def sum32_ggml(v):
     """ggml_vec_dot_f16's reduction of 4 x 8 lanes (lane l of accumulator a is v[8a + l])."""
-    y = np.empty(8, np.float32)
-    for m in range(8):
-        y[m] = (v[m] + v[16 + m]) + (v[8 + m] + v[24 + m])
-    t0, t1, t2, t3 = y[0] + y[4], y[1] + y[5], y[2] + y[6], y[3] + y[7]
-    return (t0 + t1) + (t2 + t3)
+    y0, y1 = (v[0] + v[16]) + (v[8] + v[24]), (v[1] + v[17]) + (v[9] + v[25])
+    y2, y3 = (v[2] + v[18]) + (v[10] + v[26]), (v[3] + v[19]) + (v[11] + v[27])
+    y4, y5 = (v[4] + v[20]) + (v[12] + v[28]), (v[5] + v[21]) + (v[13] + v[29])
+    y6, y7 = (v[6] + v[22]) + (v[14] + v[30]), (v[7] + v[23]) + (v[15] + v[31])
+    t0, t1, t2, t3 = y0 + y4, y1 + y5, y2 + y6, y3 + y7
+    return (t0 + t1) + (t2 + t3)  # (no scratch array: this runs once per output value)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tree_8(raw, at, stride):
+    """sum8_tree over 8 rows (`stride` bytes apart, from byte `at`), 8 columns at a time."""
+    add, ld = S.add_f32x8, S.load_f32x8
+    q0, q1 = add(ld(raw, at), ld(raw, at + 4 * stride)), add(ld(raw, at + stride), ld(raw, at + 5 * stride))
+    q2, q3 = add(ld(raw, at + 2 * stride), ld(raw, at + 6 * stride)), add(ld(raw, at + 3 * stride),
+                                                                          ld(raw, at + 7 * stride))
+    return add(add(q0, q2), add(q1, q3))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _ggml_y(raw, at, stride, m):
+    """(v[m] + v[16 + m]) + (v[8 + m] + v[24 + m]) of sum32_ggml, 8 columns at a time."""
+    add, ld = S.add_f32x8, S.load_f32x8
+    return add(add(ld(raw, at + m * stride), ld(raw, at + (16 + m) * stride)),
+               add(ld(raw, at + (8 + m) * stride), ld(raw, at + (24 + m) * stride)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tree_32(raw, at, stride):
+    """sum32_ggml over 32 rows, 8 columns at a time."""
+    add = S.add_f32x8
+    t0 = add(_ggml_y(raw, at, stride, 0), _ggml_y(raw, at, stride, 4))
+    t1 = add(_ggml_y(raw, at, stride, 1), _ggml_y(raw, at, stride, 5))
+    t2 = add(_ggml_y(raw, at, stride, 2), _ggml_y(raw, at, stride, 6))
+    t3 = add(_ggml_y(raw, at, stride, 3), _ggml_y(raw, at, stride, 7))
+    return add(add(t0, t1), add(t2, t3))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def reduce_lanes(acc, out, t, h):
+    """out[t, h, i] = sum8_tree(acc[:, i]) (acc [8, dv]) or sum32_ggml(acc[:, i]) (acc [32, dv]),
+    eight outputs per vector add: the same additions per output, rows read contiguously."""
+    n_lanes, dv = acc.shape
+    raw, stride = acc.reshape(-1).view(np.uint8), 4 * dv
+    out_raw = out.reshape(-1).view(np.uint8)
+    out_at = 4 * (t * out.shape[1] + h) * dv
+    dv8 = dv - dv % 8
+    for i in range(0, dv8, 8):
+        total = _tree_8(raw, 4 * i, stride) if n_lanes == 8 else _tree_32(raw, 4 * i, stride)
+        S.store_f32x8(out_raw, out_at + 4 * i, total)
+    for i in range(dv8, dv):
+        out[t, h, i] = sum8_tree(acc[:, i]) if n_lanes == 8 else sum32_ggml(acc[:, i])
 
 
 _EXP_CONSTANTS = (_SHIFT, _LOG2E, _LN2_HI, _LN2_LO, _C1, _C2, _C3, _C4, _C5)
@@ -208,8 +254,64 @@ def _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_hea
         lane = j % 8
         _add_scaled_rows_4(acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], p0, p1, p2, p3, v_pool, v_at, dv)
     for g in range(4):
-        for i in range(dv):
-            out[t, h0 + g, i] = sum8_tree(acc[g, :, i])
+        reduce_lanes(acc[g], out, t, h0 + g)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _ggml_total(a0, a1, a2, a3):
+    return np.float32(np.float64(S.hadd_sum_f32x8(S.add_f32x8(S.add_f32x8(a0, a2), S.add_f32x8(a1, a3)))))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fma_32(a0, a1, a2, a3, q, at, k0, k1, k2, k3):
+    """One step of ggml_vec_dot_f16's four chains: 32 query values from byte `at` times k0..k3."""
+    return S.fmadd_f32x8(a0, S.load_f32x8(q, at), k0), S.fmadd_f32x8(a1, S.load_f32x8(q, at + 32), k1), \
+        S.fmadd_f32x8(a2, S.load_f32x8(q, at + 64), k2), S.fmadd_f32x8(a3, S.load_f32x8(q, at + 96), k3)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dot_ggml_heads_4(q, q_at, head_bytes, pool, k_at, d):
+    """`dot_ggml` (d a multiple of 32) for four query heads against one key: each key vector is
+    converted once; per head the same four chains and the same reduction."""
+    z = S.zero_f32x8()
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = c0 = c1 = c2 = c3 = e0 = e1 = e2 = e3 = z
+    for c in range(0, d, 32):
+        k0, k1 = S.load_f16x8(pool, k_at + 2 * c), S.load_f16x8(pool, k_at + 2 * c + 16)
+        k2, k3 = S.load_f16x8(pool, k_at + 2 * c + 32), S.load_f16x8(pool, k_at + 2 * c + 48)
+        at = q_at + 4 * c
+        a0, a1, a2, a3 = _fma_32(a0, a1, a2, a3, q, at, k0, k1, k2, k3)
+        b0, b1, b2, b3 = _fma_32(b0, b1, b2, b3, q, at + head_bytes, k0, k1, k2, k3)
+        c0, c1, c2, c3 = _fma_32(c0, c1, c2, c3, q, at + 2 * head_bytes, k0, k1, k2, k3)
+        e0, e1, e2, e3 = _fma_32(e0, e1, e2, e3, q, at + 3 * head_bytes, k0, k1, k2, k3)
+    return _ggml_total(a0, a1, a2, a3), _ggml_total(b0, b1, b2, b3), _ggml_total(c0, c1, c2, c3), \
+        _ggml_total(e0, e1, e2, e3)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _attend_heads_4_ggml(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h0, n_head, d, dv,
+                         first, last, kq_scale, out):
+    """Query heads h0..h0+3 of row t (sharing kv_head) in ggml_vec_dot_f16's order, d a multiple of
+    32: the same arithmetic as four `_attend_head(..., k_tiled=False, v_lanes=32)` calls, with each
+    K and V vector converted once for the four heads."""
+    scores = np.empty((4, last + 1 + PAD), np.float32)
+    q_at = 4 * (t * n_head + h0) * d
+    for j in range(first, last + 1):
+        k_at = 2 * d * _cell(table, j, block_size, n_head_kv, kv_head)
+        s0, s1, s2, s3 = _dot_ggml_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
+        scores[0, j], scores[1, j], scores[2, j], scores[3, j] = s0 * kq_scale, s1 * kq_scale, s2 * kq_scale, \
+            s3 * kq_scale
+    for g in range(4):
+        softmax_f16(scores[g], first, last)
+    acc = np.zeros((4, 32, dv), np.float32)  # [head, lane j % 32, dv]
+    for j in range(first, last + 1):
+        p0, p1, p2, p3 = scores[0, j], scores[1, j], scores[2, j], scores[3, j]
+        if p0 == 0 and p1 == 0 and p2 == 0 and p3 == 0:
+            continue  # (a zero probability adds +-0 to a sum that is never -0: no change)
+        v_at = 2 * dv * _cell(table, j, block_size, n_head_kv, kv_head)
+        lane = j % 32
+        _add_scaled_rows_4(acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], p0, p1, p2, p3, v_pool, v_at, dv)
+    for g in range(4):
+        reduce_lanes(acc[g], out, t, h0 + g)
 
 
 # -- AVX-512: the quad path with two heads per 512-bit register -----------------------------------
@@ -359,8 +461,7 @@ def _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, 
             continue
         cell = _cell(table, j, block_size, n_head_kv, kv_head)
         _add_scaled_row(acc[j % v_lanes], p, v_pool, 2 * cell * dv, dv)
-    for i in range(dv):
-        out[t, h, i] = sum8_tree(acc[:, i]) if v_lanes == 8 else sum32_ggml(acc[:, i])
+    reduce_lanes(acc, out, t, h)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -379,6 +480,7 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
     # A tiled row whose heads share a KV head four at a time takes one item per four heads; the
     # items a row does not need are empty, so every row has n_head items.
     quads = group // 4 if d % 8 == 0 and dv % 4 == 0 else 0
+    quads_ggml = group // 4 if d % 32 == 0 else 0
     for item in prange(n * n_head):
         # Rows in the order 0, n-1, 1, n-2, ...: a causal prompt's row t costs ~t, and threads take
         # contiguous ranges of items, so each range gets early and late rows alike.
@@ -387,13 +489,17 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
         tiled = row_tiled[t] != 0
         k_tiled = tiled and d % 8 == 0
         v_lanes = 8 if tiled and dv % 4 == 0 else 32  # tinyBLAS needs rows % 4 == 0
-        row_quads = quads if tiled else 0
+        row_quads = quads if tiled else quads_ggml
         if rest >= n_head_kv * row_quads + (n_head - 4 * n_head_kv * row_quads):
             continue
         table = tables[row_seq[t]]
         last = positions[t]
         first = max(0, last - window + 1) if window > 0 else 0
-        if rest < n_head_kv * row_quads and q2.size > 0:
+        if rest < n_head_kv * row_quads and not tiled:
+            h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
+            _attend_heads_4_ggml(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d,
+                                 dv, first, last, kq_scale, out)
+        elif rest < n_head_kv * row_quads and q2.size > 0:
             h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
             _attend_heads_4_wide(q2, k_pool, v_pool, cells[row_seq[t]], h0 // group, t, h0, n_head, d, dv, first, last,
                                  kq_scale, out)
@@ -416,7 +522,7 @@ def _uncovered_head(i, group, quads):
 
 def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np.ndarray, row_seq: np.ndarray,
                  positions: np.ndarray, window: int | None, group: int, kq_scale: float,
-                 tiled: bool | np.ndarray) -> np.ndarray:
+                 tiled: bool | np.ndarray, wide: bool = True) -> np.ndarray:
     """q float32 [n, n_head, d] -> [n, n_head, dv], the query rows of one or more sequences.
     keys/values: one layer's float16 pool [n_blocks, block_size, n_head_kv, d]; `tables` int32
     [n_seqs, blocks] each sequence's block ids; `row_seq` the sequence of each row; `positions`
@@ -429,7 +535,8 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
     tables, row_seq, positions = np.ascontiguousarray(tables, dtype=np.int32), np.asarray(row_seq, np.int64), \
         positions.astype(np.int64)
     row_tiled = np.ascontiguousarray(np.broadcast_to(np.asarray(tiled, np.uint8), (n,)))
-    if row_tiled.any() and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and S.has_avx512_pairs():
+    if row_tiled.any() and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and wide \
+            and S.has_avx512_pairs():
         q2 = _head_pairs(q16)
         cells = _cells(tables, row_seq, positions, keys.shape[1], keys.shape[2])
     else:

@@ -53,6 +53,7 @@ class Request:
         self.step_logits: list[np.ndarray] | None = [] if keep_logits else None  # debug: every sampled row
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.token_times: list[float] = []  # when each generated token was sampled
         self.finished_at: float | None = None
         self._engine = engine
         self._n_logprobs = logprobs
@@ -128,6 +129,7 @@ class Request:
     def _on_token(self, token: int) -> bool:
         """A generated token: stream its text; True when a stop string ends the request."""
         self.token_ids.append(token)
+        self.token_times.append(time.perf_counter())
         if self.logprobs is not None and self._last_logits is not None:
             self.logprobs.append(_logprob_entry(self._last_logits, token, self._n_logprobs or 0))
         self._push_text(self._stops.push(self._decoder.push(token)))
@@ -172,10 +174,12 @@ class Engine:
     # -- public API ------------------------------------------------------------------------
 
     def submit(self, prompt: str | Sequence[int], max_tokens: int = 256, stop: Sequence[str] = (),
-               logprobs: int | None = None, keep_logits: bool = False, **sampling: Any) -> Request:
+               logprobs: int | None = None, keep_logits: bool = False, ignore_eos: bool = False,
+               **sampling: Any) -> Request:
         """Queue a generation (text: special tokens parsed, BOS added; or token ids). Sampling
         keywords as `SamplingParams`; `logprobs=N` records each token's log-probability and the N
-        most likely; `keep_logits` keeps every row of logits sampled from (`step_logits`)."""
+        most likely; `keep_logits` keeps every row of logits sampled from (`step_logits`);
+        `ignore_eos` generates past end-of-generation tokens (benchmarks, as llama-bench)."""
         if self._closing:
             raise LlmxError("the engine is closed")
         ids = self.model.tokenize(prompt, special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -186,7 +190,8 @@ class Engine:
         if max_tokens == 0:
             request._finish("length")
             return request
-        seq = SchedSequence(request.id, list(ids), max_tokens, self.model.ctx, self._eos, request._on_token)
+        eos = frozenset() if ignore_eos else self._eos
+        seq = SchedSequence(request.id, list(ids), max_tokens, self.model.ctx, eos, request._on_token)
         self._post("submit", request, seq)
         return request
 

@@ -52,12 +52,16 @@ def check_threads(threads: int | None) -> None:
 
 class Model:
     def __init__(self, path: Path, threads: int | None = None, ctx: int = DEFAULT_CTX, device: str = "cpu",
-                 use_mmap: bool = False):
+                 use_mmap: bool = False, isa: str | None = None):
         """`use_mmap`: compute on the file's mmap instead of a private copy of the weights (less
-        memory when several processes share one file; decoding is slower, see `load_into_memory`)."""
+        memory when several processes share one file; decoding is slower, see `load_into_memory`).
+        `isa`: "avx2", "vnni" or "portable" kernels instead of the best this CPU runs."""
         if device != "cpu":
             raise UsageError(f"device {device!r} is not available yet; use device='cpu'")
         check_threads(threads)
+        from llmx.quant.cpu.simd import isa_named
+
+        isa_marker = isa_named(isa)
         started = time.perf_counter()
         self.path = Path(path)
         self.gguf = GGUFFile.open(self.path)
@@ -65,7 +69,7 @@ class Model:
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         if not use_mmap:
             self.gguf.load_into_memory()
-        self.transformer = Transformer.from_gguf(self.gguf, self.config, threads)
+        self.transformer = Transformer.from_gguf(self.gguf, self.config, threads, isa_marker)
         self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
         self._engine: Engine | None = None
         self.load_seconds = time.perf_counter() - started

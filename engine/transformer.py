@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
 from llmx.quant.cpu.linear import activation_quantizer, matmul, pack, quantize_activations
+from llmx.quant.cpu.simd import VNNI
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Transformer:
     config: ModelConfig
     tensors: dict[str, GGUFTensor]
     threads: int | None = None
+    isa: Any = None  # a `simd` instruction-set marker (None: the host's best)
     # Called with (weight name, float32 input [n, k]) before each matmul: `llmx imatrix` listens here.
     observe_matmul: Callable[[str, np.ndarray], None] | None = None
     # weight name -> its copy in the layout llama.cpp's CPU backend repacks it into at load (`linear.pack`)
@@ -72,8 +75,8 @@ class Transformer:
                     self.packed[name] = packed
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, config: ModelConfig, threads: int | None = None) -> Transformer:
-        return cls(config, gguf.tensors, threads)
+    def from_gguf(cls, gguf: GGUFFile, config: ModelConfig, threads: int | None = None, isa: Any = None) -> Transformer:
+        return cls(config, gguf.tensors, threads, isa)
 
     # -- weights ------------------------------------------------------------------------
 
@@ -91,8 +94,8 @@ class Transformer:
         tensor = self._tensor(f"{name}.weight")
         if self.observe_matmul is not None:
             self.observe_matmul(tensor.name, x)
-        out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, quantized=quantized,
-                     packed=self.packed.get(tensor.name))
+        out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, isa=self.isa,
+                     quantized=quantized, packed=self.packed.get(tensor.name))
         bias = self.tensors.get(f"{name}.bias")
         return out if bias is None else out + bias.data.astype(np.float32)
 
@@ -183,7 +186,7 @@ class Transformer:
         # Each row's float order comes from its own role (prompt or decoded token), as llama.cpp
         # orders one stream; never from the batch, so a row's bits do not depend on its neighbours.
         out = attend_paged(q, keys, values, tables, layout.row_seq, layout.positions, window, c.n_head // c.n_head_kv,
-                           kq_scale, tiled=layout.prompt_rows)
+                           kq_scale, tiled=layout.prompt_rows, wide=self.isa is None or self.isa is VNNI)
         return out.reshape(n, c.n_head * c.head_dim_v)
 
     def _rope_tables(self, layer: int, layout: BatchLayout) -> tuple[np.ndarray, np.ndarray]:

@@ -170,11 +170,13 @@ def test_several_sequences_in_one_call_equal_each_alone():
     np.testing.assert_allclose(together[4:5], expected, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("tiled", [True, False])
 @pytest.mark.parametrize("group", [4, 6])
 @pytest.mark.parametrize("window", [None, 11])
-def test_heads_sharing_a_kv_head_four_at_a_time_equal_each_head_alone(group, window):
-    """Batches take heads of one KV group four at a time (each K/V vector converted once); the
-    leftover heads of a group of 6 go one at a time. Every head must get the bits it gets alone."""
+def test_heads_sharing_a_kv_head_four_at_a_time_equal_each_head_alone(group, window, tiled):
+    """Heads of one KV group go four at a time (each K/V vector converted once), in either float
+    order; the leftover heads of a group of 6 go one at a time. Every head must get the bits it
+    gets alone."""
     n_kv, n_head_kv, d, block_size = 37, 2, 64, 8
     n_head = group * n_head_kv
     k, v = f16_exact((n_kv, n_head_kv, d)), f16_exact((n_kv, n_head_kv, d))
@@ -182,12 +184,32 @@ def test_heads_sharing_a_kv_head_four_at_a_time_equal_each_head_alone(group, win
     positions = np.array([0, 3, 9, 20, 30, 36])
     pool_k, pool_v, table = paged(k, v, block_size, rng.permutation(5).tolist())
     rows = np.zeros(len(positions), np.int64)
-    together = attend_paged(q, pool_k, pool_v, table[None], rows, positions, window, group, 0.125, True)
+    together = attend_paged(q, pool_k, pool_v, table[None], rows, positions, window, group, 0.125, tiled)
     for h in range(n_head):
         kv = h // group
         alone = attend_paged(q[:, h:h + 1], np.ascontiguousarray(pool_k[:, :, kv:kv + 1]),
                              np.ascontiguousarray(pool_v[:, :, kv:kv + 1]), table[None], rows, positions, window, 1,
-                             0.125, True)
+                             0.125, tiled)
         assert np.array_equal(together[:, h], alone[:, 0]), h
     expected = reference_attention(q, k, v, positions, window, group, 0.125)
     np.testing.assert_allclose(together, expected, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_each_row_keeps_its_own_float_order_whatever_runs_beside_it(wide):
+    """Rows carry their own order (prompt rows tinyBLAS's, decoded rows ggml's): a row's bits are
+    the same alone as in any batch, and the same on the 256-bit (AVX2) path as on the wide one."""
+    n_kv, n_head_kv, group, d, block_size = 40, 1, 4, 64, 8
+    k, v = f16_exact((n_kv, n_head_kv, d)), f16_exact((n_kv, n_head_kv, d))
+    q = rng.standard_normal((7, group, d)).astype(np.float32)
+    positions = np.array([2, 5, 9, 17, 26, 33, 39])
+    tiled = np.array([True, False, True, True, False, False, True])
+    pool_k, pool_v, table = paged(k, v, block_size, rng.permutation(5).tolist())
+    rows = np.zeros(len(positions), np.int64)
+    together = attend_paged(q, pool_k, pool_v, table[None], rows, positions, None, group, 0.125, tiled, wide=wide)
+    for r in range(len(positions)):
+        alone = attend_paged(q[r:r + 1], pool_k, pool_v, table[None], rows[:1], positions[r:r + 1], None, group,
+                             0.125, bool(tiled[r]))
+        assert np.array_equal(together[r], alone[0]), r
+    assert not np.array_equal(together[tiled], attend_paged(q, pool_k, pool_v, table[None], rows, positions, None,
+                                                            group, 0.125, False)[tiled])  # the orders differ

@@ -61,6 +61,24 @@ def has_avx2() -> bool:
     return host_isa() is not PORTABLE
 
 
+ISA_NAMES = {"portable": PORTABLE, "avx2": AVX2, "vnni": VNNI}
+
+
+def isa_named(name: str | None):
+    """The marker for "avx2", "vnni" or "portable" (None: the host's best); a set this CPU lacks
+    is an error. Forcing "avx2" on an AVX-512 host measures what AVX2-only laptops run."""
+    from llmx.errors import UsageError
+
+    if name is None:
+        return host_isa()
+    if name not in ISA_NAMES:
+        raise UsageError(f"unknown instruction set {name!r}; use one of {', '.join(ISA_NAMES)}")
+    isa = ISA_NAMES[name]
+    if isa is not PORTABLE and (host_isa() is PORTABLE or (isa is VNNI and host_isa() is not VNNI)):
+        raise UsageError(f"this CPU cannot run the {name} path; it runs {isa_name(host_isa())}")
+    return isa
+
+
 def isa_name(isa) -> str:
     return {PORTABLE.dtype: "portable", AVX2.dtype: "avx2", VNNI.dtype: "vnni"}[np.asarray(isa).dtype]
 
