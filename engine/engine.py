@@ -271,7 +271,7 @@ class Engine:
         if self.check_invariants:
             self.scheduler.check(output)
         try:
-            logits = self._runner.run(output)
+            logits = self.model.compute.call(self._runner.run, output)
             sampled = {sid: self._live[sid][0]._sample_from(row, self._live[sid][1].token_ids)
                        for sid, row in logits.items()}
         except Exception as e:  # a failed step fails its requests, not the engine

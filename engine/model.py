@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmx.engine.archs import config_from_gguf
+from llmx.engine.compute import ComputeThread
 from llmx.engine.kv_cache import KVCache
 from llmx.engine.transformer import Transformer
 from llmx.errors import LlmxError, UsageError
@@ -52,10 +53,11 @@ def check_threads(threads: int | None) -> None:
 
 class Model:
     def __init__(self, path: Path, threads: int | None = None, ctx: int = DEFAULT_CTX, device: str = "cpu",
-                 use_mmap: bool = False, isa: str | None = None):
+                 use_mmap: bool = False, isa: str | None = None, compute: ComputeThread | None = None):
         """`use_mmap`: compute on the file's mmap instead of a private copy of the weights (less
         memory when several processes share one file; decoding is slower, see `load_into_memory`).
-        `isa`: "avx2", "vnni" or "portable" kernels instead of the best this CPU runs."""
+        `isa`: "avx2", "vnni" or "portable" kernels instead of the best this CPU runs. `compute`:
+        the thread that runs the kernels (see `engine.compute`; models served together share one)."""
         if device != "cpu":
             raise UsageError(f"device {device!r} is not available yet; use device='cpu'")
         check_threads(threads)
@@ -72,6 +74,7 @@ class Model:
         self.transformer = Transformer.from_gguf(self.gguf, self.config, threads, isa_marker)
         self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
         self._engine: Engine | None = None
+        self.compute = compute if compute is not None else ComputeThread()
         self.load_seconds = time.perf_counter() - started
 
     def warm_up(self) -> float:
@@ -79,7 +82,8 @@ class Model:
         loaded from Numba's cache; returns the seconds it took."""
         started = time.perf_counter()
         cache = KVCache(self.config, 1)
-        self.transformer.forward(np.array([self.tokenizer.vocab.bos_id or 0]), cache.new_sequence(), cache, "last")
+        ids = np.array([self.tokenizer.vocab.bos_id or 0])
+        self.compute.call(self.transformer.forward, ids, cache.new_sequence(), cache, "last")
         return time.perf_counter() - started
 
     # -- text <-> ids ---------------------------------------------------------------
@@ -95,7 +99,7 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)
         self._check_fits(len(ids))
         cache = KVCache(self.config, len(ids))
-        return self.transformer.forward(ids, cache.new_sequence(), cache)
+        return self.compute.call(self.transformer.forward, ids, cache.new_sequence(), cache)
 
     # -- generation -------------------------------------------------------------------
 

@@ -88,6 +88,10 @@ def min_p(p: float) -> Step:
 def make_sampler(params: SamplingParams) -> Callable[[np.ndarray, Sequence[int], np.random.Generator], int]:
     """A function (logits [n_vocab], history, rng) -> token id."""
     chain = [top_k(params.top_k), top_p(params.top_p), min_p(params.min_p)]
+    penalized = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+    if params.temperature <= 0 and not penalized:
+        # greedy on the float32 row itself: the same argmax as on its float64 copy, without the copy
+        return lambda logits, history, rng: int(np.argmax(logits))
 
     def sample(logits: np.ndarray, history: Sequence[int], rng: np.random.Generator) -> int:
         logits = apply_penalties(np.asarray(logits, np.float64), history, params)
