@@ -460,6 +460,62 @@ def read_stdin_text() -> str:
     return read_utf8(sys.stdin.buffer.read(), "standard input")
 
 
+CacheType = Annotated[str, typer.Option(help="KV cache type: f16 or q8_0.")]
+
+
+@app.command()
+def serve(
+    model_arg: ModelArg = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
+    socket_path: Annotated[Path | None, typer.Option(
+        "--socket", help="Unix socket [default: $LLMX_CACHE_DIR/llmx.sock].")] = None,
+    no_socket: Annotated[bool, typer.Option("--no-socket", help="Do not listen on a Unix socket.")] = False,
+    models: Annotated[list[str] | None, typer.Option("--model", help="Serve NAME=PATH too (repeatable).")] = None,
+    api_keys: Annotated[list[str] | None, typer.Option(
+        "--api-key", help="Require this bearer key (repeatable; or $LLMX_API_KEY).")] = None,
+    rate_limit: Annotated[int, typer.Option("--rate-limit", min=0, help="Requests per minute per key.")] = 0,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Waiting requests per model.")] = 64,
+    parallel: Annotated[int, typer.Option("--parallel", "-np", min=1, help="Requests computed at once.")] = 16,
+    ctx: Annotated[int, typer.Option("-c", "--ctx-size", min=8, help="Context per request.")] = 4096,
+    max_batched_tokens: Annotated[int, typer.Option("--max-batched-tokens", min=1)] = 512,
+    kv_cache_tokens: Annotated[int, typer.Option("--kv-cache-tokens", min=16)] = 32768,
+    cache_type_k: CacheType = "f16",
+    cache_type_v: CacheType = "f16",
+    threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
+    response_cache: Annotated[int, typer.Option("--response-cache", min=0,
+                                                help="Deterministic responses to keep.")] = 0,
+    max_loaded: Annotated[int, typer.Option("--max-loaded", min=0, help="Models in memory at once (0: all).")] = 0,
+    max_body: Annotated[int, typer.Option("--max-body-bytes", min=1024)] = 1 << 20,
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API on loopback and a Unix socket."""
+    from llmx.cli.output import notice
+    from llmx.cli.serve import describe, parse_models
+    from llmx.engine.model import check_threads
+    from llmx.errors import UsageError
+    from llmx.server.app import ServeConfig, create_app
+    from llmx.server.registry import EngineSettings, ModelRegistry
+    from llmx.server.run import is_loopback, run_server, tcp_socket, unix_socket
+
+    for name, kind in (("--cache-type-k", cache_type_k), ("--cache-type-v", cache_type_v)):
+        if kind not in ("f16", "q8_0"):
+            raise UsageError(f"{name} {kind!r}: use f16 or q8_0")
+    check_threads(threads)
+    paths = parse_models(model_path(model_arg), models or [])
+    keys = tuple(api_keys or ([os.environ["LLMX_API_KEY"]] if os.environ.get("LLMX_API_KEY") else []))
+    if not is_loopback(host) and not keys:
+        notice(f"warning: listening on {host} without an API key: anyone who reaches it can use it (--api-key)")
+    settings = EngineSettings(threads, ctx, parallel, max_batched_tokens, kv_cache_tokens, cache_type_k, cache_type_v)
+    registry = ModelRegistry(paths, next(iter(paths)), settings, max_loaded)
+    config = ServeConfig(keys, rate_limit, max_queue, response_cache, max_body)
+    unix_path = None if no_socket else (socket_path or cache_dir() / "llmx.sock")
+    sockets = [tcp_socket(host, port)]
+    if unix_path is not None:
+        sockets.append(unix_socket(unix_path))
+    notice(describe(paths, host, sockets[0].getsockname()[1], unix_path))
+    run_server(create_app(registry, config), sockets, unix_path, preload=lambda: registry.engine(registry.default))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one red line and exit 1 (2 for usage) on errors; --debug for tracebacks."""
     from llmx.cli.output import print_error

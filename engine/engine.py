@@ -147,6 +147,7 @@ class Request:
             self._push_text(self._stops.push(self._decoder.flush()) + self._stops.flush())
         self.finish_reason, self.error = reason, error
         self.finished_at = time.perf_counter()
+        self._engine._finished_one()
         self._done.set()
         self._emit(_END)
 
@@ -167,6 +168,8 @@ class Engine:
         self._inbox: list[tuple[str, Request, SchedSequence | None]] = []
         self._wake = threading.Condition()
         self._closing = False
+        self._unfinished = 0  # requests submitted and not finished (any thread)
+        self._count_lock = threading.Lock()
         self.check_invariants = False  # tests: assert the scheduler's invariants every step
         self._thread = threading.Thread(target=self._loop, name="llmx-engine", daemon=True)
         self._thread.start()
@@ -187,6 +190,8 @@ class Engine:
         if max_tokens < 0:
             raise UsageError(f"max_tokens must be 0 or more, not {max_tokens}")
         request = Request(self, next(self._ids), ids, SamplingParams(**sampling), stop, logprobs, keep_logits)
+        with self._count_lock:
+            self._unfinished += 1
         if max_tokens == 0:
             request._finish("length")
             return request
@@ -194,6 +199,15 @@ class Engine:
         seq = SchedSequence(request.id, list(ids), max_tokens, self.model.ctx, eos, request._on_token)
         self._post("submit", request, seq)
         return request
+
+    def waiting(self) -> int:
+        """Requests submitted that no running slot holds yet (queued ones)."""
+        with self._count_lock:
+            return max(0, self._unfinished - self.scheduler.max_seqs)
+
+    def _finished_one(self) -> None:
+        with self._count_lock:
+            self._unfinished -= 1
 
     def stats(self) -> dict[str, int]:
         s, pool = self.scheduler.stats, self.cache.pool

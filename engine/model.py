@@ -101,6 +101,18 @@ class Model:
         cache = KVCache(self.config, len(ids))
         return self.compute.call(self.transformer.forward, ids, cache.new_sequence(), cache)
 
+    def embedding(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 [n_embd]: the final (normed) hidden states of `ids`, mean-pooled, L2-normalized."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            raise UsageError("nothing to embed: the input is empty")
+        self._check_fits(len(ids))
+        cache = KVCache(self.config, len(ids))
+        hidden = self.compute.call(self.transformer.hidden_states, ids, cache.new_sequence(), cache)
+        mean = hidden.astype(np.float64).mean(axis=0)
+        norm = np.linalg.norm(mean)
+        return (mean / norm if norm else mean).astype(np.float32)
+
     # -- generation -------------------------------------------------------------------
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, stop: Sequence[str] = (),

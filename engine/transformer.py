@@ -131,6 +131,20 @@ class Transformer:
         """Continue several sequences at once; per sequence, logits for every new position
         ("all"), for its last one ("last"), or per sequence for its last one or none (bools;
         none is an empty [0, n_vocab])."""
+        x, layout = self._blocks(batch, cache)
+        rows = _logit_rows(layout.lengths, logits_for)
+        logits = self._logits(x[np.concatenate(rows)])
+        bounds = np.cumsum([0] + [len(r) for r in rows])
+        return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def hidden_states(self, tokens: np.ndarray, seq: SequenceHandle, cache: KVCache) -> np.ndarray:
+        """float32 [n, n_embd]: the final hidden states (after the output norm) of one sequence."""
+        x, _ = self._blocks([(seq, tokens)], cache)
+        return rms_norm(x, self._vector("output_norm.weight"), self.config.rms_eps)
+
+    def _blocks(self, batch: Sequence[tuple[SequenceHandle, np.ndarray]],
+                cache: KVCache) -> tuple[np.ndarray, BatchLayout]:
+        """The embeddings through every block: x [n_tok, n_embd], and where the rows live."""
         layout = BatchLayout.build(batch, cache)
         tokens = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in batch])
         x = self._embed(tokens)  # [n_tok, n_embd]
@@ -138,10 +152,7 @@ class Transformer:
             x = self._block(layer, x, layout, cache)
         for (seq, _), n in zip(batch, layout.lengths, strict=True):
             cache.commit(seq, n)
-        rows = _logit_rows(layout.lengths, logits_for)
-        logits = self._logits(x[np.concatenate(rows)])
-        bounds = np.cumsum([0] + [len(r) for r in rows])
-        return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return x, layout
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
         if not len(x):
