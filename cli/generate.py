@@ -122,3 +122,28 @@ def report_verbose(model, stats, wall_start: float, compile_s: float) -> None:
            f"prompt {stats.prompt_tokens} tokens, {t['prompt_tokens_per_s']:.1f} t/s | "
            f"generation {stats.completion_tokens} tokens, {t['generation_tokens_per_s']:.1f} t/s | "
            f"first token {t['time_to_first_token_s']:.2f} s | finish {stats.finish_reason}")
+
+
+def run_remote(remote, name: str, prompt, max_tokens: int, stop: list[str], sampling: dict[str, Any], verbose: bool,
+               wall_start: float) -> None:
+    """`llmx run` through a server: a prompt (str) to /v1/completions, messages to /v1/chat/completions."""
+    body = {"model": name, "max_tokens": max_tokens, "stop": stop, **sampling}
+    if isinstance(prompt, str):
+        endpoint, body["prompt"] = "/v1/completions", prompt
+    else:
+        endpoint, body["messages"] = "/v1/chat/completions", prompt
+    usage: dict[str, Any] = {}
+    try:
+        stream(remote.stream(endpoint, body, usage))
+    finally:
+        if sys.stdout.isatty():
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    if verbose:
+        from llmx.cli.output import notice
+
+        notice(f"through the server at {remote.address} (model {name}) | "
+               f"prompt {usage.get('prompt_tokens', 0)} tokens | "
+               f"generation {usage.get('completion_tokens', 0)} tokens | "
+               f"finish {usage.get('finish_reason', '')} | "
+               f"total {time.perf_counter() - wall_start:.2f} s")

@@ -133,6 +133,8 @@ def tokenize(
 
 
 Temp = Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")]
+Server = Annotated[str | None, typer.Option("--server", help="Use the llmx serve at URL or unix:PATH.")]
+NoServer = Annotated[bool, typer.Option("--no-server", help="Load the model here even if a server runs.")]
 
 
 @app.command()
@@ -157,26 +159,55 @@ def run(
     logprobs: Annotated[int | None, typer.Option("--logprobs", min=0,
                                                  help="With --json: logprob of each token and the N best.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Timings on stderr.")] = False,
+    server: Server = None,
+    no_server: NoServer = False,
 ) -> None:
-    """Generate text from a prompt, streamed to stdout."""
+    """Generate text from a prompt, streamed to stdout (through a running `llmx serve` that serves
+    the model, when one answers on the default socket)."""
     import time
 
-    from llmx.cli.generate import gather_prompt, report_json, report_verbose, split_model_and_prompt, stream, warm_up
-    from llmx.engine.model import GenerationStats, Model
+    from llmx.cli.generate import gather_prompt, split_model_and_prompt
 
     wall_start = time.perf_counter()
     model_arg, prompt_arg = split_model_and_prompt(args or [])
     prompt = gather_prompt(prompt_arg, prompt_file)
-    model = Model(model_path(model_arg), threads=threads, ctx=ctx)
-    compile_s = warm_up(model)
+    path = model_path(model_arg)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repeat_penalty=repeat_penalty, seed=seed)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    as_chat = chat_mode or system is not None
+    found = None if no_server or json_out or logprobs is not None else _server_for(server, path)
+    if found is not None:
+        from llmx.cli.generate import run_remote
+
+        run_remote(*found, messages if as_chat else prompt, max_tokens, stop or [], sampling, verbose, wall_start)
+        return
+    if server is not None and not no_server:
+        from llmx.errors import LlmxError
+
+        raise LlmxError(f"the server at {server} does not answer or does not serve {path}")
+    _run_here(path, prompt, messages if as_chat else None, max_tokens, stop or [], sampling, threads, ctx,
+              json_out, logprobs, verbose, wall_start)
+
+
+def _server_for(explicit: str | None, path: Path):
+    from llmx.cli.remote import find_server
+
+    return find_server(explicit, cache_dir() / "llmx.sock", path, os.environ.get("LLMX_API_KEY"))
+
+
+def _run_here(path: Path, prompt: str, messages, max_tokens: int, stop: list[str], sampling: dict, threads, ctx: int,
+              json_out: bool, logprobs, verbose: bool, wall_start: float) -> None:
+    from llmx.cli.generate import report_json, report_verbose, stream, warm_up
+    from llmx.engine.model import GenerationStats, Model
+
+    model = Model(path, threads=threads, ctx=ctx)
+    compile_s = warm_up(model)
     stats = GenerationStats()
-    if chat_mode or system:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        pieces = model.chat(messages, max_tokens, stop or (), stats, logprobs=logprobs, **sampling)
+    if messages is not None:
+        pieces = model.chat(messages, max_tokens, stop, stats, logprobs=logprobs, **sampling)
     else:
-        pieces = model.generate(prompt, max_tokens, stop or (), stats, logprobs=logprobs, **sampling)
+        pieces = model.generate(prompt, max_tokens, stop, stats, logprobs=logprobs, **sampling)
     if json_out:
         report_json("".join(pieces), model, stats, wall_start, compile_s)
         return
@@ -188,6 +219,9 @@ def run(
             sys.stdout.flush()
     if verbose:
         report_verbose(model, stats, wall_start, compile_s)
+        from llmx.cli.output import notice
+
+        notice("ran in this process (no server serves this model; `llmx serve` makes runs instant)")
 
 
 @app.command()
@@ -199,15 +233,32 @@ def chat(
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
     ctx: Annotated[int, typer.Option("-c", "--ctx-size", min=1)] = 4096,
+    server: Server = None,
+    no_server: NoServer = False,
 ) -> None:
     """Chat with a model: /clear forgets the conversation, /exit (or Ctrl-D) leaves."""
     from rich.console import Console
 
-    from llmx.cli.generate import stream, warm_up
-    from llmx.engine.model import Model
+    from llmx.cli.generate import stream
 
-    model = Model(model_path(model_arg), threads=threads, ctx=ctx)
-    warm_up(model)
+    path = model_path(model_arg)
+    found = None if no_server else _server_for(server, path)
+    if found is None:
+        from llmx.cli.generate import warm_up
+        from llmx.engine.model import Model
+
+        model = Model(path, threads=threads, ctx=ctx)
+        warm_up(model)
+
+        def reply_to(history):
+            return model.chat(history, max_tokens, temperature=temperature, seed=seed)
+    else:
+        remote, name = found
+
+        def reply_to(history):
+            body = {"model": name, "messages": history, "max_tokens": max_tokens, "temperature": temperature,
+                    "seed": seed}
+            return remote.stream("/v1/chat/completions", body, {})
     interactive = sys.stdin.isatty()
     console = Console(stderr=True, highlight=False)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -226,7 +277,7 @@ def chat(
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        reply = stream(model.chat(history, max_tokens, temperature=temperature, seed=seed))
+        reply = stream(reply_to(history))
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": reply})

@@ -200,10 +200,10 @@ class Engine:
         self._post("submit", request, seq)
         return request
 
-    def waiting(self) -> int:
-        """Requests submitted that no running slot holds yet (queued ones)."""
+    def queued(self, extra: int = 0) -> int:
+        """Requests submitted beyond the running slots (waiting ones), counting `extra` more."""
         with self._count_lock:
-            return max(0, self._unfinished - self.scheduler.max_seqs)
+            return max(0, self._unfinished + extra - self.scheduler.max_seqs)
 
     def _finished_one(self) -> None:
         with self._count_lock:

@@ -73,8 +73,8 @@ class Server:
 
     def submit(self, name: str, engine: Engine, prompt: str | list[int], body: Sampling,
                logprobs: int | None) -> Request:
-        if engine.waiting() >= self.config.max_queue:
-            raise Overloaded(f"the server is busy: {engine.waiting()} requests are waiting for {name}; retry later")
+        if engine.queued(extra=1) > self.config.max_queue:
+            raise Overloaded(f"the server is busy: {engine.queued()} requests are waiting for {name}; retry later")
         max_tokens = body.limit(engine.model.ctx)
         return engine.submit(prompt, max_tokens=max_tokens, stop=body.stop, logprobs=logprobs, **body.sampling())
 
