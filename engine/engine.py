@@ -189,7 +189,11 @@ class Engine:
         self._check_prompt(ids)
         if max_tokens < 0:
             raise UsageError(f"max_tokens must be 0 or more, not {max_tokens}")
-        request = Request(self, next(self._ids), ids, SamplingParams(**sampling), stop, logprobs, keep_logits)
+        try:
+            params = SamplingParams(**sampling)
+            request = Request(self, next(self._ids), ids, params, stop, logprobs, keep_logits)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"invalid sampling parameters: {e}") from None
         with self._count_lock:
             self._unfinished += 1
         if max_tokens == 0:

@@ -106,6 +106,8 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) == 0:
             raise UsageError("nothing to embed: the input is empty")
+        if ids.min() < 0 or ids.max() >= self.config.n_vocab:
+            raise UsageError(f"token ids must be in 0..{self.config.n_vocab - 1}")
         self._check_fits(len(ids))
         cache = KVCache(self.config, len(ids))
         hidden = self.compute.call(self.transformer.hidden_states, ids, cache.new_sequence(), cache)

@@ -8,6 +8,7 @@ free after the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -170,7 +171,8 @@ def _routes(app: FastAPI, server: Server) -> None:
         vectors = [await asyncio.to_thread(model.embedding, one) for one in ids]
         n = sum(len(i) for i in ids)
         return {"object": "list", "model": name, "usage": {"prompt_tokens": n, "total_tokens": n},
-                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
+                "data": [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+                         for i, v in enumerate(vectors)]}
 
     @app.post("/tokenize")
     async def tokenize(http: HttpRequest) -> dict[str, Any]:
@@ -191,6 +193,13 @@ def _routes(app: FastAPI, server: Server) -> None:
     async def websocket(ws: WebSocket) -> None:
         await ws.accept()
         await _websocket_session(server, ws)
+
+
+def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
+    """A list of floats, or (the openai client's default) base64 of little-endian float32."""
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return vector.tolist()
 
 
 async def _parse(http: HttpRequest, schema: type[BaseModel]) -> Any:

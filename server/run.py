@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -77,7 +78,7 @@ def run_server(app: Any, sockets: list[socket.socket], unix_path: Path | None, p
 
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on",
                             ws="websockets-sansio", access_log=False)
-    server = uvicorn.Server(config)
+    server = _server_class(uvicorn.Server)(config)
     if preload is not None:
         threading.Thread(target=_quietly, args=(preload,), daemon=True).start()
     try:
@@ -88,6 +89,26 @@ def run_server(app: Any, sockets: list[socket.socket], unix_path: Path | None, p
         if unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 unix_path.unlink()
+
+
+def _server_class(base: type) -> type:
+    class Server(base):
+        """uvicorn's server, minus re-raising SIGINT/SIGTERM after the graceful shutdown (which
+        would make the exit status the signal's): a requested stop is a clean exit, status 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 def _quietly(fn: Any) -> None:

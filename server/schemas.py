@@ -40,7 +40,8 @@ class Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repeat_penalty: float = Field(1.0, ge=0.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    ignore_eos: bool = False  # vLLM's and llama-server's: generate past end-of-generation (benchmarks)
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -68,7 +69,7 @@ class Sampling(BaseModel):
     def sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "repeat_penalty": self.repeat_penalty, "seed": self.seed}
+                "repeat_penalty": self.repeat_penalty, "seed": self.seed, "ignore_eos": self.ignore_eos}
 
     @property
     def deterministic(self) -> bool:
@@ -98,7 +99,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"
 
     def items(self) -> list[str | list[int]]:
         """Each input to embed: a text or a list of token ids."""
