@@ -147,7 +147,8 @@ def test_curl_streams_sse_and_talks_over_the_unix_socket(server):
 
 
 def test_sixteen_concurrent_streams_each_get_their_solo_text(client, gemma, name):
-    words = ["rain", "salt", "maps", "glue", "iron", "wool", "rope", "clay", "soap", "wax", "tea", "ink", "oil", "sand", "wire", "cork"]
+    words = ["rain", "salt", "maps", "glue", "iron", "wool", "rope", "clay",
+             "soap", "wax", "tea", "ink", "oil", "sand", "wire", "cork"]
     prompts = [f"Item {i}: the most useful thing about {w} is" for i, w in enumerate(words)]
     solo = [solo_completion(gemma, p, 16) for p in prompts]
     got: dict[int, str] = {}
