@@ -134,9 +134,12 @@ def prompt_order(positions: np.ndarray, prompt_length: int) -> np.ndarray:
 
 
 def _pool(shape: tuple[int, ...], dim: int, cache_type: str) -> np.ndarray:
-    if cache_type == "q8_0":
-        return np.zeros((*shape, dim // Q8_0_BLOCK * Q8_0_BYTES), np.uint8)
-    return np.zeros((*shape, dim), np.float16)
+    """One pool, its memory taken now (as vLLM and llama.cpp do): np.zeros alone maps pages on
+    first write, and a server's memory would then creep up block by block to the pool's size."""
+    pool = np.empty((*shape, dim // Q8_0_BLOCK * Q8_0_BYTES) if cache_type == "q8_0" else (*shape, dim),
+                    np.uint8 if cache_type == "q8_0" else np.float16)
+    pool.fill(0)
+    return pool
 
 
 def _f16_blocks(pool: np.ndarray, blocks: np.ndarray, cache_type: str) -> np.ndarray:
