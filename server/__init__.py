@@ -1,1 +1,1 @@
-"""`llmx serve`: the OpenAI-compatible HTTP server (not built yet; the folder is part of the layout)."""
+"""`llmx serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn), imported only by that command."""

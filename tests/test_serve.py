@@ -325,3 +325,12 @@ def test_fuzzed_bodies_and_headers_never_get_a_5xx(fuzz_server, endpoint, body, 
     r = httpx.post(fuzz_server.url + endpoint, content=content, headers=headers, timeout=60)
     assert r.status_code < 500, (endpoint, content[:80], r.text[:200])
     assert fuzz_server.proc.poll() is None
+
+
+def test_chaos_script_passes_a_short_run(gemma_path):
+    """scripts/chaos_serve.py, bounded: mixed SSE/JSON/WebSocket requests, some dropped midway."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "chaos_serve.py"
+    result = subprocess.run([sys.executable, str(script), str(gemma_path), "--requests", "150", "--concurrency", "16"],
+                            capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stdout.decode()[-3000:]
+    assert "ok   no 5xx" in result.stdout.decode()
