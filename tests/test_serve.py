@@ -334,3 +334,28 @@ def test_chaos_script_passes_a_short_run(gemma_path):
                             capture_output=True, timeout=600)
     assert result.returncode == 0, result.stdout.decode()[-3000:]
     assert "ok   no 5xx" in result.stdout.decode()
+
+
+def test_max_loaded_unloads_the_least_recently_used_model():
+    from llmx.server.registry import EngineSettings, ModelRegistry
+
+    paths = {name: MODELS_DIR / f"tiny-{name}-q8_0.gguf" for name in ("llama", "qwen2", "qwen3")}
+    registry = ModelRegistry(paths, "llama", EngineSettings(threads=1, kv_cache_tokens=256), max_loaded=2)
+    try:
+        first = registry.engine("llama")
+        registry.engine("qwen2")
+        registry.engine("llama")  # now qwen2 is the least recently used
+        registry.engine("qwen3")
+        assert set(registry.loaded()) == {"llama", "qwen3"} and registry.engine("llama") is first
+        with pytest.raises(Exception, match="not served here"):
+            registry.resolve("gemma")
+    finally:
+        registry.close()
+
+
+def test_llmx_chat_goes_through_the_server_with_the_same_replies(server, gemma_path):
+    env = {"LLMX_CACHE_DIR": server.env["LLMX_CACHE_DIR"]}
+    turns = b"Hello\nWhat is rain?\n"
+    here = run_llmx("chat", str(gemma_path), "--temp", "0", "-n", "8", "--no-server", stdin=turns, env=env)
+    there = run_llmx("chat", str(gemma_path), "--temp", "0", "-n", "8", stdin=turns, env=env)
+    assert here.returncode == there.returncode == 0 and there.stdout == here.stdout and here.stdout.strip()
