@@ -22,22 +22,32 @@ T = TypeVar("T")
 
 class ComputeThread:
     def __init__(self, name: str = "llmx-compute"):
+        self._name = name
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first call
+        self._lock = threading.Lock()
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the compute thread; its result, or its exception raised here."""
         if threading.current_thread() is self._thread:
             return fn(*args)
         future: Future = Future()
-        self._jobs.put((future, fn, args))
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=_work, args=(self._jobs,), name=self._name, daemon=True)
+                self._thread.start()
+            self._jobs.put((future, fn, args))
         return future.result()
 
-    def _work(self) -> None:
-        while True:
-            future, fn, args = self._jobs.get()
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # handed to the caller, which raises it
-                future.set_exception(e)
+    def close(self) -> None:
+        """Let the thread end once the calls already posted are done."""
+        self._jobs.put(None)
+
+
+def _work(jobs: queue.SimpleQueue) -> None:
+    while (job := jobs.get()) is not None:
+        future, fn, args = job
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed to the caller, which raises it
+            future.set_exception(e)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,8 @@ class Model:
         self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
         self._engine: Engine | None = None
         self.compute = compute if compute is not None else ComputeThread()
+        if compute is None:  # its own thread ends with the model
+            weakref.finalize(self, self.compute.close)
         self.load_seconds = time.perf_counter() - started
 
     def warm_up(self) -> float:
