@@ -253,8 +253,11 @@ class Engine:
 
     def _post(self, kind: str, request: Request, seq: SchedSequence | None = None) -> None:
         with self._wake:
-            self._inbox.append((kind, request, seq))
-            self._wake.notify()
+            if not self._closing:
+                self._inbox.append((kind, request, seq))
+                self._wake.notify()
+                return
+        request._finish("cancelled")  # the loop has stopped (or is stopping): nothing will run it
 
     def _loop(self) -> None:
         while True:
@@ -268,7 +271,10 @@ class Engine:
                 self._cancel_all()
                 return
             if self.scheduler.has_work:
-                self._step()
+                try:
+                    self._step()
+                except Exception as e:  # a bug in the loop itself: fail what is live rather than hang it
+                    self._fail_all(LlmxError(f"the engine failed: {type(e).__name__}: {e}"))
 
     def _take(self, inbox: list[tuple[str, Request, SchedSequence | None]]) -> None:
         for kind, request, seq in inbox:
@@ -294,8 +300,9 @@ class Engine:
                        for sid, row in logits.items()}
         except Exception as e:  # a failed step fails its requests, not the engine
             error = e if isinstance(e, LlmxError) else LlmxError(f"generation failed: {type(e).__name__}: {e}")
-            for chunk in output.chunks:
-                self._end(chunk.seq_id, "error", error)
+            for seq_id in [c.seq_id for c in output.chunks] + [s.seq_id for s in output.finished]:
+                if seq_id in self._live:
+                    self._end(seq_id, "error", error)
             return
         for seq in self.scheduler.update(output, sampled):
             self._end(seq.seq_id, seq.finish_reason or "stop")
@@ -305,6 +312,13 @@ class Engine:
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, reason)
         request._finish(reason, error)
+
+    def _fail_all(self, error: LlmxError) -> None:
+        for request, seq in list(self._live.values()):
+            with contextlib.suppress(Exception):
+                self.scheduler.finish(seq, "error")
+            request._finish("error", error)
+        self._live.clear()
 
     def _cancel_all(self) -> None:
         for seq_id in list(self._live):

@@ -207,8 +207,10 @@ async def _parse(http: HttpRequest, schema: type[BaseModel]) -> Any:
     raw = await http.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON: {e}") from None
+        raw.decode("utf-8")
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\\ud800") are not text
+    except (json.JSONDecodeError, UnicodeError, RecursionError) as e:
+        raise BadRequest(f"the body is not valid UTF-8 JSON: {e}") from None
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -363,8 +365,9 @@ async def _websocket_session(server: Server, ws: WebSocket) -> None:
                                               "invalid_request_error"))
                 continue
             try:
+                json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates are not text
                 current = await _start_turn(server, data)
-            except (ValidationError, LlmxError) as e:
+            except (ValidationError, LlmxError, UnicodeError) as e:
                 await ws.send_json(error_body(_ws_message(e), "invalid_request_error"))
                 continue
             turn = asyncio.create_task(_stream_turn(ws, current))

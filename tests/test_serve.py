@@ -196,6 +196,8 @@ def test_bad_requests_are_4xx_in_openai_shape(server, name):
         (b"{not json", 400), (b'{"prompt": 5}', 400), (b'{"prompt": "x", "n": 2}', 400),
         (b'{"prompt": "x", "temperature": "hot"}', 400), (b'{"messages": []}', 400),
         (json.dumps({"prompt": "word " * 5000}).encode(), 400),  # longer than the context
+        (b'{"prompt": "\\ud800 lone surrogate"}', 400), (b'{"prompt": [1, -5]}', 400),
+        (b'{"prompt": "x", "seed": -1}', 400), (b'[' * 5000 + b']' * 5000, 400),
     ]
     for body, status in cases:
         endpoint = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
