@@ -314,7 +314,7 @@ def perplexity(
         from llmx.engine.kl_divergence import BaseWriter
 
         writer = BaseWriter(kld_base, ctx, model.config.n_vocab)
-    ppl, error = scored_text(model, text, ctx, max_chunks, writer)
+    ppl, error = model.compute.call(scored_text, model, text, ctx, max_chunks, writer)  # where warm_up ran
     print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {error:.5f}")
 
 
@@ -355,7 +355,7 @@ def kl_divergence(model_arg: str | None, base_path: Path, max_chunks: int | None
         print(f"{index + 1:5d} {np.exp(stats.nll_q.mean()):10.4f} {stats.kld.mean():10.6f} "
               f"{100 * stats.same_top.mean():8.3f}%", flush=True)
 
-    print("\n" + report(compare(model, base, max_chunks, on_chunk=progress)))
+    print("\n" + report(model.compute.call(compare, model, base, max_chunks, progress)))
 
 
 @app.command()
@@ -424,7 +424,7 @@ def imatrix(
         sys.stderr.write(f"[{index + 1}]")
         sys.stderr.flush()
 
-    collector, n_chunks = I.collect(model, text, ctx, max_chunks, process_output, on_chunk=progress)
+    collector, n_chunks = model.compute.call(I.collect, model, text, ctx, max_chunks, process_output, progress)
     I.write(collector, out, model.gguf.architecture, text_file.name, ctx, n_chunks)
     sys.stderr.write(f"\nsaved {len(collector.sums)} entries from {n_chunks} chunks to {out}\n")
 
@@ -500,7 +500,7 @@ def bench(
         if output == "md":
             print(B.markdown_row(desc, result), flush=True)
 
-    results = B.run_all(B.Bench(model), tests, thread_counts, repetitions, show)
+    results = model.compute.call(B.run_all, B.Bench(model), tests, thread_counts, repetitions, show)
     if output == "json":
         print(json.dumps([B.json_record(desc, r, llmx.__version__) for r in results], indent=2))
 

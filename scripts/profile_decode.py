@@ -67,7 +67,6 @@ def main() -> None:
 
         path = resolve_model_path(None, cache_dir())
     model = Model(path, threads=args.threads, ctx=0)
-    model.warm_up()
     rng = np.random.default_rng(0)
     per_seq = -(-(args.prompt + args.steps + 1) // kv_cache.BLOCK_SIZE) * kv_cache.BLOCK_SIZE
     cache = kv_cache.KVCache(model.config, args.batch * per_seq)
