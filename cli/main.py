@@ -135,6 +135,8 @@ def tokenize(
 Temp = Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")]
 Server = Annotated[str | None, typer.Option("--server", help="Use the llmx serve at URL or unix:PATH.")]
 NoServer = Annotated[bool, typer.Option("--no-server", help="Load the model here even if a server runs.")]
+Isa = Annotated[str | None, typer.Option(
+    "--isa", help="Kernels for this instruction set: avx2, vnni or portable [default: the CPU's best].")]
 
 
 @app.command()
@@ -465,6 +467,7 @@ def bench(
     batches: Annotated[list[str] | None, typer.Option(
         "-b", "--batch", help="Batched decode: sequences decoding together, e.g. 1,4,16.")] = None,
     output: Annotated[str, typer.Option("-o", "--output", help="md (table) or json.")] = "md",
+    isa: Isa = None,
 ) -> None:
     """Speed, as llama-bench measures it: pp (prompt) and tg (generation) tokens per second."""
     import json
@@ -490,7 +493,7 @@ def bench(
         check_threads(n)
     if not tests:
         raise UsageError("nothing to run: every test length is 0")
-    model = Model(model_path(model_arg), threads=thread_counts[0], ctx=0)
+    model = Model(model_path(model_arg), threads=thread_counts[0], ctx=0, isa=isa)
     warm_up(model)
     desc = B.model_description(model)
     if output == "md":
@@ -538,6 +541,7 @@ def serve(
                                                 help="Deterministic responses to keep.")] = 0,
     max_loaded: Annotated[int, typer.Option("--max-loaded", min=0, help="Models in memory at once (0: all).")] = 0,
     max_body: Annotated[int, typer.Option("--max-body-bytes", min=1024)] = 1 << 20,
+    isa: Isa = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API on loopback and a Unix socket."""
     from llmx.cli.output import notice
@@ -556,7 +560,11 @@ def serve(
     keys = tuple(api_keys or ([os.environ["LLMX_API_KEY"]] if os.environ.get("LLMX_API_KEY") else []))
     if not is_loopback(host) and not keys:
         notice(f"warning: listening on {host} without an API key: anyone who reaches it can use it (--api-key)")
-    settings = EngineSettings(threads, ctx, parallel, max_batched_tokens, kv_cache_tokens, cache_type_k, cache_type_v)
+    from llmx.quant.cpu.simd import isa_named
+
+    isa_named(isa)  # a set this CPU lacks: one line now, not at the first request
+    settings = EngineSettings(threads, ctx, parallel, max_batched_tokens, kv_cache_tokens, cache_type_k, cache_type_v,
+                              isa)
     registry = ModelRegistry(paths, next(iter(paths)), settings, max_loaded)
     config = ServeConfig(keys, rate_limit, max_queue, response_cache, max_body)
     unix_path = None if no_socket else (socket_path or cache_dir() / "llmx.sock")

@@ -25,6 +25,7 @@ class EngineSettings:
     kv_cache_tokens: int = 32768
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
+    isa: str | None = None  # "avx2", "vnni", "portable"; None: the CPU's best
 
 
 class UnknownModel(LlmxError):
@@ -75,7 +76,7 @@ class ModelRegistry:
 
     def _start(self, name: str) -> Engine:
         s = self.settings
-        model = Model(self.paths[name], threads=s.threads, ctx=s.ctx, compute=self._compute)
+        model = Model(self.paths[name], threads=s.threads, ctx=s.ctx, compute=self._compute, isa=s.isa)
         model.warm_up()
         return Engine(model, max_seqs=s.parallel, max_batched_tokens=s.max_batched_tokens,
                       kv_cache_tokens=s.kv_cache_tokens, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v)

@@ -225,3 +225,13 @@ def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(gemma, mo
         assert failed.finish_reason == "error"
         assert "".join(engine.submit("Hi", max_tokens=3, temperature=0.0)) != ""
         assert engine.stats()["kv_blocks_referenced"] == 0
+
+
+def test_the_forced_avx2_path_gives_the_same_logits(gemma_path, gemma):
+    """`isa="avx2"` (what `--isa avx2` passes) runs the 256-bit kernels on an AVX-512 host: integer
+    dot products and float orders are the same, so the logits are too."""
+    avx2 = Model(gemma_path, threads=2, isa="avx2")
+    ids = gemma.tokenize("The quick brown fox jumps over the lazy dog, again and again")
+    assert np.array_equal(avx2.logits(ids), gemma.logits(ids))
+    with pytest.raises(UsageError, match="instruction set"):
+        Model(gemma_path, isa="avx9")
