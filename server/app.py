@@ -247,7 +247,7 @@ async def _generate(server: Server, kind: str, name: str, engine: Engine, prompt
         request.cancel()  # (a client gone mid-request: free its blocks)
     server.metrics.finished(name, request)
     payload = json.dumps(shape.whole(), ensure_ascii=False).encode()
-    if cache_key is not None:
+    if cache_key is not None and request.finish_reason in ("stop", "length"):  # not one cut short
         server.cache.put(cache_key, payload)
     return Response(payload, media_type="application/json", headers={"x-llmx-cache": "miss"} if cache_key else None)
 
