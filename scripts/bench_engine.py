@@ -6,8 +6,8 @@ first, a different prompt each so the prefix cache cannot help) generating exact
 
 Per concurrency: aggregate generated tokens/s (all tokens over the run's wall time), time to first
 token p50/p99, inter-token latency p50/p99 (gaps between a request's tokens), and the aggregate
-relative to one client. Each run is repeated --reps times; the median run (by aggregate t/s) is
-reported. One untimed warm-up request compiles or loads the kernels first.
+relative to one client. The levels run in turns, --reps rounds; each level's median run (by
+aggregate t/s) is reported. One untimed warm-up request compiles or loads the kernels first.
 
 `--isa avx2` runs the AVX2 kernels on an AVX-512 host, and this script then also tells Numba to
 generate code for an AVX2-only CPU (NUMBA_CPU_NAME=haswell, AVX-512 features off) by starting
@@ -79,10 +79,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                     for _ in range(clients)]
 
         load(engine, prompts(min(levels), 1), 4)  # warm-up
+        runs: dict[int, list[dict]] = {c: [] for c in levels}
+        for _ in range(args.reps):  # the levels in turns, so the machine's drift hits them alike
+            for c in levels:
+                runs[c].append(load(engine, prompts(c, args.requests), args.gen))
         for c in levels:
-            runs = sorted((load(engine, prompts(c, args.requests), args.gen) for _ in range(args.reps)),
-                          key=lambda w: w["tokens_per_s"])
-            rows.append({"concurrency": c, **runs[len(runs) // 2]})
+            ordered = sorted(runs[c], key=lambda w: w["tokens_per_s"])
+            rows.append({"concurrency": c, **ordered[len(ordered) // 2]})
     base = rows[0]["tokens_per_s"] if rows and rows[0]["concurrency"] == 1 else None
     for row in rows:
         row["vs_1"] = row["tokens_per_s"] / base if base else None
