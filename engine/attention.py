@@ -233,25 +233,30 @@ def _add_scaled_rows_4(r0, r1, r2, r3, p0, p1, p2, p3, pool, v_at, dv):
 
 @njit(cache=True, nogil=True, inline="always")
 def _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h0, n_head, d, dv,
-                    first, last, kq_scale, out):
-    """Query heads h0..h0+3 of row t, which share kv_head, in the batched (tinyBLAS) order: the
-    same arithmetic as four `_attend_head` calls, with each K and V vector converted once."""
+                    first, last, kq_scale, ggml, out):
+    """Query heads h0..h0+3 of row t, which share kv_head, with each K and V vector converted once:
+    the same arithmetic as four `_attend_head` calls, in the batched (tinyBLAS) order, or with
+    `ggml` in ggml_vec_dot_f16's (d a multiple of 32)."""
     scores = np.empty((4, last + 1 + PAD), np.float32)
     q_at = 4 * (t * n_head + h0) * d
     for j in range(first, last + 1):
         k_at = 2 * d * _cell(table, j, block_size, n_head_kv, kv_head)
-        s0, s1, s2, s3 = _dot_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
+        if ggml:
+            s0, s1, s2, s3 = _dot_ggml_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
+        else:
+            s0, s1, s2, s3 = _dot_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
         scores[0, j], scores[1, j], scores[2, j], scores[3, j] = s0 * kq_scale, s1 * kq_scale, s2 * kq_scale, \
             s3 * kq_scale
     for g in range(4):
         softmax_f16(scores[g], first, last)
-    acc = np.zeros((4, 8, dv), np.float32)  # [head, lane j % 8, dv]
+    n_lanes = 32 if ggml else 8
+    acc = np.zeros((4, n_lanes, dv), np.float32)  # [head, lane j % n_lanes, dv]
     for j in range(first, last + 1):
         p0, p1, p2, p3 = scores[0, j], scores[1, j], scores[2, j], scores[3, j]
         if p0 == 0 and p1 == 0 and p2 == 0 and p3 == 0:
             continue  # (a zero probability adds +-0 to a sum that is never -0: no change)
         v_at = 2 * dv * _cell(table, j, block_size, n_head_kv, kv_head)
-        lane = j % 8
+        lane = j % n_lanes
         _add_scaled_rows_4(acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], p0, p1, p2, p3, v_pool, v_at, dv)
     for g in range(4):
         reduce_lanes(acc[g], out, t, h0 + g)
@@ -285,33 +290,6 @@ def _dot_ggml_heads_4(q, q_at, head_bytes, pool, k_at, d):
         e0, e1, e2, e3 = _fma_32(e0, e1, e2, e3, q, at + 3 * head_bytes, k0, k1, k2, k3)
     return _ggml_total(a0, a1, a2, a3), _ggml_total(b0, b1, b2, b3), _ggml_total(c0, c1, c2, c3), \
         _ggml_total(e0, e1, e2, e3)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _attend_heads_4_ggml(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h0, n_head, d, dv,
-                         first, last, kq_scale, out):
-    """Query heads h0..h0+3 of row t (sharing kv_head) in ggml_vec_dot_f16's order, d a multiple of
-    32: the same arithmetic as four `_attend_head(..., k_tiled=False, v_lanes=32)` calls, with each
-    K and V vector converted once for the four heads."""
-    scores = np.empty((4, last + 1 + PAD), np.float32)
-    q_at = 4 * (t * n_head + h0) * d
-    for j in range(first, last + 1):
-        k_at = 2 * d * _cell(table, j, block_size, n_head_kv, kv_head)
-        s0, s1, s2, s3 = _dot_ggml_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
-        scores[0, j], scores[1, j], scores[2, j], scores[3, j] = s0 * kq_scale, s1 * kq_scale, s2 * kq_scale, \
-            s3 * kq_scale
-    for g in range(4):
-        softmax_f16(scores[g], first, last)
-    acc = np.zeros((4, 32, dv), np.float32)  # [head, lane j % 32, dv]
-    for j in range(first, last + 1):
-        p0, p1, p2, p3 = scores[0, j], scores[1, j], scores[2, j], scores[3, j]
-        if p0 == 0 and p1 == 0 and p2 == 0 and p3 == 0:
-            continue  # (a zero probability adds +-0 to a sum that is never -0: no change)
-        v_at = 2 * dv * _cell(table, j, block_size, n_head_kv, kv_head)
-        lane = j % 32
-        _add_scaled_rows_4(acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], p0, p1, p2, p3, v_pool, v_at, dv)
-    for g in range(4):
-        reduce_lanes(acc[g], out, t, h0 + g)
 
 
 # -- AVX-512: the quad path with two heads per 512-bit register -----------------------------------
@@ -497,8 +475,8 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
         first = max(0, last - window + 1) if window > 0 else 0
         if rest < n_head_kv * row_quads and not tiled:
             h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
-            _attend_heads_4_ggml(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d,
-                                 dv, first, last, kq_scale, out)
+            _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
+                            first, last, kq_scale, True, out)
         elif rest < n_head_kv * row_quads and q2.size > 0:
             h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
             _attend_heads_4_wide(q2, k_pool, v_pool, cells[row_seq[t]], h0 // group, t, h0, n_head, d, dv, first, last,
@@ -506,7 +484,7 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
         elif rest < n_head_kv * row_quads:  # quad rest % quads of KV head rest // quads
             h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
             _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
-                            first, last, kq_scale, out)
+                            first, last, kq_scale, False, out)
         else:  # the heads no quad covers, one at a time
             h = _uncovered_head(rest - n_head_kv * row_quads, group, row_quads)
             _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h // group, t, h, n_head, d, dv,
