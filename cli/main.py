@@ -178,6 +178,10 @@ def run(
                     repeat_penalty=repeat_penalty, seed=seed)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     as_chat = chat_mode or system is not None
+    if server is not None and (json_out or logprobs is not None):
+        from llmx.errors import UsageError
+
+        raise UsageError("--json and --logprobs run in this process; leave out --server")
     found = None if no_server or json_out or logprobs is not None else _server_for(server, path)
     if found is not None:
         from llmx.cli.generate import run_remote
