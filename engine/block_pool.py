@@ -65,7 +65,8 @@ class BlockPool:
     @property
     def num_used(self) -> int:
         """Blocks that hold data: referenced by a sequence, or kept by the prefix cache."""
-        return self.num_referenced + sum(1 for b in self._key_of if self.refs[b] == 0)
+        cached = list(self._key_of)  # (one C-level copy: /metrics reads this while the engine runs)
+        return self.num_referenced + sum(1 for b in cached if self.refs[b] == 0)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
