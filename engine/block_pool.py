@@ -29,10 +29,16 @@ def block_key(previous: BlockKey | None, tokens: Sequence[int], prompt_rows: int
     return digest.digest()
 
 
+def prompt_rows_end(n_prompt: int) -> int:
+    """Attention takes positions below this in the prompt's float order (llama.cpp's tinyBLAS for a
+    prompt of 2+ tokens), the rest in a decoded token's (ggml_vec_dot_f16): the one rule that
+    `kv_cache.prompt_order` and the prefix-cache keys share."""
+    return n_prompt if n_prompt >= 2 else 0
+
+
 def prompt_rows_in(start: int, block_size: int, n_prompt: int) -> int:
-    """How many of the positions start..start+block_size-1 attention takes in the prompt's order
-    (see `kv_cache.prompt_order`: positions below a prompt of 2+ tokens)."""
-    return 0 if n_prompt < 2 else min(max(n_prompt - start, 0), block_size)
+    """How many of the positions start..start+block_size-1 attention takes in the prompt's order."""
+    return min(max(prompt_rows_end(n_prompt) - start, 0), block_size)
 
 
 class BlockPool:

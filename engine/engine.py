@@ -241,12 +241,8 @@ class Engine:
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise UsageError("the prompt is empty")
-        if len(ids) >= self.model.ctx:
-            raise LlmxError(f"the prompt is {len(ids)} tokens but the context holds {self.model.ctx}; "
-                            "shorten it or raise the context size (-c)")
-        if self.cache.pool.blocks_for(len(ids) + 1) > self.cache.pool.n_blocks:
-            raise LlmxError(f"the prompt is {len(ids)} tokens but the KV cache holds "
-                            f"{self.cache.pool.n_blocks * self.cache.block_size}; shorten it or raise kv_cache_tokens")
+        self.model._check_fits(len(ids))  # the context
+        self.scheduler.check_fits(len(ids))  # the KV pool
         n_vocab = self.model.config.n_vocab
         if any(not 0 <= t < n_vocab for t in ids):
             raise UsageError(f"token ids must be in 0..{n_vocab - 1}")

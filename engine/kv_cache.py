@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit, prange
 
-from llmx.engine.block_pool import BlockPool
+from llmx.engine.block_pool import BlockPool, prompt_rows_end
 from llmx.engine.config import ModelConfig
 from llmx.errors import LlmxError
 from llmx.quant.cpu import simd as S
@@ -127,10 +127,10 @@ class KVCache:
 
 
 def prompt_order(positions: np.ndarray, prompt_length: int) -> np.ndarray:
-    """bool [n]: which rows take the prompt's float order in attention (llama.cpp's tinyBLAS for a
-    prompt of 2+ tokens) rather than a decoded token's (ggml_vec_dot_f16). It depends on the row's
-    position and its sequence's prompt only, so a row's bits do not depend on its batch or chunk."""
-    return (positions < prompt_length) & (prompt_length >= 2)
+    """bool [n]: which rows take the prompt's float order in attention (`prompt_rows_end`). It
+    depends on the row's position and its sequence's prompt only, so a row's bits do not depend on
+    its batch or chunk."""
+    return positions < prompt_rows_end(prompt_length)
 
 
 def _pool(shape: tuple[int, ...], dim: int, cache_type: str) -> np.ndarray:

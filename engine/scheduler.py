@@ -102,12 +102,15 @@ class Scheduler:
 
     # -- requests in and out ---------------------------------------------------------------
 
+    def check_fits(self, n_prompt: int) -> None:
+        """Refuse a prompt the whole pool cannot hold (with the next token's position)."""
+        if self.pool.blocks_for(n_prompt + 1) > self.pool.n_blocks:
+            raise LlmxError(f"the prompt is {n_prompt} tokens but the KV cache holds "
+                            f"{self.pool.n_blocks * self.pool.block_size}; shorten it or raise the KV cache size")
+
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; one whose prompt the whole pool cannot hold is refused."""
-        needed = self.pool.blocks_for(len(seq.token_ids) + 1)
-        if needed > self.pool.n_blocks:
-            raise LlmxError(f"the prompt is {len(seq.token_ids)} tokens but the KV cache holds "
-                            f"{self.pool.n_blocks * self.pool.block_size}; shorten it or raise the KV cache size")
+        self.check_fits(len(seq.token_ids))
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
