@@ -150,7 +150,7 @@ def _tree_32(raw, at, stride):
     return add(add(t0, t1), add(t2, t3))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def reduce_lanes(acc, out, t, h):
     """out[t, h, i] = sum8_tree(acc[:, i]) (acc [8, dv]) or sum32_ggml(acc[:, i]) (acc [32, dv]),
     eight outputs per vector add: the same additions per output, rows read contiguously."""
@@ -170,7 +170,7 @@ _EXP_CONSTANTS = (_SHIFT, _LOG2E, _LN2_HI, _LN2_LO, _C1, _C2, _C3, _C4, _C5)
 PAD = 8  # scores arrays run this far past `last`: softmax reads and writes whole groups of 8
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def softmax_f16(scores, first, last):
     """In place over scores[first..last]: probabilities, rounded to float16 as ggml feeds them to V.
     Groups of 8 from a multiple of 8 (ggml's row starts at cell 0; cells outside [first, last]
@@ -231,7 +231,7 @@ def _add_scaled_rows_4(r0, r1, r2, r3, p0, p1, p2, p3, pool, v_at, dv):
         r3[i] += p3 * v
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h0, n_head, d, dv,
                     first, last, kq_scale, ggml, out):
     """Query heads h0..h0+3 of row t, which share kv_head, with each K and V vector converted once:
@@ -330,7 +330,7 @@ def _dot_quad_1key(q2, q_at, pair_bytes, pool, k_at, d):
     return h(lo(a)), h(hi(a)), h(lo(b)), h(hi(b))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _quad_scores(q2, q_at, pair_bytes, k_pool, cells, kv_head, first, last, d, kq_scale, scores):
     """scores[g, j] = q_g . k_j * kq_scale for the quad's 4 heads and keys first..last."""
     row = scores.shape[1]
@@ -394,7 +394,7 @@ def _quad_values_pair(p_raw, pa, pb, v_pool, v_raw, start, last, dv, out_raw, ou
         S.store_f32x16(out_raw, out_at + head_bytes + 2 * i, _sum8_tree_16(b0, b1, b2, b3, b4, b5, b6, b7))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _attend_heads_4_wide(q2, k_pool, v_pool, cells, kv_head, t, h0, n_head, d, dv, first, last, kq_scale, out):
     """`_attend_heads_4` on AVX-512 (heads h0..h0+3 of row t; h0 even)."""
     scores = np.empty((4, last + 1 + PAD), np.float32)
@@ -416,7 +416,7 @@ def _attend_heads_4_wide(q2, k_pool, v_pool, cells, kv_head, t, h0, n_head, d, d
                           out_at + 4 * g * dv, 4 * dv)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h, n_head, d, dv,
                  first, last, kq_scale, k_tiled, v_lanes, out):
     """Query head h of row t."""

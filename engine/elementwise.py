@@ -79,7 +79,7 @@ def pairwise_sum(a, lo, n, frames, left):
 PARALLEL_ROWS = 16
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _rms_norm_row(x, weight, eps, out, r, frames, left):
     """out[r] = x[r] * float32(1 / sqrt(mean(x[r]^2) + eps)) * weight."""
     n = x.shape[1]
@@ -114,7 +114,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _rope_row(x, cos, sin, out, t, neox):
     """Row t of x [n, heads, head_dim]: the first 2 * half dims rotated, the rest copied."""
     half = cos.shape[1]
@@ -160,7 +160,7 @@ def gelu_table() -> np.ndarray:
         return (np.float32(0.5) * h * (np.float32(1) + np.tanh(inner))).astype(np.float16).astype(np.float32)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _gelu_span(x, table, out, lo, hi, times):
     """out[i] = gelu(x[i]) * times[i] for i in lo..hi-1 (times: empty for no product): 16 lanes at
     a time (one table gather), the rest one by one."""

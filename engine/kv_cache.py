@@ -155,7 +155,7 @@ def _f16_blocks(pool: np.ndarray, blocks: np.ndarray, cache_type: str) -> np.nda
 PARALLEL_ROWS = 16  # a prompt's rows are split over threads; a token's are not worth it
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _write_row(bits, cells, rows, i):
     """Row i as float16 (round half to even, as numpy's astype) into cell cells[i]."""
     for j in range(rows.shape[1]):

@@ -8,7 +8,7 @@ from numba import njit, prange
 from llmx.quant.cpu import simd as S
 
 
-@njit(inline="always")
+@njit
 def _max_abs(raw, lo, n):
     """max |x| over n float32 (n a multiple of 8) from element lo of raw (bytes), 8 lanes at a time."""
     top = S.zero_f32x8()
@@ -20,7 +20,7 @@ def _max_abs(raw, lo, n):
     return amax
 
 
-@njit(inline="always")
+@njit
 def _round_8(raw, codes, i, factor, cap):
     """codes[i..i+7] = min(cap, rint(x * factor)); returns the 8 codes as int32 lanes."""
     q = S.round_codes_i32x8(S.load_f32x8(raw, 4 * i), factor, cap)
@@ -28,7 +28,7 @@ def _round_8(raw, codes, i, factor, cap):
     return q
 
 
-@njit(inline="always")
+@njit
 def _q8_block(x, lo, codes):
     """One 32-value block at x[lo:lo+32] -> codes; returns (d unrounded, sum of codes)."""
     raw = x.view(np.uint8)

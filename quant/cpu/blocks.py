@@ -6,18 +6,18 @@ import numpy as np
 from numba import njit
 
 
-@njit(inline="always")
+@njit
 def byte(w, i):
     """w[i] as an int32 (Numba would mix uint8 and int64 arithmetic into float64)."""
     return np.int32(w[i])
 
 
-@njit(inline="always")
+@njit
 def signed_byte(v):
     return v - 256 if v > 127 else v
 
 
-@njit(inline="always")
+@njit
 def k4_scale_min(w, off, j):
     """Q4_K/Q5_K's 6-bit scale and min of sub-block j from the 12 packed bytes at `off`."""
     if j < 4:
@@ -27,7 +27,7 @@ def k4_scale_min(w, off, j):
     return sc, mn
 
 
-@njit(inline="always")
+@njit
 def q3_k_scale(w, off, j):
     """Q3_K's signed 6-bit scale of sub-block j (of 16) from the 12 packed bytes at `off`."""
     low = (byte(w, off + j) & 0x0F) if j < 8 else (byte(w, off + j - 8) >> 4)

@@ -17,7 +17,7 @@ from llmx.quant.qtypes import QType, block_size, type_size
 f32 = np.float32
 
 
-@njit(inline="always")
+@njit
 def _nibble(w, qs, j):
     """Element j (0..31) of a 32-element block whose 16 code bytes start at `qs`."""
     return B.byte(w, qs + j) & 0x0F if j < 16 else B.byte(w, qs + j - 16) >> 4
@@ -161,7 +161,7 @@ def _rows_q6_k(w, out):
                 out[r, 256 * b + e] = dl * f32((low | (high << 4)) - 32)
 
 
-@njit(inline="always")
+@njit
 def _f16_exact(row, off):
     """float16 -> float32 keeping a NaN's payload as is (the hardware conversion sets the quiet
     bit; numpy and so gguf-py do not). Only plain F16 tensors need it: scales feed arithmetic,

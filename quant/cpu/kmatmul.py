@@ -39,7 +39,7 @@ CHUNKS = 64  # prange iterations; each allocates its scratch once and walks its 
 #   d, dc float32 [nb * 4]        the super-block scale, and the correction's (dmin, or d) (at `si`)
 
 
-@njit(inline="always")
+@njit
 def _store_32(w16, at, codes, scale_a, scale_b):
     """32 codes (bytes) -> 32 int16 in CHUNK_ORDER, the first 16 values scaled by scale_a, the rest by scale_b."""
     ordered = S.chunk_order_i8x32(codes)
@@ -47,7 +47,7 @@ def _store_32(w16, at, codes, scale_a, scale_b):
     S.store_i16x16(w16, at + 32, S.scale_codes_i16x16(S.widen_i16x16(ordered, 1), scale_a, scale_b))
 
 
-@njit(inline="always")
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _decode_q45_k(w, off, w16, wp, extra, ei, d, dc, si, codes):
     d[si] = S.load_f16(w, off)
     dc[si] = S.load_f16(w, off + 2)
@@ -59,17 +59,17 @@ def _decode_q45_k(w, off, w16, wp, extra, ei, d, dc, si, codes):
         extra[ei + 4 * c + 2] = extra[ei + 4 * c + 3] = mn_b
 
 
-@njit(inline="always")
+@njit
 def _decode_q4_k(w, off, w16, wp, extra, ei, d, dc, si):
     _decode_q45_k(w, off, w16, wp, extra, ei, d, dc, si, M.q4_k_codes)
 
 
-@njit(inline="always")
+@njit
 def _decode_q5_k(w, off, w16, wp, extra, ei, d, dc, si):
     _decode_q45_k(w, off, w16, wp, extra, ei, d, dc, si, M.q5_k_codes)
 
 
-@njit(inline="always")
+@njit
 def _decode_q6_k(w, off, w16, wp, extra, ei, d, dc, si):
     d[si] = dc[si] = S.load_f16(w, off + 208)
     for h in range(2):
@@ -80,7 +80,7 @@ def _decode_q6_k(w, off, w16, wp, extra, ei, d, dc, si):
             extra[ei + j], extra[ei + j + 1] = 32 * sc_a, 32 * sc_b  # codes are stored + 32
 
 
-@njit(inline="always")
+@njit
 def _decode_q3_k(w, off, w16, wp, extra, ei, d, dc, si):
     d[si] = dc[si] = S.load_f16(w, off + 108)
     for h in range(2):
@@ -91,7 +91,7 @@ def _decode_q3_k(w, off, w16, wp, extra, ei, d, dc, si):
             extra[ei + j], extra[ei + j + 1] = 4 * sc_a, 4 * sc_b  # codes are stored + 4
 
 
-@njit(inline="always")
+@njit
 def _decode_q2_k(w, off, w16, wp, extra, ei, d, dc, si):
     d[si] = S.load_f16(w, off + 80)
     dc[si] = S.load_f16(w, off + 82)
@@ -106,7 +106,7 @@ def _decode_q2_k(w, off, w16, wp, extra, ei, d, dc, si):
 # -- the loop nest --------------------------------------------------------------------------------
 
 
-@njit(inline="always")
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _decode_group(decode, w, offsets, nb, block_bytes, w16, extra, d, dc):
     for r in range(GROUP):
         for b in range(nb):
@@ -114,14 +114,14 @@ def _decode_group(decode, w, offsets, nb, block_bytes, w16, extra, d, dc):
             decode(w, offsets[r] + b * block_bytes, w16, i * 2 * QK, extra, i * 16, d, dc, b * GROUP + r)
 
 
-@njit(inline="always")
+@njit
 def _extra_dot(isa, extra, bs16, r, b, t, nb):
     """The integer correction's 16 products for row r's super-block b and token t, in 8 lanes."""
     weights = S.load_i16x16(extra, (r * nb + b) * 32)
     return S.dot_i16x16(isa, S.zero_i32x8(), weights, S.load_i16x16(bs16, (t * nb + b) * 32))
 
 
-@njit(inline="always")
+@njit
 def _tile(isa, x16, xd, bs16, w16, extra, d, dc, t0, t1, nb):
     """4 decoded rows x tokens t0, t1 -> 8 float32x8 sums (rows major) and their 8 corrections."""
     k = nb * QK
@@ -193,7 +193,7 @@ def _kmatmul(x16, xd, bs16, w, row_bytes, m, out, isa, decode, block_bytes):
 PAIR_BLOCK = 64
 
 
-@njit(inline="always")
+@njit
 def _corrections(extra, bs16p, dc, b, nb, p, da, db, corr):
     """Pair p's integer corrections for the 4 rows' super-block b (16 products each, both tokens in
     one 512-bit dot per row), reduced to [rows of token 2p, rows of token 2p + 1], then scaled and
@@ -208,7 +208,7 @@ def _corrections(extra, bs16p, dc, b, nb, p, da, db, corr):
     return S.sub_scaled_f32x8(corr, S.rows_pair_scales_f32x8(dc, b * GROUP * 4, da, db), extras)
 
 
-@njit(inline="always")
+@njit
 def _pair_tile(x16p, xdp, xd, bs16p, w16, extra, d, dc, p0, p1, nb, n_tok):
     """4 decoded rows x pairs p0, p1 -> 8 float32x16 sums (rows major, pair p0 first) and the two
     pairs' corrections (8 lanes each: row r, token 2p + j at lane 2r + j)."""
@@ -247,14 +247,14 @@ def _pair_tile(x16p, xdp, xd, bs16p, w16, extra, d, dc, p0, p1, nb, n_tok):
     return f00, f01, f10, f11, f20, f21, f30, f31, corr0, corr1
 
 
-@njit(inline="always")
+@njit
 def _rows_scaled(f0, f1, f2, f3, i0, i1, i2, i3, sx, d, s):
     """Four rows' float sums gain float(ints) x (d_row x dx), the pair's dx in sx."""
     return (S.fma_f32x16(f0, i0, S.scale_f32x16(sx, d[s])), S.fma_f32x16(f1, i1, S.scale_f32x16(sx, d[s + 1])),
             S.fma_f32x16(f2, i2, S.scale_f32x16(sx, d[s + 2])), S.fma_f32x16(f3, i3, S.scale_f32x16(sx, d[s + 3])))
 
 
-@njit(inline="always")
+@njit
 def _pair_tile_4(x16p, xdp, xd, bs16p, w16, extra, d, dc, p, nb):
     """`_pair_tile` for pairs p..p+3 (all real): each decoded weight vector loaded once for 8 tokens.
     Returns 16 float32x16 sums (pair major, then rows), then the four pairs' corrections."""
@@ -302,7 +302,7 @@ def _pair_tile_4(x16p, xdp, xd, bs16p, w16, extra, d, dc, p, nb):
     return f00, f01, f02, f03, f10, f11, f12, f13, f20, f21, f22, f23, f30, f31, f32, f33, c0, c1, c2, c3
 
 
-@njit(inline="always")
+@njit
 def _store_pair(out, t, r0, m, n_tok, f0, f1, f2, f3, k):
     """Rows r0..r0+3 for tokens t, t + 1: each half's `hsum_f32x8` plus its correction (k: rows of
     token t, then rows of token t + 1)."""

@@ -40,7 +40,7 @@ LANES = 8  # llama.cpp's float accumulators per (row, token)
 LANE_BLOCK_BYTES = LANES * 64  # activation bytes per (token group, block)
 
 
-@njit(inline="always")
+@njit
 def _lane(codes, starts, i, lane, x, scales, acc):
     """acc + float(weight block i's lane `lane` dotted with 16 tokens' values) x (dw x dx)."""
     start = S.splat_i32x16(starts[LANES * i + lane])
@@ -48,14 +48,14 @@ def _lane(codes, starts, i, lane, x, scales, acc):
     return S.fma_f32x16(acc, dot, scales)
 
 
-@njit(inline="always")
+@njit
 def _sum_lanes(a0, a1, a2, a3, a4, a5, a6, a7):
     """`hsum_f32x8`'s order: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
     add = S.add_f32x16
     return add(add(add(a0, a4), add(a2, a6)), add(add(a1, a5), add(a3, a7)))
 
 
-@njit(inline="always")
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _rows_2(codes, starts, dw, i0, i1, xt, xd, g, nb, sums, r, w, ahead, stride,
             decode, block_bytes, d0, d1, j0, j1, decoding):
     """Rows i0 // nb and i1 // nb of the scratch, 16 tokens: their sums into sums[r], sums[r + 1].
@@ -94,7 +94,7 @@ def _rows_2(codes, starts, dw, i0, i1, xt, xd, g, nb, sums, r, w, ahead, stride,
     S.store_f32x16(sums, 4 * TOKENS * (r + 1), _sum_lanes(b0, b1, b2, b3, b4, b5, b6, b7))
 
 
-@njit(inline="always")
+@njit
 def _store_group(out, sums, g, r0, m, n_tok):
     """sums [4 rows, 16 tokens] -> out[token, r0..r0+3] (rows and tokens that exist)."""
     for j in range(TOKENS):
@@ -104,7 +104,7 @@ def _store_group(out, sums, g, r0, m, n_tok):
                 out[t * m + r0 + r] = sums[r * TOKENS + j]
 
 
-@njit(inline="always")
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _row_group(codes, starts, dw, cur, nxt, nb, xt, xd, g, sums, w, ahead, stride, decode, block_bytes,
                next_offsets, decoding):
     """The 4 rows at scratch row cur // nb, token group g: their sums into `sums`; with `decoding`,

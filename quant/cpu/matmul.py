@@ -27,19 +27,19 @@ GROUP = 4  # rows per pass
 AHEAD = 2  # row groups prefetched ahead
 
 
-@njit(inline="always")
+@njit
 def _prefetch_group(w, base, step, step_bytes):
     for p in range(0, step_bytes, 64):
         S.prefetch(w, base + step * step_bytes + p)
 
 
-@njit(inline="always")
+@njit
 def _row_offsets(r0, m, row_bytes):
     return (r0 * row_bytes, min(r0 + 1, m - 1) * row_bytes,
             min(r0 + 2, m - 1) * row_bytes, min(r0 + 3, m - 1) * row_bytes)
 
 
-@njit(inline="always")
+@njit
 def _store4(out, t, r0, m, v0, v1, v2, v3):
     out[t, r0] = v0
     if r0 + 1 < m:
@@ -50,7 +50,7 @@ def _store4(out, t, r0, m, v0, v1, v2, v3):
         out[t, r0 + 3] = v3
 
 
-@njit(inline="always")
+@njit
 def store_sums(out, t, r0, m, n_tok, sums):
     """sums F32x8: [rows r0..r0+3 of token t, the same rows of token t + 1] -> out[t], out[t + 1]."""
     if r0 + GROUP <= m:
@@ -73,7 +73,7 @@ def store_sums(out, t, r0, m, n_tok, sums):
 # so each block is unpacked once for four tokens.
 
 
-@njit(inline="always")
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _tile_1(isa, block, w, o0, o1, o2, o3, xq, xd, xs, t, nb, block_bytes, ahead):
     a0 = S.zero_f32x8()
     a1 = S.zero_f32x8()
@@ -90,7 +90,7 @@ def _tile_1(isa, block, w, o0, o1, o2, o3, xq, xd, xs, t, nb, block_bytes, ahead
     return S.hsum_f32x8(a0) + c0, S.hsum_f32x8(a1) + c1, S.hsum_f32x8(a2) + c2, S.hsum_f32x8(a3) + c3
 
 
-@njit(inline="always")
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _column_4(isa, block, w, off, xq, xd, xs, t, b, nb, a0, a1, a2, a3, c0, c1, c2, c3):
     """One weight row's block against tokens t..t+3."""
     a0, c0 = block(isa, a0, c0, w, off, xq, xd, xs, t, b, nb)
@@ -100,7 +100,7 @@ def _column_4(isa, block, w, off, xq, xd, xs, t, b, nb, a0, a1, a2, a3, c0, c1, 
     return a0, a1, a2, a3, c0, c1, c2, c3
 
 
-@njit(inline="always")
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _tile_4(isa, block, w, o0, o1, o2, o3, xq, xd, xs, t, nb, block_bytes, ahead, out, r0, m):
     z = S.zero_f32x8()
     f = np.float32(0)
@@ -161,7 +161,7 @@ def _matmul_tiled(xq, xd, xs, w, row_bytes, m, out, isa, block, block_bytes):
 # -- Q8_0 activations: Q8_0, Q4_0, Q5_0 weights -----------------------------------------
 
 
-@njit(inline="always")
+@njit
 def _q8_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     xv = S.load_i8x32(xq, (t * nb + b) * 32)
     scale = S.load_f16(w, off) * xd[t, b]
@@ -174,13 +174,13 @@ def _q8_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
 #     xs  int32 [n_tok, nb * 8]
 
 
-@njit(inline="always")
+@njit
 def _offset_dot(isa, codes, xq, xs, t, b, nb):
     at = (t * nb + b) * 32
     return S.dot_u8i8_acc_i32x8(isa, S.load_i32x8(xs, at), codes, S.load_i8x32(xq, at))
 
 
-@njit(inline="always")
+@njit
 def _q8_0_unsigned_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     """VNNI only (vpdpbusd does not saturate): xq holds x + 128 as unsigned bytes, and the dot
     starts from -128 x the weights' sums per lane: the integers of x . w, with no per-token sign
@@ -190,20 +190,20 @@ def _q8_0_unsigned_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr
 
 
-@njit(inline="always")
+@njit
 def _q4_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     dot = _offset_dot(isa, S.load_nibbles_i8x32(w, off + 2), xq, xs, t, b, nb)
     return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr
 
 
-@njit(inline="always")
+@njit
 def _q5_0_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     codes = S.or_i8x32(S.load_nibbles_i8x32(w, off + 6), S.bits_i8x32(S.load_u32(w, off + 2), 16))
     dot = _offset_dot(isa, codes, xq, xs, t, b, nb)
     return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr
 
 
-@njit(inline="always")
+@njit
 def _iq4_nl_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     xv = S.load_i8x32(xq, (t * nb + b) * 32)
     codes = S.iq4_nl_i8x32(isa, S.load_nibbles_i8x32(w, off + 2))
@@ -213,14 +213,14 @@ def _iq4_nl_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
 # -- Q8_1 activations: Q4_1, Q5_1 weights (unsigned codes plus a per-block min) ----------
 
 
-@njit(inline="always")
+@njit
 def _q4_1_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     xv = S.load_i8x32(xq, (t * nb + b) * 32)
     dot = S.dot_u8i8x32(isa, S.load_nibbles_i8x32(w, off + 4), xv)
     return S.fma_f32x8(acc, dot, S.load_f16(w, off) * xd[t, b]), corr + S.load_f16(w, off + 2) * xs[t, b]
 
 
-@njit(inline="always")
+@njit
 def _q5_1_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb):
     xv = S.load_i8x32(xq, (t * nb + b) * 32)
     codes = S.or_i8x32(S.load_nibbles_i8x32(w, off + 8), S.bits_i8x32(S.load_u32(w, off + 4), 16))
@@ -290,7 +290,7 @@ def q2_k_codes(w, off, h, r):
     return S.field_i8x32(S.load_i8x32(w, off + 16 + 32 * h), 2 * r, 3), B.byte(w, off + j), B.byte(w, off + j + 1)
 
 
-@njit(inline="always")
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _q45_k_sums(isa, w, off, xq, xo, bs, bo, codes):
     isum = S.zero_i32x8()
     mins = 0
@@ -356,7 +356,7 @@ def _q2_k_sums(isa, w, off, xq, xo, bs, bo):
     return isum, mins
 
 
-@njit(inline="always")
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _k_block(isa, acc, corr, w, off, xq, xd, xs, t, b, nb, sums, d_at, dmin_at):
     """One super-block: d * dx * isum, minus dmin * dx * mins (Q2_K/Q4_K/Q5_K, dmin_at >= 0)
     or minus d * dx * the code offset (Q3_K/Q6_K)."""
@@ -458,7 +458,7 @@ def matmul_q6_k(xq, xd, xs, w, row_bytes, m, out, isa):
 # -- float weights: F32, F16, BF16 ------------------------------------------------------------
 
 
-@njit(inline="always")
+@njit
 def _load_weights_f32x8(w, off, kind):
     if kind == 0:
         return S.load_f32x8(w, off)
@@ -467,7 +467,7 @@ def _load_weights_f32x8(w, off, kind):
     return S.load_bf16x8(w, off)
 
 
-@njit(inline="always")
+@njit
 def _load_weight(w, off, kind):
     if kind == 0:
         return S.load_f32(w, off)

@@ -37,38 +37,38 @@ PAIR_BYTES = 64  # activation bytes per (pair, block)
 # (at index i = r * nb + b: bytes 32 i, 32 i, element i)
 
 
-@njit(inline="always")
+@njit
 def _store_block(codes, starts, i, signed):
     S.store_i8x32(codes, 32 * i, signed)
     S.store_i32x8(starts, 32 * i, S.neg_sums128_i32x8(signed))
 
 
-@njit(inline="always")
+@njit
 def _decode_q4_0(w, off, codes, starts, dw, i):
     S.store_f32(dw, 4 * i, S.load_f16(w, off))
     _store_block(codes, starts, i, S.add_i8x32(S.load_nibbles_i8x32(w, off + 2), -8))
 
 
-@njit(inline="always")
+@njit
 def _decode_q5_0(w, off, codes, starts, dw, i):
     S.store_f32(dw, 4 * i, S.load_f16(w, off))
     _store_block(codes, starts, i, S.q5_0_codes_i8x32(S.load_nibbles_i8x32(w, off + 6), S.load_u32(w, off + 2)))
 
 
-@njit(inline="always")
+@njit
 def _decode_q8_0(w, off, codes, starts, dw, i):
     S.store_f32(dw, 4 * i, S.load_f16(w, off))
     _store_block(codes, starts, i, S.load_i8x32(w, off + 2))
 
 
-@njit(inline="always")
+@njit(inline="always")  # `decode` must be a constant: a dispatcher argument cannot be cached
 def _decode_group(decode, w, offsets, nb, block_bytes, codes, starts, dw):
     for r in range(GROUP):  # row by row: one stream for the hardware prefetcher
         for b in range(nb):
             decode(w, offsets[r] + b * block_bytes, codes, starts, dw, r * nb + b)
 
 
-@njit(inline="always")
+@njit
 def _step(codes, starts, dw, i, xq, xd, at, acc):
     """acc + float(the lane dots of decoded block i with a pair's activation blocks) x (dw x dx).
     The activations are x + 128 (unsigned), so the dot starts from -128 x the weight sums: the
@@ -81,19 +81,19 @@ def _step(codes, starts, dw, i, xq, xd, at, acc):
 # -- tiles: 4 rows x 2 pairs, and 4 rows x 1 pair for the last odd pair ---------------------------
 
 
-@njit(inline="always")
+@njit
 def _store_pair(out, t, r0, m, n_tok, a0, a1, a2, a3):
     """Rows r0..r0+3's sums (each `hsum_f32x8` of one half) for tokens t, t + 1."""
     store_sums(out, t, r0, m, n_tok, S.hsum_halves_f32x8(a0, a1, a2, a3))
 
 
-@njit(inline="always")
+@njit
 def _row_4(codes, starts, dw, i, xq, xd, at0, at1, at2, at3, a0, a1, a2, a3):
     return (_step(codes, starts, dw, i, xq, xd, at0, a0), _step(codes, starts, dw, i, xq, xd, at1, a1),
             _step(codes, starts, dw, i, xq, xd, at2, a2), _step(codes, starts, dw, i, xq, xd, at3, a3))
 
 
-@njit(inline="always")
+@njit
 def _tile_4(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok):
     """4 rows x 4 pairs: each decoded block loaded once for 8 tokens."""
     z = S.zero_f32x16()
@@ -114,7 +114,7 @@ def _tile_4(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m,
     _store_pair(out, 2 * p + 6, r0, m, n_tok, a03, a13, a23, a33)
 
 
-@njit(inline="always")
+@njit
 def _tile_2(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok):
     z = S.zero_f32x16()
     a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = z
@@ -134,7 +134,7 @@ def _tile_2(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m,
     _store_pair(out, 2 * p + 2, r0, m, n_tok, a01, a11, a21, a31)
 
 
-@njit(inline="always")
+@njit
 def _tile_1(codes, starts, dw, xq, xd, p, nb, w, ahead, block_bytes, out, r0, m, n_tok):
     a0 = a1 = a2 = a3 = S.zero_f32x16()
     for b in range(nb):

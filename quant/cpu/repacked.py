@@ -50,7 +50,7 @@ def pack_q4_0(w: np.ndarray) -> np.ndarray:
     return packed.reshape(-1)
 
 
-@njit(inline="always")
+@njit
 def _codes(wp, at):
     """A packed block's 16 x 32 codes (stored, 0..15) as 8 vectors: vector c, lane r = row r's
     values 4c..4c+3."""
@@ -60,7 +60,7 @@ def _codes(wp, at):
             S.nibbles_i8x64(v0, 1), S.nibbles_i8x64(v1, 1), S.nibbles_i8x64(v2, 1), S.nibbles_i8x64(v3, 1))
 
 
-@njit(inline="always")
+@njit
 def _step(isa, c, dw, xq, xd, xs, i, acc):
     """acc + float(the 16 rows' block dots with activation block i) x (dw x dx), one rounding."""
     at = 32 * i
@@ -76,7 +76,7 @@ def _step(isa, c, dw, xq, xd, xs, i, acc):
     return S.fma_f32x16(acc, dot, S.scale_f32x16(dw, xd[i]))
 
 
-@njit(inline="always")
+@njit
 def _store(out, t, r0, m, acc, spill):
     """Rows r0..r0+15 of token t's output (fewer in a padded last group)."""
     if r0 + GROUP_ROWS <= m:
@@ -86,7 +86,7 @@ def _store(out, t, r0, m, acc, spill):
         out[t * m + r0:t * m + m] = spill[:m - r0]
 
 
-@njit(inline="always")
+@njit
 def _tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     """16 rows x tokens t..t+3: each block's codes unpacked once for four tokens."""
     a0 = a1 = a2 = a3 = S.zero_f32x16()
@@ -104,7 +104,7 @@ def _tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     _store(out, t + 3, r0, m, a3, spill)
 
 
-@njit(inline="always")
+@njit
 def _tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     acc = S.zero_f32x16()
     for b in range(nb):

@@ -150,7 +150,7 @@ def _shuffle(builder, vector, indices):
 LINE = 64  # bytes in a cache line: a 512-bit load from an address that is not a multiple of it reads two
 
 
-@njit(inline="always")
+@njit
 def line_aligned_empty(n, dtype):
     """np.empty(n, dtype), starting on a cache line. Numba's allocator aligns arrays to 32 bytes and
     numpy's to 16: activations read with 512-bit loads from such a buffer cost two lines a load, and
