@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmx.paths import use_kernel_cache_dir
+
 __version__ = "0.1.0"
+use_kernel_cache_dir()  # before any kernel module: compiled kernels go to $LLMX_CACHE_DIR, not site-packages
 
 if TYPE_CHECKING:
     from llmx.engine.engine import Engine
@@ -32,7 +35,8 @@ def load(path: str | Path | None = None, threads: int | None = None, ctx: int = 
     `isa` forces "avx2", "vnni" or "portable" kernels (default: the best this CPU runs)."""
     from llmx.engine.default_model import resolve_model_path
     from llmx.engine.model import Model
+    from llmx.paths import cache_dir as default_cache_dir
 
-    cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "llmx"
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return Model(resolve_model_path(path, cache), threads=threads, ctx=ctx, device=device, use_mmap=use_mmap,
                  isa=isa)

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 import llmx
+from llmx.paths import cache_dir
 
 app = typer.Typer(
     name="llmx",
@@ -43,13 +44,6 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
     """Local, quantized LLM inference on CPU and GPU."""
-
-
-def cache_dir() -> Path:
-    """Where llmx keeps the default model: $LLMX_CACHE_DIR, else the XDG cache dir."""
-    if os.environ.get("LLMX_CACHE_DIR"):
-        return Path(os.environ["LLMX_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmx"
 
 
 def model_path(model: str | None) -> Path:
@@ -211,6 +205,7 @@ def _run_here(path: Path, prompt: str, messages, max_tokens: int, stop: list[str
     compile_s = warm_up(model)
     stats = GenerationStats()
     if messages is not None:
+        note_builtin_template(model)
         pieces = model.chat(messages, max_tokens, stop, stats, logprobs=logprobs, **sampling)
     else:
         pieces = model.generate(prompt, max_tokens, stop, stats, logprobs=logprobs, **sampling)
@@ -228,6 +223,16 @@ def _run_here(path: Path, prompt: str, messages, max_tokens: int, stop: list[str
         from llmx.cli.output import notice
 
         notice("ran in this process (no server serves this model; `llmx serve` makes runs instant)")
+
+
+def note_builtin_template(model) -> None:
+    """One stderr line when the file has no chat template: most such files are base models."""
+    origin = model.chat_template.origin
+    if origin != "file":
+        from llmx.cli.output import notice
+
+        notice(f"{model.path.name} has no chat template of its own, so it is likely a base model that continues "
+               f"text rather than answering; using the {origin} template (chat with an instruction-tuned GGUF)")
 
 
 @app.command()
@@ -255,6 +260,7 @@ def chat(
 
         model = Model(path, threads=threads, ctx=ctx)
         warm_up(model)
+        note_builtin_template(model)
 
         def reply_to(history):
             return model.chat(history, max_tokens, temperature=temperature, seed=seed)

@@ -24,6 +24,7 @@ from llmx.engine.attention import attend_paged
 from llmx.engine.config import ModelConfig
 from llmx.engine.elementwise import apply_rope, gelu_tanh_f16, rms_norm
 from llmx.engine.kv_cache import KVCache, SequenceHandle, prompt_order
+from llmx.engine.weights_check import check_weights
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
@@ -68,6 +69,7 @@ class Transformer:
     packed: dict[str, np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_weights(self.config, self.tensors)
         for name, tensor in self.tensors.items():
             if name.endswith(".weight") and name != "token_embd.weight" and tensor.data.ndim == 2:
                 packed = pack(tensor.data.view(np.uint8), tensor.qtype)

@@ -2,6 +2,8 @@
 
 A template comes from a downloaded file, so it is untrusted code: it runs in jinja2's
 ImmutableSandboxedEnvironment, and any reach for Python internals is an error, not empty text.
+The sandbox stops escapes, not work, so rendering is also bounded (see `bounded.py`): time,
+output size, and the size of every string or list the template builds.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from llmx.errors import ChatTemplateError
+from llmx.formats.bounded import bounded_environment, render_bounded
 
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
@@ -65,13 +68,13 @@ class ChatTemplate:
         from jinja2.sandbox import SecurityError
 
         try:
-            return self._compiled.render(
+            return render_bounded(self._compiled, self.origin, dict(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
                 **extra,
-            )
+            ))
         except SecurityError as e:
             raise ChatTemplateError(
                 f"the chat template ({self.origin}) tried something the sandbox forbids ({e}); "
@@ -85,9 +88,8 @@ class ChatTemplate:
     @cached_property
     def _compiled(self):
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = bounded_environment()
         env.globals["raise_exception"] = _raise_from_template
         env.globals["strftime_now"] = _strftime_now
         try:

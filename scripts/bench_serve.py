@@ -134,8 +134,9 @@ def main() -> None:
     args.levels = [int(c) for c in args.concurrency.split(",")]
     import llmx
     from llmx.engine.default_model import resolve_model_path
+    from llmx.paths import cache_dir
 
-    path = resolve_model_path(args.model, Path(os.environ.get("LLMX_CACHE_DIR") or Path.home() / ".cache" / "llmx"))
+    path = resolve_model_path(args.model, cache_dir())
     n_vocab = llmx.load(path).config.n_vocab
     rng = np.random.default_rng(0)
 

@@ -12,7 +12,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 def timed(fn, repeat: int) -> float:
@@ -40,8 +39,9 @@ def main() -> None:
     from llmx.engine import resolve_model_path
     from llmx.formats.gguf_file import GGUFFile
     from llmx.formats.tokenizer import Tokenizer
+    from llmx.paths import cache_dir
 
-    path = resolve_model_path(args.model, Path.home() / ".cache" / "llmx")
+    path = resolve_model_path(args.model, cache_dir())
     gguf = GGUFFile.open(path)
     results = {
         "model": str(path),

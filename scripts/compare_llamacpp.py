@@ -92,8 +92,8 @@ def main() -> None:
     if args.model:
         path = Path(args.model)
     else:
-        from llmx.cli.main import cache_dir
         from llmx.engine import resolve_model_path
+        from llmx.paths import cache_dir
 
         path = resolve_model_path(None, cache_dir())
     rows = []

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import MODELS_DIR, run_llmx
+from conftest import MODELS_DIR, needs_reference, run_llmx
 
 from llmx.engine.bench import BenchResult, BenchTest, plan
+
+pytestmark = needs_reference  # the tiny models and llama.cpp's outputs in ../shared
 
 TINY = str(MODELS_DIR / "tiny-llama-q8_0.gguf")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from llmx.errors import ChatTemplateError
@@ -22,6 +24,42 @@ HI = [{"role": "user", "content": "Hi"}]
 def test_sandbox_refuses_python_internals(source):
     with pytest.raises(ChatTemplateError, match="sandbox forbids"):
         ChatTemplate(source, "file").render(HI)
+
+
+# A template is code from whoever made the file: rendering is bounded in time, output and size.
+HOSTILE = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x",
+    "loops over a string": "{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+    "repetition": "{{ 'x' * 1000000000 }}",
+    "list repetition": "{{ ([1] * 1000000000)|length }}",
+    "doubling with ~": "{% set ns = namespace(s='xx') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "doubling with +": "{% set ns = namespace(s='xx') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "a huge filter argument": "{{ 'x'|center(1000000000) }}",
+    "a huge method argument": "{{ 'x'.ljust(1000000000) }}",
+    "a huge power": "{{ 10 ** 100000000 }}",
+    "too much output": "{% for i in range(100000) %}{{ 'abcdefghijklmnopqrstuvwxyz' }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_templates_end_in_one_error_within_about_a_second(name):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match="refusing it") as error:
+        ChatTemplate(HOSTILE[name], "file").render(HI)
+    assert time.perf_counter() - start < 1.5
+    assert "\n" not in str(error.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: no gigabyte strings
+
+
+def test_bounds_leave_real_templates_alone():
+    long_turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 2000} for i in range(50)]
+    text = chat_template_for({}, "gemma3", []).render(long_turns)
+    assert text.count("<start_of_turn>") == 51 and len(text) > 500_000
 
 
 def test_raise_exception_and_syntax_errors():

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MODELS_DIR, run_llmx
+from conftest import MODELS_DIR, needs_reference, run_llmx, with_chat_template
 
 import llmx
 
@@ -118,6 +118,7 @@ def bad_files(tmp: Path) -> dict[str, Path]:
     return paths
 
 
+@needs_reference
 @pytest.mark.parametrize("case", ["empty", "random", "magic", "truncated", "offset", "type",
                                   "directory", "missing"])
 @pytest.mark.parametrize("command", ["info", "tokenize"])
@@ -134,6 +135,7 @@ def test_bad_model_files(tmp_path, case, command):
     assert elapsed < 2.0
 
 
+@needs_reference
 def test_debug_shows_traceback(tmp_path):
     result = run_llmx("--debug", "info", str(bad_files(tmp_path)["magic"]))
     assert result.returncode == 1 and b"Traceback" in result.stderr and b"GGUFError" in result.stderr
@@ -159,3 +161,40 @@ def test_version_and_help_import_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+# -- chat templates: base models say so; a hostile template is one error line --------------------
+
+TINY_LLAMA = MODELS_DIR / "tiny-llama-q8_0.gguf"
+NO_TEMPLATE_NOTICE = "has no chat template of its own"
+
+
+@needs_reference
+def test_chat_with_a_model_that_has_no_template_says_which_built_in_it_uses(tmp_path):
+    result = run_llmx("run", str(TINY_LLAMA), "hi", "--chat", "-n", "2", "--no-server")
+    assert result.returncode == 0, result.stderr
+    notices = [line for line in result.stderr.decode().splitlines() if NO_TEMPLATE_NOTICE in line]
+    assert len(notices) == 1 and "built-in (chatml)" in notices[0], result.stderr
+    chat = run_llmx("chat", str(TINY_LLAMA), "-n", "2", "--no-server", stdin=b"hi\n")
+    assert chat.returncode == 0 and NO_TEMPLATE_NOTICE in chat.stderr.decode(), chat.stderr
+    with_template = with_chat_template(TINY_LLAMA, "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                                       tmp_path / "templated.gguf")
+    result = run_llmx("run", str(with_template), "hi", "--chat", "-n", "2", "--no-server")
+    assert result.returncode == 0 and NO_TEMPLATE_NOTICE not in result.stderr.decode(), result.stderr
+    plain = run_llmx("run", str(TINY_LLAMA), "hi", "-n", "2", "--no-server")
+    assert NO_TEMPLATE_NOTICE not in plain.stderr.decode()
+
+
+@needs_reference
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}hi",
+    "{{ 'x' * 1000000000 }}",
+])
+def test_a_hostile_template_in_the_file_is_one_error_line(tmp_path, template):
+    path = with_chat_template(TINY_LLAMA, template, tmp_path / "hostile.gguf")
+    start = time.perf_counter()
+    result = run_llmx("run", str(path), "hi", "--chat", "-n", "2", "--no-server", timeout=60)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert "chat template (file)" in stderr and "Traceback" not in stderr
+    assert time.perf_counter() - start < 30

@@ -9,10 +9,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REFERENCE_DIR
+from conftest import REFERENCE_DIR, kl_against_llama_cpp, needs_reference, require_reference
 
 import llmx
-from llmx.engine.kv_cache import KVCache
 from llmx.engine.model import Model
 from llmx.engine.model_info import describe_model
 from llmx.errors import LlmxError, UsageError
@@ -27,6 +26,7 @@ def gemma(gemma_path):
 
 @pytest.fixture(scope="module")
 def text_ids(gemma):
+    require_reference()
     return gemma.tokenize((REFERENCE_DIR / "gpl-3.txt").read_text(encoding="utf-8"), add_bos=False)
 
 
@@ -121,26 +121,7 @@ def test_a_pool_for_four_runs_twelve_by_preemption_each_with_its_solo_tokens(gem
     assert [r.token_ids for r in solo] == [r.token_ids for r in tight[:2]]
 
 
-def kl_against_llama_cpp(gemma, cache_type: str) -> tuple[float, float]:
-    """Mean KL(llama.cpp || llmx) over the reference's 2,044 positions (its top 64 tokens plus one
-    bucket for the rest, as ../shared/reference/README.md says), and top-1 agreement."""
-    ref = np.load(REFERENCE_DIR / "gemma_kld_gpl3.npz")
-    log_q = []
-    for chunk in ref["chunks"]:
-        cache = KVCache(gemma.config, len(chunk), cache_type_k=cache_type, cache_type_v=cache_type)
-        logits = gemma.transformer.forward(np.asarray(chunk, np.int64), cache.new_sequence(), cache, "all")
-        z = logits[1:].astype(np.float64)  # the BOS position left out
-        z -= z.max(axis=1, keepdims=True)
-        log_q.append(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
-    q = np.concatenate(log_q)
-    ids, log_p = ref["ids"], ref["logp"].astype(np.float64)
-    p, q_top = np.exp(log_p), np.take_along_axis(q, ids, axis=1)
-    p_rest = np.clip(1 - p.sum(axis=1), 1e-12, None)
-    q_rest = np.clip(1 - np.exp(q_top).sum(axis=1), 1e-12, None)
-    kl = (p * (log_p - q_top)).sum(axis=1) + p_rest * (np.log(p_rest) - np.log(q_rest))
-    return float(kl.mean()), float((q.argmax(axis=1) == ids[:, 0]).mean())
-
-
+@needs_reference
 def test_q8_0_kv_cache_stays_within_3x_llama_cpps_spread_at_half_the_memory(gemma, gemma_path):
     ref = np.load(REFERENCE_DIR / "gemma_kld_gpl3.npz")
     kl, top1 = kl_against_llama_cpp(gemma, "q8_0")

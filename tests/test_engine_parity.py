@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import MODELS_DIR, REFERENCE_DIR
+from conftest import MODELS_DIR, REFERENCE_DIR, kl_against_llama_cpp, needs_reference
 
 from llmx.engine.archs import config_from_gguf
 from llmx.engine.kv_cache import KVCache
+from llmx.engine.model import Model
 from llmx.engine.transformer import Transformer
 from llmx.formats.gguf_file import GGUFFile
 from llmx.formats.tokenizer import Tokenizer
+
+pytestmark = needs_reference  # the tiny models and llama.cpp's outputs in ../shared
 
 UNQUANTIZED = {"tiny-llama-f16", "tiny-llama-f32", "tiny-qwen2-f16", "tiny-qwen3-f16", "tiny-gemma3-f16"}
 
@@ -88,21 +91,17 @@ def test_gemma_logits_match_llama_cpp(gemma, reference):
         expected = arrays[f"top10_{case['index']}"]
         assert (top10[:, 0] == expected[:, 0]).mean() >= 0.9, prompt
         assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top10, expected, strict=True)]) >= 0.9
-        assert np.abs(logits[-1] - arrays[f"last_{case['index']}"]).mean() <= 0.6
 
 
 @pytest.mark.slow
-def test_gemma_greedy_matches_llama_cpp(gemma, reference):
-    model, config, tokenizer = gemma
-    identical = 0
-    for prompt, case in reference["gemma"]["greedy"].items():
-        expected = case["greedy"]
-        ours = greedy(model, config, case["ids"], len(expected), eos=tokenizer.vocab.eos_id)
-        agree = next((i for i, (a, b) in enumerate(zip(ours, expected, strict=False)) if a != b), len(expected))
-        # Equal up to the end, or up to a near tie in llama.cpp's own logits.
-        assert agree == len(expected) or case["margins"][agree] < 0.25, (prompt, agree)
-        identical += agree == len(expected)
-    assert identical >= 3
+def test_gemma_kl_divergence_within_llama_cpps_own_spread(gemma_path):
+    """The fidelity bound (../shared/reference/README.md): llama.cpp disagrees with itself at the
+    last bit, so the gemma check is statistical: mean KL against its log-probs within 1.5x its own
+    spread, top-1 agreement within 2 points of its own."""
+    ref = np.load(REFERENCE_DIR / "gemma_kld_gpl3.npz")
+    kl, top1 = kl_against_llama_cpp(Model(gemma_path, threads=2))
+    assert kl <= 1.5 * float(ref["spread_kld_mean"]), kl
+    assert top1 >= float(ref["spread_top1"]) - 0.02, top1
 
 
 @pytest.mark.slow

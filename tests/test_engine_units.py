@@ -6,13 +6,15 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import MODELS_DIR
+from conftest import MODELS_DIR, needs_reference
 
 from llmx.engine.archs import config_from_gguf
 from llmx.engine.kv_cache import KVCache
 from llmx.engine.transformer import Transformer, yarn_mix
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile
+
+pytestmark = needs_reference  # the tiny models and llama.cpp's outputs in ../shared
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from conftest import TINY_MODELS
+from conftest import HAVE_REFERENCE, MODELS_DIR, TINY_MODELS, needs_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +20,8 @@ from llmx.engine.archs import config_from_gguf
 from llmx.errors import GGUFError, LlmxError, ModelNotFoundError
 from llmx.formats.gguf_file import GGUFFile
 from llmx.formats.tokenizer import Tokenizer
+
+pytestmark = needs_reference  # the tiny models and llama.cpp's outputs in ../shared
 
 
 def assert_same_as_gguf_py(path: Path) -> None:
@@ -93,7 +95,7 @@ def test_load_into_memory_reports_a_truncated_file(tmp_path):
 
 # -- validation ---------------------------------------------------------------
 
-TINY = next(p for p in TINY_MODELS if p.name == "tiny-llama-q8_0.gguf")
+TINY = MODELS_DIR / "tiny-llama-q8_0.gguf"
 
 
 def patched_copy(tmp_path: Path, edits: dict[int, bytes], src: Path = TINY) -> Path:
@@ -214,7 +216,7 @@ def header_regions(path: Path) -> list[tuple[int, int]]:
     return [(0, 2048), (tensor_table_start, GGUFFile.open(path).data_offset)]
 
 
-REGIONS = header_regions(TINY)
+REGIONS = header_regions(TINY) if HAVE_REFERENCE else []
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -234,3 +236,18 @@ def test_unmodified_copy_loads(tmp_path):
     path = tmp_path / "copy.gguf"
     shutil.copy(TINY, path)
     load_everything(path)
+
+
+def test_fuzz_script_300_mutants_load_or_fail_in_one_line():
+    """scripts/fuzz_gguf.py (10,000 by default) in CI's size: no crash, hang, traceback or blow-up."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_gguf.py"
+    result = subprocess.run([sys.executable, str(script), "--count", "300", "--seed", "1", "--json",
+                             "--models", str(MODELS_DIR)], capture_output=True, text=True, timeout=900)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == 0 and report["bad"] == [], report["bad"]
+    assert report["outcomes"]["refused"] >= 150 and report["outcomes"].get("ran", 0) >= 1, report
+    assert sum(report["mutations"].values()) == 300 and len(report["mutations"]) >= 8

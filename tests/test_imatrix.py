@@ -5,11 +5,13 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from conftest import MODELS_DIR, REFERENCE_DIR, run_llmx
+from conftest import MODELS_DIR, REFERENCE_DIR, needs_reference, run_llmx
 
 from llmx.formats.gguf_file import GGUFFile
 from llmx.formats.tokenizer import Tokenizer
 from llmx.quant.formats import dequantize
+
+pytestmark = needs_reference  # the tiny models and llama.cpp's outputs in ../shared
 
 SOURCE = MODELS_DIR / "tiny-llama-f16.gguf"
 TEXT = REFERENCE_DIR / "gpl-3.txt"

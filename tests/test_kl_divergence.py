@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS_DIR, REFERENCE_DIR, run_llmx
+from conftest import MODELS_DIR, REFERENCE_DIR, needs_reference, run_llmx
 
 from llmx.engine.model import Model
+
+pytestmark = needs_reference  # the tiny models and llama.cpp's outputs in ../shared
 
 TEXT = str(REFERENCE_DIR / "gpl-3.txt")
 CTX, CHUNKS = 64, 3

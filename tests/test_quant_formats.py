@@ -5,13 +5,15 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from conftest import MODELS_DIR, TINY_MODELS
+from conftest import MODELS_DIR, TINY_MODELS, needs_reference
 from gguf import quants as gguf_quants
 
 from llmx.formats.gguf_file import GGUFFile
 from llmx.quant.cpu.dequantize import dequantize as numba_dequantize
 from llmx.quant.formats import FORMATS, dequantize, quantize
 from llmx.quant.qtypes import QType, block_size, type_size
+
+pytestmark = needs_reference  # the tiny models and llama.cpp's outputs in ../shared
 
 WEIGHT_TYPES = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
                 QType.IQ4_NL, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]

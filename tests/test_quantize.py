@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import MODELS_DIR, REFERENCE_DIR, run_llmx
+from conftest import MODELS_DIR, REFERENCE_DIR, needs_reference, run_llmx
 
 from llmx.engine.archs import config_from_gguf
 from llmx.engine.kv_cache import KVCache
@@ -18,6 +18,7 @@ from llmx.engine.transformer import Transformer
 from llmx.formats.gguf_file import GGUFFile
 from llmx.quant.qtypes import QType
 
+pytestmark = needs_reference  # the tiny models and llama.cpp's outputs in ../shared
 SOURCE = MODELS_DIR / "tiny-llama-f16.gguf"
 MIXES = [("llama", m) for m in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")]
 MIXES += [(arch, m) for arch in ("qwen2", "qwen3", "gemma3") for m in ("q8_0", "q4_k_m")]

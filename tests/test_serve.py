@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import MODELS_DIR, run_llmx
+from conftest import MODELS_DIR, needs_reference, require_reference, run_llmx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -70,6 +70,7 @@ def gemma(gemma_path):
 
 @pytest.fixture(scope="module")
 def server(gemma_path, tmp_path_factory):
+    require_reference()  # it also serves a tiny model
     served = Served([str(gemma_path), "--model", f"tiny={TINY}", "--response-cache", "8", "-t", "2"],
                     tmp_path_factory.mktemp("serve"))
     yield served
@@ -313,6 +314,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
+    require_reference()
     served = Served([str(TINY), "-c", "64", "--no-socket"], tmp_path_factory.mktemp("fuzz"))
     yield served
     assert served.stop() == 0
@@ -338,6 +340,7 @@ def test_chaos_script_passes_a_short_run(gemma_path):
     assert "ok   no 5xx" in result.stdout.decode()
 
 
+@needs_reference
 def test_max_loaded_unloads_the_least_recently_used_model():
     from llmx.server.registry import EngineSettings, ModelRegistry
 

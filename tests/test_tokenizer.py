@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from conftest import MODELS_DIR
+from conftest import MODELS_DIR, require_reference
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -74,6 +74,7 @@ def test_unfinished_character_is_replaced_at_the_end(gemma_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_llama_tokenizer() -> Tokenizer:
+    require_reference()
     return Tokenizer.from_gguf(GGUFFile.open(MODELS_DIR / "tiny-llama-f16.gguf"))
 
 

@@ -20,7 +20,7 @@ def base_config(gguf: GGUFFile, **flags: Any) -> ModelConfig:
         arch=gguf.architecture,
         n_vocab=_vocab_size(gguf),
         n_embd=n_embd,
-        n_layer=arch_int(gguf, "block_count"),
+        n_layer=layer_count(gguf),
         n_ff=arch_int(gguf, "feed_forward_length"),
         n_head=n_head,
         n_head_kv=arch_int(gguf, "attention.head_count_kv", n_head),
@@ -46,6 +46,16 @@ def arch_int(gguf: GGUFFile, suffix: str, default: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise GGUFError(f"{gguf.path}: {gguf.arch_key(suffix)} = {value!r} must be a positive integer")
     return value
+
+
+def layer_count(gguf: GGUFFile) -> int:
+    """`{arch}.block_count`, which sizes per-layer work before any tensor is read: every layer has
+    tensors, so a count above the file's tensor count is a corrupt file, refused here."""
+    n_layer = arch_int(gguf, "block_count")
+    if n_layer > len(gguf.tensors):
+        raise GGUFError(f"{gguf.path}: {gguf.arch_key('block_count')} = {n_layer} but the file has only "
+                        f"{len(gguf.tensors)} tensors")
+    return n_layer
 
 
 def arch_float(gguf: GGUFFile, suffix: str, default: float) -> float:

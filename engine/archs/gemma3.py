@@ -3,7 +3,7 @@ sliding-window layers (all but every 6th) that use rope base 10000."""
 
 import math
 
-from llmx.engine.archs.common import arch_int, base_config
+from llmx.engine.archs.common import arch_int, base_config, layer_count
 from llmx.engine.config import ModelConfig
 from llmx.formats.gguf_file import GGUFFile
 
@@ -12,7 +12,7 @@ LOCAL_ROPE_BASE = 10000.0
 
 
 def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
-    n_layer = arch_int(gguf, "block_count")
+    n_layer = layer_count(gguf)
     n_embd = arch_int(gguf, "embedding_length")
     window = arch_int(gguf, "attention.sliding_window") if gguf.arch_get("attention.sliding_window") else None
     return base_config(
