@@ -11,8 +11,9 @@ from typing import Any
 from llmx.errors import LlmxError, UsageError
 
 
-def warm_up(model) -> float:
-    """Compile or load the kernels, saying so on stderr when it takes a while (the first run)."""
+def warm_up(model, helper=None) -> float:
+    """Compile or load the kernels, saying so on stderr when it takes a while (the first run);
+    `helper`: `precompile.start_helper`'s process, when the cache was cold."""
     import threading
 
     from rich.console import Console
@@ -21,7 +22,7 @@ def warm_up(model) -> float:
     timer = threading.Timer(0.75, status.start)
     timer.start()
     try:
-        return model.warm_up()
+        return model.warm_up(parallel=True, helper=helper)
     finally:
         timer.cancel()
         status.stop()

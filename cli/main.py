@@ -200,9 +200,11 @@ def _run_here(path: Path, prompt: str, messages, max_tokens: int, stop: list[str
               json_out: bool, logprobs, verbose: bool, wall_start: float) -> None:
     from llmx.cli.generate import report_json, report_verbose, stream, warm_up
     from llmx.engine.model import GenerationStats, Model
+    from llmx.engine.precompile import start_helper
 
+    helper = start_helper(path, threads=threads)  # on a cold cache: compiling while the model loads
     model = Model(path, threads=threads, ctx=ctx)
-    compile_s = warm_up(model)
+    compile_s = warm_up(model, helper)
     stats = GenerationStats()
     if messages is not None:
         note_builtin_template(model)
@@ -257,9 +259,11 @@ def chat(
     if found is None:
         from llmx.cli.generate import warm_up
         from llmx.engine.model import Model
+        from llmx.engine.precompile import start_helper
 
+        helper = start_helper(path, threads=threads)  # on a cold cache: compiling while the model loads
         model = Model(path, threads=threads, ctx=ctx)
-        warm_up(model)
+        warm_up(model, helper)
         note_builtin_template(model)
 
         def reply_to(history):

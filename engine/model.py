@@ -65,6 +65,7 @@ class Model:
         from llmx.quant.cpu.simd import isa_named
 
         isa_marker = isa_named(isa)
+        self.isa_requested, self.use_mmap = isa, use_mmap  # as asked: a compile helper gets the same
         started = time.perf_counter()
         self.path = Path(path)
         self.gguf = GGUFFile.open(self.path)
@@ -80,10 +81,21 @@ class Model:
             weakref.finalize(self, self.compute.close)
         self.load_seconds = time.perf_counter() - started
 
-    def warm_up(self) -> float:
+    def warm_up(self, parallel: bool = False, helper=None) -> float:
         """Run one token through the model so every kernel it needs is compiled (first run) or
-        loaded from Numba's cache; returns the seconds it took."""
+        loaded from Numba's cache; returns the seconds it took. `parallel`: on a cold cache, compile
+        on two processes (`precompile`), the matmul kernels then arriving while the model runs;
+        `helper`: that process, when the caller started it before loading the model."""
         started = time.perf_counter()
+        if parallel and helper is None:
+            from llmx.engine.precompile import start_helper
+
+            helper = start_helper(self.path, self.isa_requested, self.transformer.threads, self.use_mmap)
+        if helper is not None:
+            from llmx.engine.precompile import compile_in_parallel
+
+            compile_in_parallel(self, helper)
+            return time.perf_counter() - started
         cache = KVCache(self.config, 1)
         ids = np.array([self.tokenizer.vocab.bos_id or 0])
         self.compute.call(self.transformer.forward, ids, cache.new_sequence(), cache, "last")

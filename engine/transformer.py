@@ -67,6 +67,11 @@ class Transformer:
     observe_matmul: Callable[[str, np.ndarray], None] | None = None
     # weight name -> its copy in the layout llama.cpp's CPU backend repacks it into at load (`linear.pack`)
     packed: dict[str, np.ndarray] = field(init=False, default_factory=dict)
+    # A first run compiles the matmul kernels in a helper process (`precompile`) while this one
+    # compiles the rest with the matmuls stubbed out (zeros), then waits, per number of rows, until
+    # the helper has them in the cache: `await_kernels(n_rows, weight name)`.
+    stub_matmuls: bool = field(init=False, default=False)
+    await_kernels: Callable[[int, str], None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         check_weights(self.config, self.tensors)
@@ -96,6 +101,10 @@ class Transformer:
         tensor = self._tensor(f"{name}.weight")
         if self.observe_matmul is not None:
             self.observe_matmul(tensor.name, x)
+        if self.await_kernels is not None:
+            self.await_kernels(len(x), name)
+        if self.stub_matmuls:
+            return np.zeros((len(x), tensor.shape[1]), np.float32)
         out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, isa=self.isa,
                      quantized=quantized, packed=self.packed.get(tensor.name))
         bias = self.tensors.get(f"{name}.bias")
@@ -104,6 +113,11 @@ class Transformer:
     def _linears(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
         """`_linear` of one input with several weights, the input quantized once per activation type."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.await_kernels is not None:
+            for name in names:  # before quantizing x: the quantizers are the helper's too
+                self.await_kernels(len(x), name)
+        if self.stub_matmuls:
+            return [self._linear(x, name) for name in names]
         quantized = {}
         outs = []
         for name in names:

@@ -77,6 +77,6 @@ class ModelRegistry:
     def _start(self, name: str) -> Engine:
         s = self.settings
         model = Model(self.paths[name], threads=s.threads, ctx=s.ctx, compute=self._compute, isa=s.isa)
-        model.warm_up()
+        model.warm_up(parallel=True)  # a cold cache compiles on two processes (`engine.precompile`)
         return Engine(model, max_seqs=s.parallel, max_batched_tokens=s.max_batched_tokens,
                       kv_cache_tokens=s.kv_cache_tokens, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -198,3 +199,24 @@ def test_a_hostile_template_in_the_file_is_one_error_line(tmp_path, template):
     assert result.returncode == 1 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert "chat template (file)" in stderr and "Traceback" not in stderr
     assert time.perf_counter() - start < 30
+
+
+@needs_reference
+def test_a_cold_first_run_compiles_on_two_processes_and_leaves_a_warm_cache(tmp_path):
+    """`precompile`: the matmul kernels compile in a helper while this process compiles the rest;
+    the text is the warm run's, and the helper's marker then says the cache is warm."""
+    model = str(MODELS_DIR / "tiny-llama-q4_k_m.gguf")
+    args = ("run", model, "hello there my", "-n", "4", "--temp", "0", "--no-server")
+    warm = run_llmx(*args)
+    cold_env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | {"LLMX_CACHE_DIR": str(tmp_path)}
+    cold = subprocess.run([sys.executable, "-m", "llmx.cli.main", *args], capture_output=True, env=cold_env,
+                          timeout=600)
+    assert cold.returncode == 0 and warm.returncode == 0, (cold.stderr, warm.stderr)
+    assert cold.stdout == warm.stdout, (cold.stdout, warm.stdout)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "numba").glob("warm-*")) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the helper outlives a run that ends first
+    assert len(list((tmp_path / "numba").glob("warm-*"))) == 1, list((tmp_path / "numba").iterdir())
+    again = subprocess.run([sys.executable, "-m", "llmx.cli.main", *args], capture_output=True, env=cold_env,
+                           timeout=600)
+    assert again.stdout == warm.stdout, (again.stdout, again.stderr)

@@ -1,0 +1,200 @@
+"""A first run compiles its kernels on two cores instead of one.
+
+Numba compiles one function at a time per process (a global lock), and a model's kernels take
+tens of seconds to compile. So on a cold kernel cache the CLI starts a helper process that
+compiles the matmul kernels (every weight type of this model, for each row count that picks a
+different kernel) while this process compiles everything else, running forwards with the
+matmuls stubbed out. Each forward then waits, per row count, until the helper reports those
+kernels done, and loads them from Numba's on-disk cache instead of compiling them again.
+
+The helper compiles prompt shapes first, so the first token does not wait for the decode
+kernels, and it finishes even when the run that started it ends early (`-n 1`), writing a marker
+that tells later runs the cache is warm for this model.
+
+    python -m llmx.engine.precompile MODEL --isa NAME [--threads N] [--use-mmap]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+# Row counts that select different matmul kernels (1: one token; 2: per-row k-quant decode and
+# token pairs; 4: k-quant pairs; 16: token lanes), and the ones a forward of n rows runs.
+ROW_CLASSES = (2, 4, 16, 1)
+# What this process runs with the matmuls stubbed. Not 16: the many-row variants of the other
+# kernels (elementwise.PARALLEL_ROWS) compile when a long prompt or a big batch first needs them,
+# so a short first prompt does not wait for them.
+STUB_ROWS = (2, 1)
+KERNEL_SOURCES = ("quant/cpu", "engine")
+
+
+def row_classes(n_rows: int) -> tuple[int, ...]:
+    """The row classes whose kernels a matmul of `n_rows` rows runs (16 + 4 rows: lanes, then pairs)."""
+    if n_rows == 1:
+        return (1,)
+    return (2,) if n_rows < 4 else (2, 4) if n_rows < 16 else (2, 4, 16)
+
+
+def weight_kind(transformer, name: str) -> tuple:
+    """What picks a weight's matmul kernels: its type, whether it is repacked, and whether its rows
+    are long enough for token lanes (`linear.TOKEN_LANES_MIN_K`)."""
+    from llmx.quant.cpu.linear import TOKEN_LANES_MIN_K
+
+    t = transformer.tensors[f"{name}.weight"]
+    return t.qtype.name, f"{name}.weight" in transformer.packed, t.shape[0] >= TOKEN_LANES_MIN_K
+
+
+def output_name(transformer) -> str:
+    return "token_embd" if transformer.config.tied_output else "output"
+
+
+def jobs(transformer) -> list[tuple[int, str]]:
+    """(rows, representative weight) in the order the helper compiles them: what a short first
+    prompt needs (two rows everywhere, then the output layer's one row, which samples the first
+    token), then longer prompts and batches, then decoding's one row."""
+    names = representative_weights(transformer)
+    out = output_name(transformer)
+    order = [(2, n) for n in names] + [(1, out)] + [(4, n) for n in names] + [(16, n) for n in names]
+    return order + [(1, n) for n in names if n != out]
+
+
+def marker(path: Path, isa: str | None, use_mmap: bool) -> Path:
+    """A file whose presence says every kernel the model at `path` runs is in the cache: keyed by
+    what the kernels' code depends on (numba, llmx's kernel sources, the instruction set and
+    Numba's target CPU, the model file), and cheap to check before the model loads."""
+    from importlib.metadata import version
+
+    from llmx.paths import kernel_cache_dir
+
+    root = Path(__file__).resolve().parents[1]
+    sources = sorted(p for folder in KERNEL_SOURCES for p in (root / folder).glob("*.py"))
+    stat = Path(path).stat()
+    key = repr((version("numba"), [(p.name, p.stat().st_mtime_ns) for p in sources], isa,
+                os.environ.get("NUMBA_CPU_NAME"), use_mmap, str(Path(path).resolve()), stat.st_size,
+                stat.st_mtime_ns))
+    return kernel_cache_dir() / f"warm-{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}"
+
+
+class Helper:
+    """The helper process, as this process sees it: which (rows, weight) it has reported done."""
+
+    def __init__(self, path: Path, isa: str | None, threads: int | None, use_mmap: bool):
+        args = [sys.executable, "-m", "llmx.engine.precompile", str(path)]
+        args += (["--isa", isa] if isa else []) + (["--threads", str(threads)] if threads else [])
+        args += ["--use-mmap"] if use_mmap else []
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     start_new_session=True)  # it finishes the cache even if we end first
+        self.done: set[tuple[int, str]] = set()  # (rows, representative weight name)
+        self.finished = False
+        self.changed = threading.Condition()
+        self.representative: dict[tuple, str] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            rows, name = line.split()
+            with self.changed:
+                self.done.add((int(rows), name))
+                self.changed.notify_all()
+        with self.changed:  # it ended (all done, or failed): nothing more to wait for
+            self.finished = True
+            self.changed.notify_all()
+
+    def wait(self, transformer, n_rows: int, name: str) -> None:
+        if not self.representative:
+            self.representative = {weight_kind(transformer, n): n for n in representative_weights(transformer)}
+        rep = self.representative.get(weight_kind(transformer, name), name)
+        needed = {(rows, rep) for rows in row_classes(n_rows)}
+        with self.changed:
+            self.changed.wait_for(lambda: self.finished or self.done.issuperset(needed))
+
+
+def start_helper(path: Path, isa: str | None = None, threads: int | None = None,
+                 use_mmap: bool = False) -> Helper | None:
+    """The helper for the model at `path` when the cache is cold for it (else None). Start it
+    before loading the model here: it loads its own copy meanwhile."""
+    return None if marker(path, isa, use_mmap).exists() else Helper(path, isa, threads, use_mmap)
+
+
+def compile_in_parallel(model, helper: Helper) -> None:
+    """Compile the non-matmul kernels here while `helper` compiles the matmuls, and make the
+    model's forwards wait for the helper's kernels where they need them."""
+    transformer = model.transformer
+    transformer.stub_matmuls = True
+    try:
+        for n in STUB_ROWS:
+            model.compute.call(_forward, model, n)
+    finally:
+        transformer.stub_matmuls = False
+
+    def wait(n_rows: int, name: str) -> None:
+        helper.wait(transformer, n_rows, name)
+        if helper.finished:
+            transformer.await_kernels = None
+
+    transformer.await_kernels = wait
+
+
+def _forward(model, n_rows: int) -> None:
+    from llmx.engine.kv_cache import KVCache
+
+    cache = KVCache(model.config, n_rows)
+    model.transformer.forward(np.zeros(n_rows, np.int64), cache.new_sequence(), cache, "last")
+
+
+def representative_weights(transformer) -> list[str]:
+    """One matmul weight per `weight_kind`, the output layer's first."""
+    out = output_name(transformer)
+    names = [out] + [name[: -len(".weight")] for name, t in transformer.tensors.items()
+                     if name.startswith("blk.") and name.endswith(".weight") and len(t.shape) == 2]
+    seen: dict[tuple, str] = {}
+    for name in names:
+        seen.setdefault(weight_kind(transformer, name), name)
+    return list(seen.values())
+
+
+def compile_matmuls(model, done: Path) -> None:
+    """The helper's work: every matmul kernel of the model, job by job, reported on stdout; then
+    the marker `done`."""
+    for rows, name in jobs(model.transformer):
+        k = model.transformer.tensors[f"{name}.weight"].shape[0]
+        model.compute.call(model.transformer._linears, np.ones((rows, k), np.float32), name)
+        _report(f"{rows} {name}")
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.touch()
+
+
+def _report(line: str) -> None:
+    try:
+        print(line, flush=True)
+    except (BrokenPipeError, OSError):  # the run that started us ended: finish the cache anyway
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+
+
+def main() -> None:
+    import argparse
+    import signal
+
+    from llmx.engine.model import Model
+
+    parser = argparse.ArgumentParser(description="compile a model's matmul kernels into the cache")
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--isa")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--use-mmap", action="store_true")
+    args = parser.parse_args()
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # the run that started us may end first: see _report
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal is for that run, not us
+    model = Model(args.model, threads=args.threads, use_mmap=args.use_mmap, isa=args.isa)
+    compile_matmuls(model, marker(args.model, args.isa, args.use_mmap))
+
+
+if __name__ == "__main__":
+    main()
