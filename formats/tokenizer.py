@@ -14,8 +14,11 @@ byte tokens is never broken.
 from __future__ import annotations
 
 import codecs
+import hashlib
+import os
 from collections.abc import Iterable
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -55,10 +58,12 @@ _IGNORE_MERGES_PRE = {"llama-bpe", "llama3", "llama-v3"}
 class Tokenizer:
     """Text <-> token ids for one vocabulary, with llama.cpp's special-token handling."""
 
-    def __init__(self, vocab: Vocab):
+    def __init__(self, vocab: Vocab, cache_key: str | None = None):
+        """`cache_key`: names the vocabulary's file (see `from_gguf`), so that what is slow to build
+        from it (a SentencePiece model) is kept in the cache dir for the next load."""
         self.vocab = vocab
         if vocab.model == "llama":
-            self._backend = _SentencePieceBackend(vocab)
+            self._backend = _SentencePieceBackend(vocab, cache_key)
         elif vocab.model == "gpt2":
             self._backend = _BPEBackend(vocab)
         else:
@@ -68,7 +73,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> Tokenizer:
-        return cls(vocab_from_gguf(gguf))
+        stat = gguf.path.stat()
+        return cls(vocab_from_gguf(gguf), f"{gguf.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
 
     @property
     def n_vocab(self) -> int:
@@ -193,15 +199,27 @@ def _split_fragments(fragments: list[str | int], token_text: str, token_id: int)
 
 
 class _SentencePieceBackend:
-    def __init__(self, vocab: Vocab):
+    def __init__(self, vocab: Vocab, cache_key: str | None = None):
         import sentencepiece
 
         self._vocab = vocab
         self._sp = sentencepiece.SentencePieceProcessor()
+        cached = _cached_proto(cache_key)
+        if cached is not None and self._loads(cached):
+            return
+        proto = spm_model_proto(vocab)  # ~0.3 s for gemma's 262,144 pieces: kept for the next load
         try:
-            self._sp.LoadFromSerializedProto(spm_model_proto(vocab))
+            self._sp.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError) as e:
             raise TokenizerError(f"the SentencePiece vocabulary is invalid: {e}") from e
+        _keep_proto(cache_key, proto)
+
+    def _loads(self, proto: bytes) -> bool:
+        try:
+            self._sp.LoadFromSerializedProto(proto)
+            return True
+        except (RuntimeError, OSError):  # a damaged cache file: build it again
+            return False
 
     def encode(self, fragment: str) -> list[int]:
         return self._sp.EncodeAsIds(fragment)
@@ -216,6 +234,40 @@ class _SentencePieceBackend:
         if token_type == TokenType.UNUSED:
             return b""
         return text.replace(SPM_SPACE, " ").encode("utf-8")
+
+
+SPM_PROTO_FORMAT = 1  # bump when spm_model_proto's output changes: cached protos then miss
+
+
+def _proto_path(cache_key: str) -> Path:
+    from llmx.paths import cache_dir
+
+    digest = hashlib.blake2b(f"{SPM_PROTO_FORMAT}:{cache_key}".encode(), digest_size=16).hexdigest()
+    return cache_dir() / "tokenizers" / f"{digest}.model"
+
+
+def _cached_proto(cache_key: str | None) -> bytes | None:
+    if cache_key is None:
+        return None
+    try:
+        return _proto_path(cache_key).read_bytes()
+    except OSError:
+        return None
+
+
+def _keep_proto(cache_key: str | None, proto: bytes) -> None:
+    """Written beside and renamed, so a reader never sees half a file; a cache that cannot be
+    written only costs the next load the time to build it again."""
+    if cache_key is None:
+        return
+    path = _proto_path(cache_key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_bytes(proto)
+        os.replace(partial, path)
+    except OSError:
+        pass
 
 
 def spm_model_proto(vocab: Vocab) -> bytes:

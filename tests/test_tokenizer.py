@@ -219,3 +219,17 @@ def test_unknown_pre_tokenizer_is_a_clear_error(tmp_path):
     write_bpe_gguf(hf, "no-such-pre", path)
     with pytest.raises(TokenizerError, match="no-such-pre"):
         Tokenizer.from_gguf(GGUFFile.open(path))
+
+
+def test_the_sentencepiece_model_is_kept_for_the_next_load_and_rebuilt_when_damaged(gemma_path, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("LLMX_CACHE_DIR", str(tmp_path))
+    text = "Hello world, the cat sat\n\n  on a mat: 123 ünïcödé <start_of_turn>"
+    gguf_file = GGUFFile.open(gemma_path)
+    built = Tokenizer.from_gguf(gguf_file)
+    kept = list((tmp_path / "tokenizers").glob("*.model"))
+    assert len(kept) == 1 and kept[0].stat().st_size > 1_000_000
+    assert Tokenizer.from_gguf(gguf_file).tokenize(text, special=True) == built.tokenize(text, special=True)
+    kept[0].write_bytes(b"damaged")
+    assert Tokenizer.from_gguf(gguf_file).tokenize(text, special=True) == built.tokenize(text, special=True)
+    assert kept[0].read_bytes() != b"damaged"
