@@ -4,8 +4,8 @@ Numba compiles one function at a time per process (a global lock), and a model's
 tens of seconds to compile. So on a cold kernel cache the CLI starts a helper process that
 compiles the matmul kernels (every weight type of this model, for each row count that picks a
 different kernel) while this process compiles everything else, running forwards with the
-matmuls stubbed out. Each forward then waits, per row count, until the helper reports those
-kernels done, and loads them from Numba's on-disk cache instead of compiling them again.
+matmuls stubbed out. Each matmul then waits until the helper reports its kernels (for its row
+count and its kind of weight) done, and loads them from Numba's on-disk cache instead of compiling them again.
 
 The helper compiles prompt shapes first, so the first token does not wait for the decode
 kernels, and it finishes even when the run that started it ends early (`-n 1`), writing a marker
@@ -25,9 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-# Row counts that select different matmul kernels (1: one token; 2: per-row k-quant decode and
-# token pairs; 4: k-quant pairs; 16: token lanes), and the ones a forward of n rows runs.
-ROW_CLASSES = (2, 4, 16, 1)
 # What this process runs with the matmuls stubbed. Not 16: the many-row variants of the other
 # kernels (elementwise.PARALLEL_ROWS) compile when a long prompt or a big batch first needs them,
 # so a short first prompt does not wait for them.
@@ -36,7 +33,9 @@ KERNEL_SOURCES = ("quant/cpu", "engine")
 
 
 def row_classes(n_rows: int) -> tuple[int, ...]:
-    """The row classes whose kernels a matmul of `n_rows` rows runs (16 + 4 rows: lanes, then pairs)."""
+    """Row counts that select different matmul kernels (1: one token; 2: per-row k-quant decode
+    and token pairs; 4: k-quant pairs; 16: token lanes): the ones a matmul of `n_rows` rows runs
+    (20 rows: 16 in lanes, then 4 in pairs)."""
     if n_rows == 1:
         return (1,)
     return (2,) if n_rows < 4 else (2, 4) if n_rows < 16 else (2, 4, 16)
