@@ -101,8 +101,9 @@ class Transformer:
         tensor = self._tensor(f"{name}.weight")
         if self.observe_matmul is not None:
             self.observe_matmul(tensor.name, x)
-        if self.await_kernels is not None:
-            self.await_kernels(len(x), name)
+        wait = self.await_kernels  # a local: the wait may set the attribute to None
+        if wait is not None:
+            wait(len(x), name)
         if self.stub_matmuls:
             return np.zeros((len(x), tensor.shape[1]), np.float32)
         out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, isa=self.isa,
@@ -113,9 +114,10 @@ class Transformer:
     def _linears(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
         """`_linear` of one input with several weights, the input quantized once per activation type."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.await_kernels is not None:
+        wait = self.await_kernels  # a local: the last wait sets the attribute to None
+        if wait is not None:
             for name in names:  # before quantizing x: the quantizers are the helper's too
-                self.await_kernels(len(x), name)
+                wait(len(x), name)
         if self.stub_matmuls:
             return [self._linear(x, name) for name in names]
         quantized = {}
