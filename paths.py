@@ -18,6 +18,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmx"
 
 
+def file_identity(path: Path) -> str:
+    """Names a file's current contents for cache keys: its resolved path, size and mtime (a
+    changed or replaced file gets a new key)."""
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def kernel_cache_dir() -> Path:
     """Numba's compiled kernels: NUMBA_CACHE_DIR when the user set one, else under cache_dir()."""
     return Path(os.environ.get("NUMBA_CACHE_DIR") or cache_dir() / "numba")

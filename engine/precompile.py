@@ -70,14 +70,12 @@ def marker(path: Path, isa: str | None, use_mmap: bool) -> Path:
     Numba's target CPU, the model file), and cheap to check before the model loads."""
     from importlib.metadata import version
 
-    from llmx.paths import kernel_cache_dir
+    from llmx.paths import file_identity, kernel_cache_dir
 
     root = Path(__file__).resolve().parents[1]
     sources = sorted(p for folder in KERNEL_SOURCES for p in (root / folder).glob("*.py"))
-    stat = Path(path).stat()
     key = repr((version("numba"), [(p.name, p.stat().st_mtime_ns) for p in sources], isa,
-                os.environ.get("NUMBA_CPU_NAME"), use_mmap, str(Path(path).resolve()), stat.st_size,
-                stat.st_mtime_ns))
+                os.environ.get("NUMBA_CPU_NAME"), use_mmap, file_identity(path)))
     return kernel_cache_dir() / f"warm-{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}"
 
 

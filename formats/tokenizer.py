@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import os
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from llmx.errors import TokenizerError
+from llmx.formats.atomic import atomic_output
 from llmx.formats.gguf_file import GGUFFile
 from llmx.formats.vocab import TokenType, Vocab, vocab_from_gguf
 
@@ -73,8 +73,9 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> Tokenizer:
-        stat = gguf.path.stat()
-        return cls(vocab_from_gguf(gguf), f"{gguf.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+        from llmx.paths import file_identity
+
+        return cls(vocab_from_gguf(gguf), file_identity(gguf.path))
 
     @property
     def n_vocab(self) -> int:
@@ -256,16 +257,14 @@ def _cached_proto(cache_key: str | None) -> bytes | None:
 
 
 def _keep_proto(cache_key: str | None, proto: bytes) -> None:
-    """Written beside and renamed, so a reader never sees half a file; a cache that cannot be
-    written only costs the next load the time to build it again."""
+    """A cache that cannot be written only costs the next load the time to build it again."""
     if cache_key is None:
         return
     path = _proto_path(cache_key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_bytes(proto)
-        os.replace(partial, path)
+        with atomic_output(path) as partial:
+            partial.write_bytes(proto)
     except OSError:
         pass
 
