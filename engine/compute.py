@@ -31,13 +31,17 @@ class ComputeThread:
         """fn(*args) on the compute thread; its result, or its exception raised here."""
         if threading.current_thread() is self._thread:
             return fn(*args)
+        return self.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
+        """Start fn(*args) on the compute thread; its future (the caller works meanwhile)."""
         future: Future = Future()
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=_work, args=(self._jobs,), name=self._name, daemon=True)
                 self._thread.start()
             self._jobs.put((future, fn, args))
-        return future.result()
+        return future
 
     def close(self) -> None:
         """Let the thread end once the calls already posted are done."""

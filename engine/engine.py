@@ -8,6 +8,11 @@ Each step the loop takes what other threads posted (new requests, cancels), asks
 what to compute, runs it as one `forward_batch` (`ModelRunner`; Numba kernels release the GIL, so
 an event loop elsewhere stays responsive), samples each finished chunk's next token and streams
 the text. `Model.generate` is this engine with one request.
+
+A request may be constrained to a grammar (`response_format`, `engine.grammar`): its allowed-token
+mask is computed while the forward runs and applied before sampling. With `speculative=...` the
+engine proposes tokens after each decoding sequence (`engine.speculative`), the next step computes
+them with it, and the verification keeps what the target model agrees with.
 """
 
 from __future__ import annotations
@@ -18,16 +23,36 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llmx.engine.grammar import Constraint, GrammarError, compile_format
 from llmx.engine.kv_cache import KVCache
 from llmx.engine.runner import ModelRunner
-from llmx.engine.sampling import SamplingParams, StopMatcher, logprob_of, make_rng, make_sampler, top_logprobs
-from llmx.engine.scheduler import Scheduler, Status
+from llmx.engine.sampling import (
+    SamplingParams,
+    StopMatcher,
+    dense,
+    is_greedy,
+    logprob_of,
+    make_distribution,
+    make_rng,
+    make_sampler,
+    top_logprobs,
+)
+from llmx.engine.scheduler import ScheduledChunk, Scheduler, Status
 from llmx.engine.scheduler import Sequence as SchedSequence
+from llmx.engine.speculative import (
+    Backoff,
+    SpeculativeConfig,
+    accept_greedy,
+    accept_rejection,
+    check_same_vocabulary,
+    make_proposer,
+)
 from llmx.errors import LlmxError, UsageError
 
 if TYPE_CHECKING:
@@ -41,7 +66,7 @@ class Request:
     `token_ids`, `finish_reason` ("stop", "length", "cancelled", "error") and `usage` hold."""
 
     def __init__(self, engine: Engine, request_id: int, prompt_ids: list[int], params: SamplingParams,
-                 stop: Sequence[str], logprobs: int | None, keep_logits: bool):
+                 stop: Sequence[str], logprobs: int | None, keep_logits: bool, constraint: Constraint | None = None):
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -58,9 +83,15 @@ class Request:
         self._engine = engine
         self._n_logprobs = logprobs
         self._sample, self._rng = make_sampler(params), make_rng(params.seed)
+        self._distribution = make_distribution(params)
+        self._n_vocab = engine.model.config.n_vocab
         self._decoder = engine.model.tokenizer.decoder()
         self._stops = StopMatcher(stop)
-        self._last_logits: np.ndarray | None = None
+        self._row_logits: deque[np.ndarray] = deque()  # the logits each token of this step was sampled from
+        self.constraint = constraint
+        self._grammar_done = False
+        self.backoff = Backoff()  # proposals pause while they fail
+        self.draft_dists: list[np.ndarray | None] = []  # a draft model's q for each proposed token
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
@@ -118,22 +149,55 @@ class Request:
         with contextlib.suppress(RuntimeError):  # the consumer's event loop is closed: nobody listens
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-    def _sample_from(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    def _sample_rows(self, rows: np.ndarray, draft: Sequence[int], history: list[int]) -> list[int]:
+        """The tokens of one step from its logits rows [len(draft) + 1, n_vocab]: the proposals
+        the target model accepts, then one of its own (just one token without proposals)."""
+        self._row_logits.clear()
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if self.step_logits is not None:
-            self.step_logits.append(logits.copy())
-        self._last_logits = logits
+        if self.constraint is not None:  # (a constrained request gets no proposals)
+            token = self._sample_from(self.constraint.mask(rows[0]), history, rows[0])
+            self._grammar_done = self.constraint.advance(token)
+            return [token]
+        dists = self.draft_dists[:len(draft)]
+        if draft and not is_greedy(self.params) and len(dists) == len(draft) and all(q is not None for q in dists):
+            tokens = accept_rejection(lambda i, out: dense(self._distribution(rows[i], history + out), self._n_vocab),
+                                      draft, dists, self._rng)
+            for i in range(len(tokens)):
+                self._keep_row(rows[i])
+        else:
+            tokens = accept_greedy(len(draft) + 1, draft, lambda i, out: self._sample_from(rows[i], history + out))
+        self.backoff.check_shadow(tokens[0])
+        self.backoff.record(len(draft), len(tokens) - 1)
+        self.draft_dists = []
+        return tokens
+
+    def _sample_from(self, logits: np.ndarray, history: Sequence[int], raw: np.ndarray | None = None) -> int:
+        self._keep_row(logits if raw is None else raw)
         return self._sample(logits, history, self._rng)
 
+    def _keep_row(self, logits: np.ndarray) -> None:
+        if self.step_logits is not None:
+            self.step_logits.append(logits.copy())
+        self._row_logits.append(logits)
+
+    def draft_sampler(self, logits: np.ndarray, history: Sequence[int]) -> tuple[int, np.ndarray | None]:
+        """How a draft model proposes for this request: its token, and the distribution it was
+        drawn from (None when greedy: the verification then only compares tokens)."""
+        if is_greedy(self.params):
+            return self._sample(logits, history, self._rng), None
+        ids, probs = self._distribution(logits, history)
+        return int(ids[self._rng.choice(len(ids), p=probs)]), dense((ids, probs), self._n_vocab)
+
     def _on_token(self, token: int) -> bool:
-        """A generated token: stream its text; True when a stop string ends the request."""
+        """A generated token: stream its text; True when a stop string or a complete grammar ends the request."""
         self.token_ids.append(token)
         self.token_times.append(time.perf_counter())
-        if self.logprobs is not None and self._last_logits is not None:
-            self.logprobs.append(_logprob_entry(self._last_logits, token, self._n_logprobs or 0))
+        logits = self._row_logits.popleft() if self._row_logits else None
+        if self.logprobs is not None and logits is not None:
+            self.logprobs.append(_logprob_entry(logits, token, self._n_logprobs or 0))
         self._push_text(self._stops.push(self._decoder.push(token)))
-        return self._stops.stopped
+        return self._stops.stopped or self._grammar_done
 
     def _push_text(self, piece: str) -> None:
         if piece:
@@ -154,14 +218,21 @@ class Request:
 
 class Engine:
     def __init__(self, model: Model, max_seqs: int = 16, max_batched_tokens: int = 512, kv_cache_tokens: int = 32768,
-                 prefix_caching: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16"):
+                 prefix_caching: bool = True, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                 speculative: SpeculativeConfig | Mapping[str, Any] | None = None):
+        """`speculative`: {"method": "ngram", "k": K} (prompt lookup) or {"method": "draft",
+        "model": draft_model, "k": K}; see `engine.speculative`."""
         if kv_cache_tokens < 1:
             raise UsageError("kv_cache_tokens must be at least 1")
+        self.speculative = SpeculativeConfig.parse(speculative)
+        if self.speculative is not None and self.speculative.draft is not None:
+            check_same_vocabulary(model, self.speculative.draft)
         self.model = model
         self.cache = KVCache(model.config, kv_cache_tokens, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                              prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.cache.pool, max_seqs, max_batched_tokens)
         self._runner = ModelRunner(model.transformer, self.cache)
+        self._proposer = make_proposer(self.speculative, kv_cache_tokens) if self.speculative else None
         self._eos = frozenset(model.tokenizer.vocab.eog_ids())
         self._ids = itertools.count()
         self._live: dict[int, tuple[Request, SchedSequence]] = {}  # the loop thread's own
@@ -178,20 +249,24 @@ class Engine:
 
     def submit(self, prompt: str | Sequence[int], max_tokens: int = 256, stop: Sequence[str] = (),
                logprobs: int | None = None, keep_logits: bool = False, ignore_eos: bool = False,
-               **sampling: Any) -> Request:
+               response_format: Mapping[str, Any] | None = None, **sampling: Any) -> Request:
         """Queue a generation (text: special tokens parsed, BOS added; or token ids). Sampling
         keywords as `SamplingParams`; `logprobs=N` records each token's log-probability and the N
         most likely; `keep_logits` keeps every row of logits sampled from (`step_logits`);
-        `ignore_eos` generates past end-of-generation tokens (benchmarks, as llama-bench)."""
+        `ignore_eos` generates past end-of-generation tokens (benchmarks, as llama-bench);
+        `response_format` constrains the output (`engine.grammar`: JSON schema, JSON, GBNF, Lark,
+        regex; an invalid one raises `GrammarError`)."""
         if self._closing:
             raise LlmxError("the engine is closed")
         ids = self.model.tokenize(prompt, special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
         self._check_prompt(ids)
         if max_tokens < 0:
             raise UsageError(f"max_tokens must be 0 or more, not {max_tokens}")
+        grammar = compile_format(response_format)
+        constraint = Constraint(grammar, self.model.tokenizer) if grammar is not None else None
         try:
             params = SamplingParams(**sampling)
-            request = Request(self, next(self._ids), ids, params, stop, logprobs, keep_logits)
+            request = Request(self, next(self._ids), ids, params, stop, logprobs, keep_logits, constraint)
         except (TypeError, ValueError) as e:
             raise UsageError(f"invalid sampling parameters: {e}") from None
         with self._count_lock:
@@ -213,14 +288,15 @@ class Engine:
         with self._count_lock:
             self._unfinished -= 1
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         s, pool = self.scheduler.stats, self.cache.pool
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_used": pool.num_used, "kv_blocks_total": pool.n_blocks,
                 "kv_blocks_referenced": pool.num_referenced,
                 "kv_blocks_cached": pool.num_cached, "kv_bytes_per_token": self.cache.bytes_per_token,
                 "prefix_hit_tokens": s.prefix_hit_tokens, "prompt_tokens_computed": s.prompt_tokens_computed,
-                "generated_tokens": s.generated_tokens, "preemptions": s.preemptions, "steps": s.steps}
+                "generated_tokens": s.generated_tokens, "preemptions": s.preemptions, "steps": s.steps,
+                **speculation_stats(s)}
 
     def close(self) -> None:
         """Cancel what is left and stop the loop thread."""
@@ -287,13 +363,16 @@ class Engine:
                 request._finish("cancelled")  # (finished already, or never queued: no change then)
 
     def _step(self) -> None:
+        self._propose()
         output = self.scheduler.schedule()
         if self.check_invariants:
             self.scheduler.check(output)
+        failed: dict[int, LlmxError] = {}
         try:
-            logits = self.model.compute.call(self._runner.run, output)
-            sampled = {sid: self._live[sid][0]._sample_from(row, self._live[sid][1].token_ids)
-                       for sid, row in logits.items()}
+            forward = self.model.compute.submit(self._runner.run, output)
+            self._prepare_masks(output.chunks)  # while the forward runs (both release the GIL)
+            logits = forward.result()
+            sampled = {c.seq_id: self._sample(c, logits[c.seq_id], failed) for c in output.chunks if c.wants_logits}
         except Exception as e:  # a failed step fails its requests, not the engine
             error = e if isinstance(e, LlmxError) else LlmxError(f"generation failed: {type(e).__name__}: {e}")
             for seq_id in [c.seq_id for c in output.chunks] + [s.seq_id for s in output.finished]:
@@ -302,11 +381,66 @@ class Engine:
             return
         for seq in self.scheduler.update(output, sampled):
             self._end(seq.seq_id, seq.finish_reason or "stop")
+        for seq_id, error in failed.items():
+            if seq_id in self._live:
+                self._end(seq_id, "error", error)
+        if self._proposer is not None:  # a draft model's cache keeps only what the verification accepted
+            for chunk in output.chunks:
+                if chunk.seq_id in self._live:
+                    self._proposer.rollback(chunk.seq_id, self._live[chunk.seq_id][1].token_ids)
+
+    def _prepare_masks(self, chunks: Sequence[ScheduledChunk]) -> None:
+        for chunk in chunks:
+            constraint = self._live[chunk.seq_id][0].constraint if chunk.wants_logits else None
+            if constraint is not None:
+                constraint.prepare()
+
+    def _sample(self, chunk: ScheduledChunk, rows: np.ndarray, failed: dict[int, LlmxError]) -> list[int]:
+        """One chunk's tokens; a request whose grammar fails gets none and ends with its error."""
+        request, seq = self._live[chunk.seq_id]
+        draft = list(chunk.tokens[len(chunk.tokens) - chunk.n_draft:]) if chunk.n_draft else []
+        try:
+            return request._sample_rows(rows, draft, seq.token_ids)
+        except GrammarError as e:
+            failed[chunk.seq_id] = e
+            return []
+
+    def _propose(self) -> None:
+        """Proposals for this step (speculative decoding): after each decoding sequence's last
+        token, and after a new request's prompt (so its first token is verified too)."""
+        if self._proposer is None:
+            return
+        items, shadows = [], []
+        for seq in itertools.chain(self.scheduler.running, self.scheduler.waiting):
+            request = self._live[seq.seq_id][0]
+            k = self._proposal_size(request, seq)
+            if k and request.backoff.ready():
+                items.append((seq.seq_id, seq.token_ids, k, request.draft_sampler))
+            elif k and self._proposer.cheap:
+                shadows.append((seq.seq_id, seq.token_ids, 1, request.draft_sampler))
+        for seq_id, (tokens, _) in self._proposer.propose(shadows).items():
+            self._live[seq_id][0].backoff.shadow = tokens[0] if tokens else None
+        if not items:
+            return
+        for seq_id, (tokens, dists) in self.model.compute.call(self._proposer.propose, items).items():
+            request, seq = self._live[seq_id]
+            seq.draft, request.draft_dists = tokens, dists
+
+    def _proposal_size(self, request: Request, seq: SchedSequence) -> int:
+        """How many tokens to propose after seq (0: none, e.g. in the middle of its prompt)."""
+        decoding = seq.n_computed + 1 == len(seq.token_ids)
+        fresh = seq.n_computed == 0 and seq.n_generated == 0
+        if not (decoding or fresh) or seq.draft or request.constraint is not None:
+            return 0
+        return max(0, min(self.speculative.k, seq.max_tokens - seq.n_generated - 1,
+                          seq.max_len - len(seq.token_ids) - 1))
 
     def _end(self, seq_id: int, reason: str, error: LlmxError | None = None) -> None:
         request, seq = self._live.pop(seq_id)
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, reason)
+        if self._proposer is not None:
+            self._proposer.release(seq_id)
         request._finish(reason, error)
 
     def _fail_all(self, error: LlmxError) -> None:
@@ -319,6 +453,14 @@ class Engine:
     def _cancel_all(self) -> None:
         for seq_id in list(self._live):
             self._end(seq_id, "cancelled")
+
+
+def speculation_stats(s: Any) -> dict[str, float]:
+    """Speculative decoding's figures: proposals accepted, and tokens per verify step."""
+    rate = s.accepted_tokens / s.draft_tokens if s.draft_tokens else 0.0
+    per_step = (s.accepted_tokens + s.spec_steps) / s.spec_steps if s.spec_steps else 0.0
+    return {"spec_steps": s.spec_steps, "draft_tokens": s.draft_tokens, "accepted_tokens": s.accepted_tokens,
+            "acceptance_rate": rate, "tokens_per_step": per_step}
 
 
 def _logprob_entry(logits: np.ndarray, token: int, n: int) -> dict[str, Any]:

@@ -15,12 +15,13 @@ class ModelRunner:
         self.cache = cache
 
     def run(self, output: SchedulerOutput) -> dict[int, np.ndarray]:
-        """seq_id -> float32 logits [n_vocab] of the last token, for the chunks that want them."""
+        """seq_id -> float32 logits [n_draft + 1, n_vocab] of the chunk's last rows (its last known
+        token's and its proposals'), for the chunks that want them."""
         if not output.chunks:
             return {}
         # The scheduler gave every chunk its blocks: the handles only say where to write.
         batch = [(SequenceHandle(list(c.block_table), c.start, c.n_prompt), np.array(c.tokens, np.int64))
                  for c in output.chunks]
-        wanted = [c.wants_logits for c in output.chunks]
+        wanted = [c.n_logit_rows for c in output.chunks]
         logits = self.transformer.forward_batch(batch, self.cache, wanted)
-        return {c.seq_id: rows[-1] for c, rows in zip(output.chunks, logits, strict=True) if c.wants_logits}
+        return {c.seq_id: rows for c, rows in zip(output.chunks, logits, strict=True) if c.wants_logits}

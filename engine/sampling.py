@@ -85,26 +85,50 @@ def min_p(p: float) -> Step:
     return step
 
 
-def make_sampler(params: SamplingParams) -> Callable[[np.ndarray, Sequence[int], np.random.Generator], int]:
-    """A function (logits [n_vocab], history, rng) -> token id."""
-    chain = [top_k(params.top_k), top_p(params.top_p), min_p(params.min_p)]
-    penalized = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-    if params.temperature <= 0 and not penalized:
-        # greedy on the float32 row itself: the same argmax as on its float64 copy, without the copy
-        return lambda logits, history, rng: int(np.argmax(logits))
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature <= 0
 
-    def sample(logits: np.ndarray, history: Sequence[int], rng: np.random.Generator) -> int:
+
+def make_distribution(params: SamplingParams) -> Callable[[np.ndarray, Sequence[int]], Candidates]:
+    """A function (logits [n_vocab], history) -> (token ids, probabilities): what the sampler
+    draws from, after penalties, top-k, top-p, min-p and temperature (one id when greedy)."""
+    chain = [top_k(params.top_k), top_p(params.top_p), min_p(params.min_p)]
+
+    def distribution(logits: np.ndarray, history: Sequence[int]) -> Candidates:
         logits = apply_penalties(np.asarray(logits, np.float64), history, params)
-        if params.temperature <= 0:
-            return int(np.argmax(logits))
+        if is_greedy(params):
+            return np.array([int(np.argmax(logits))]), np.ones(1)
         candidates: Candidates = (np.arange(len(logits)), logits)
         for step in chain:
             candidates = step(candidates)
         ids, kept = candidates
         probs = np.exp((kept - kept.max()) / params.temperature)
-        return int(ids[rng.choice(len(ids), p=probs / probs.sum())])
+        return ids, probs / probs.sum()
+
+    return distribution
+
+
+def make_sampler(params: SamplingParams) -> Callable[[np.ndarray, Sequence[int], np.random.Generator], int]:
+    """A function (logits [n_vocab], history, rng) -> token id."""
+    penalized = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+    if is_greedy(params) and not penalized:
+        # greedy on the float32 row itself: the same argmax as on its float64 copy, without the copy
+        return lambda logits, history, rng: int(np.argmax(logits))
+    distribution = make_distribution(params)
+
+    def sample(logits: np.ndarray, history: Sequence[int], rng: np.random.Generator) -> int:
+        ids, probs = distribution(logits, history)
+        return int(ids[0]) if is_greedy(params) else int(ids[rng.choice(len(ids), p=probs)])
 
     return sample
+
+
+def dense(candidates: Candidates, n_vocab: int) -> np.ndarray:
+    """float64 [n_vocab]: a distribution over the whole vocabulary."""
+    ids, probs = candidates
+    out = np.zeros(n_vocab)
+    out[ids] = probs
+    return out
 
 
 def make_rng(seed: int | None) -> np.random.Generator:

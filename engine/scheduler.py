@@ -4,7 +4,9 @@ Each sequence knows its token ids and how many of them are computed; there are n
 decode phases. `schedule()` picks, under a token budget and a sequence cap, how many tokens each
 sequence computes this step (running sequences first, then waiting ones, FIFO), and gives each
 the KV blocks it needs; `update(output, sampled)` counts them computed, appends the sampled tokens
-and finishes sequences. When the pool runs out of blocks, the most recently admitted sequence is
+and finishes sequences. Speculative decoding adds a sequence's proposed tokens (`draft`) after its
+known ones: they are computed like any other, their logits verify them, and `update` keeps what
+the verification accepted. When the pool runs out of blocks, the most recently admitted sequence is
 preempted: its blocks go back and it waits at the head of the queue to recompute.
 
 Imports neither numba nor the model: tests drive it with a fake runner.
@@ -44,6 +46,7 @@ class Sequence:
     block_keys: list[BlockKey] = field(default_factory=list)  # prefix-cache keys of its full blocks
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    draft: list[int] = field(default_factory=list)  # proposed tokens after the known ones (speculation)
 
     def __post_init__(self) -> None:
         self.n_prompt = len(self.token_ids)
@@ -54,7 +57,8 @@ class Sequence:
 
     @property
     def n_uncomputed(self) -> int:
-        return len(self.token_ids) - self.n_computed
+        """Tokens to compute: the known ones not computed yet, then the draft's."""
+        return len(self.token_ids) + len(self.draft) - self.n_computed
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,12 @@ class ScheduledChunk:
     start: int
     block_table: tuple[int, ...]
     n_prompt: int  # its sequence's prompt length (positions from here on are generated tokens)
-    wants_logits: bool  # the chunk ends at the last known token: sample the next one from it
+    wants_logits: bool  # the chunk reaches the last known token: sample the next one from it
+    n_draft: int = 0  # its last n_draft tokens are proposals: logits of the last n_draft + 1 rows verify them
+
+    @property
+    def n_logit_rows(self) -> int:
+        return self.n_draft + 1 if self.wants_logits else 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,10 @@ class SchedulerStats:
     generated_tokens: int = 0
     preemptions: int = 0
     steps: int = 0
+    # speculative decoding: verify steps (chunks with proposals), tokens proposed, proposals accepted
+    spec_steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class Scheduler:
@@ -151,29 +164,52 @@ class Scheduler:
         self.stats.steps += 1
         return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(finished))
 
-    def update(self, output: SchedulerOutput, sampled: Mapping[int, int]) -> list[Sequence]:
-        """Count the chunks computed and append the sampled tokens (seq_id -> token, for the chunks
-        that wanted logits); returns the sequences that finished."""
+    def update(self, output: SchedulerOutput, sampled: Mapping[int, Sequence[int]]) -> list[Sequence]:
+        """Count the chunks computed and append the sampled tokens (seq_id -> tokens, for the chunks
+        that wanted logits: the draft's accepted prefix, then one token sampled after it); returns
+        the sequences that finished."""
         by_id = {seq.seq_id: seq for seq in self.running}
         finished = list(output.finished)
         for chunk in output.chunks:
             seq = by_id.get(chunk.seq_id)
             if seq is None:
                 continue  # finished meanwhile (cancelled)
-            self._count_computed(seq, len(chunk.tokens))
-            if chunk.wants_logits:
-                reason = self._append(seq, sampled[chunk.seq_id])
-                if reason:
-                    self.finish(seq, reason)
-                    finished.append(seq)
+            tokens = sampled[chunk.seq_id] if chunk.wants_logits else ()
+            reason = self._take(seq, chunk, tokens)
+            if reason:
+                self.finish(seq, reason)
+                finished.append(seq)
         return finished
+
+    def _take(self, seq: Sequence, chunk: ScheduledChunk, tokens: Sequence[int]) -> str | None:
+        """Append a chunk's sampled tokens and count what it computed: its known tokens and the
+        accepted drafts (a rejected draft's KV is overwritten later). The finish reason, if any."""
+        accepted = max(0, len(tokens) - 1)
+        proposed = list(chunk.tokens[len(chunk.tokens) - chunk.n_draft:])
+        assert list(tokens[:accepted]) == proposed[:accepted], "accepted tokens that were not proposed"
+        seq.draft = []
+        if chunk.n_draft:
+            self.stats.spec_steps += 1
+            self.stats.draft_tokens += chunk.n_draft
+            self.stats.accepted_tokens += accepted
+        reason = None
+        for token in tokens:
+            reason = self._append(seq, token)
+            if reason:
+                break
+        # (an accepted end-of-generation token is not appended: count only positions of known tokens)
+        computed = min(seq.n_computed + len(chunk.tokens) - chunk.n_draft + accepted, len(seq.token_ids))
+        self._count_computed(seq, computed - seq.n_computed)
+        return reason
 
     # -- helpers -------------------------------------------------------------------------------
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
-        start = seq.n_computed
-        return ScheduledChunk(seq.seq_id, tuple(seq.token_ids[start:start + n]), start, tuple(seq.blocks),
-                              seq.n_prompt, start + n == len(seq.token_ids))
+        start, n_known = seq.n_computed, len(seq.token_ids)
+        tokens = (seq.token_ids + seq.draft)[start:start + n]
+        n_draft = max(0, start + n - n_known)
+        return ScheduledChunk(seq.seq_id, tuple(tokens), start, tuple(seq.blocks), seq.n_prompt,
+                              start + n >= n_known, n_draft)
 
     def _fits(self, seq: Sequence, n: int) -> int:
         """How many of n more tokens fit in seq's blocks plus the free ones."""
@@ -229,7 +265,7 @@ class Scheduler:
 
     def _free(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks)
-        seq.blocks, seq.block_keys, seq.n_computed = [], [], 0
+        seq.blocks, seq.block_keys, seq.n_computed, seq.draft = [], [], 0, []
 
     def _count_computed(self, seq: Sequence, n: int) -> None:
         self.stats.prompt_tokens_computed += max(0, min(seq.n_computed + n, seq.n_prompt) - seq.n_computed)

@@ -145,9 +145,9 @@ class Transformer:
         return self.forward_batch([(seq, tokens)], cache, logits_for)[0]
 
     def forward_batch(self, batch: Sequence[tuple[SequenceHandle, np.ndarray]], cache: KVCache,
-                      logits_for: str | Sequence[bool] = "last") -> list[np.ndarray]:
+                      logits_for: str | Sequence[int] = "last") -> list[np.ndarray]:
         """Continue several sequences at once; per sequence, logits for every new position
-        ("all"), for its last one ("last"), or per sequence for its last one or none (bools;
+        ("all"), for its last one ("last"), or per sequence for its last n (ints, bools as 0 or 1;
         none is an empty [0, n_vocab])."""
         x, layout = self._blocks(batch, cache)
         rows = _logit_rows(layout.lengths, logits_for)
@@ -241,13 +241,15 @@ class Transformer:
         return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
 
 
-def _logit_rows(lengths: list[int], logits_for: str | Sequence[bool]) -> list[np.ndarray]:
+def _logit_rows(lengths: list[int], logits_for: str | Sequence[int]) -> list[np.ndarray]:
     """Per sequence, the rows of the batch whose logits are wanted."""
     ends = np.cumsum(lengths)
     if logits_for == "all":
-        return [np.arange(e - n, e) for e, n in zip(ends, lengths, strict=True)]
-    wanted = [True] * len(lengths) if logits_for == "last" else logits_for
-    return [np.array([e - 1] if w else [], np.int64) for e, w in zip(ends, wanted, strict=True)]
+        wanted = lengths
+    else:
+        wanted = [1] * len(lengths) if logits_for == "last" else [min(int(w), n) for w, n in
+                                                                  zip(logits_for, lengths, strict=True)]
+    return [np.arange(e - w, e, dtype=np.int64) for e, w in zip(ends, wanted, strict=True)]
 
 
 def yarn_mix(rope_dim: int, orig_ctx: int, base: float, freq_scale: float,

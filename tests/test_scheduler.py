@@ -27,7 +27,9 @@ class FakeRunner:
         self.cells: dict[tuple[int, int], int] = {}
         self.block_size = pool.block_size
 
-    def run(self, output: SchedulerOutput) -> dict[int, int]:
+    def run(self, output: SchedulerOutput) -> dict[int, list[int]]:
+        """seq_id -> the tokens a verification keeps: proposals while they match the 'model',
+        then its own next token."""
         sampled = {}
         for chunk in output.chunks:
             for i, token in enumerate(chunk.tokens):
@@ -36,7 +38,13 @@ class FakeRunner:
             if chunk.wants_logits:
                 end = chunk.start + len(chunk.tokens)
                 history = [self.cells[chunk.block_table[p // self.block_size], p % self.block_size] for p in range(end)]
-                sampled[chunk.seq_id] = next_token(history)
+                draft = history[end - chunk.n_draft:]
+                kept = []
+                for row in range(end - chunk.n_draft - 1, end):
+                    kept.append(next_token(history[:row + 1]))
+                    if row == end - 1 or kept[-1] != draft[len(kept) - 1]:
+                        break
+                sampled[chunk.seq_id] = kept
         return sampled
 
 
@@ -59,7 +67,9 @@ def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
     return out
 
 
-def drive(scheduler: Scheduler, runner: FakeRunner, max_steps: int = 10_000) -> list[SchedulerOutput]:
+def drive(scheduler: Scheduler, runner: FakeRunner, max_steps: int = 10_000,
+          propose: random.Random | None = None) -> list[SchedulerOutput]:
+    """Run the scheduler to the end; `propose`: speculative proposals after each step, from this rng."""
     outputs = []
     for _ in range(max_steps):
         if not scheduler.has_work:
@@ -67,9 +77,21 @@ def drive(scheduler: Scheduler, runner: FakeRunner, max_steps: int = 10_000) -> 
         output = scheduler.schedule()
         scheduler.check(output)
         scheduler.update(output, runner.run(output))
+        if propose is not None:
+            for seq in scheduler.running:
+                if seq.n_uncomputed == 1:
+                    seq.draft = proposal(seq.token_ids, propose)
         scheduler.pool.check([s.blocks for s in scheduler.running])
         outputs.append(output)
     raise AssertionError("the scheduler did not finish")
+
+
+def proposal(history: list[int], rng: random.Random) -> list[int]:
+    """Up to 5 proposed tokens: the 'model's own for a while, then maybe wrong ones."""
+    out, right = [], rng.randrange(0, 6)
+    for i in range(rng.randrange(0, 6)):
+        out.append(next_token(history + out) if i < right else rng.randrange(0, VOCAB))
+    return out
 
 
 def make_seq(seq_id: int, prompt: list[int], max_tokens: int, max_len: int = 10_000) -> Sequence:
@@ -80,12 +102,13 @@ def random_prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(1, VOCAB) for _ in range(n)]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n_seqs=st.integers(1, 12), n_blocks=st.integers(8, 40),
        block_size=st.sampled_from([1, 2, 4, 16]), max_seqs=st.integers(1, 6), budget=st.integers(1, 40),
-       caching=st.booleans())
+       caching=st.booleans(), speculate=st.booleans())
 def test_random_workloads_keep_invariants_and_give_each_sequence_its_own_tokens(
-        seed, n_seqs, n_blocks, block_size, max_seqs, budget, caching):
+        seed, n_seqs, n_blocks, block_size, max_seqs, budget, caching, speculate):
+    """With `speculate`, proposals (right and wrong) ride along: the tokens must not change."""
     rng = random.Random(seed)
     pool = BlockPool(n_blocks, block_size, caching)
     scheduler = Scheduler(pool, max_seqs, budget)
@@ -97,7 +120,7 @@ def test_random_workloads_keep_invariants_and_give_each_sequence_its_own_tokens(
         prompt = prompt[: capacity - 1]
         seqs.append(make_seq(i, prompt, rng.randrange(1, 12), max_len=capacity))
         scheduler.add(seqs[-1])
-    outputs = drive(scheduler, FakeRunner(pool))
+    outputs = drive(scheduler, FakeRunner(pool), propose=random.Random(seed + 1) if speculate else None)
     assert all(o.n_tokens <= budget and len(o.chunks) <= max_seqs for o in outputs)
     for seq in seqs:
         expected = expected_tokens(seq.token_ids[: seq.n_prompt], seq.max_tokens)
@@ -117,7 +140,7 @@ def test_running_sequences_come_first_then_waiting_ones_in_arrival_order():
         scheduler.add(make_seq(i, [i + 1] * n, 5))
     first = scheduler.schedule()
     assert [(c.seq_id, len(c.tokens)) for c in first.chunks] == [(0, 6), (1, 4)]  # a chunked prefill
-    scheduler.update(first, {0: 3})
+    scheduler.update(first, {0: [3]})
     second = scheduler.schedule()
     assert [(c.seq_id, len(c.tokens)) for c in second.chunks] == [(0, 1), (1, 2), (2, 6)]
     assert second.chunks[0].wants_logits and second.chunks[1].wants_logits
@@ -223,7 +246,7 @@ def test_finishing_a_sequence_frees_its_blocks_wherever_it_is():
     running, waiting = make_seq(0, [1, 2, 3, 4, 5], 9), make_seq(1, [6, 7], 9)
     scheduler.add(running)
     scheduler.add(waiting)
-    scheduler.update(scheduler.schedule(), {0: 8})
+    scheduler.update(scheduler.schedule(), {0: [8]})
     scheduler.finish(running, "cancelled")
     scheduler.finish(waiting, "cancelled")
     assert pool.num_used == 0 and not scheduler.has_work and running.finish_reason == "cancelled"
@@ -239,3 +262,22 @@ def test_max_tokens_and_context_end_a_sequence_with_length():
     drive(scheduler, runner)
     assert short.finish_reason == "length" and short.n_generated <= 1
     assert full.finish_reason in ("length", "stop") and len(full.token_ids) <= 5
+
+
+def test_accepted_proposals_give_several_tokens_per_step_and_rejected_ones_are_recomputed():
+    pool = BlockPool(32, 4)
+    scheduler = Scheduler(pool, max_seqs=2, max_batched_tokens=64)
+    seq = make_seq(0, [3, 4, 5], 40)
+    scheduler.add(seq)
+    runner = FakeRunner(pool)
+    scheduler.update(first := scheduler.schedule(), runner.run(first))
+    expected = expected_tokens([3, 4, 5], 40)
+    seq.draft = expected[1:4] + [(expected[4] + 1) % VOCAB or 1]  # three right, then a wrong one
+    step = scheduler.schedule()
+    assert step.chunks[0].n_draft == 4 and step.chunks[0].n_logit_rows == 5
+    scheduler.update(step, runner.run(step))
+    assert seq.token_ids[3:] == expected[:5]  # the first token, three accepted, and the model's own
+    assert seq.n_computed == 3 + 4 and seq.n_uncomputed == 1  # the wrong proposal's slot is not counted
+    assert (scheduler.stats.draft_tokens, scheduler.stats.accepted_tokens) == (4, 3)
+    drive(scheduler, runner)
+    assert seq.token_ids[3:] == expected
