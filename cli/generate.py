@@ -123,6 +123,41 @@ def report_verbose(model, stats, wall_start: float, compile_s: float) -> None:
            f"prompt {stats.prompt_tokens} tokens, {t['prompt_tokens_per_s']:.1f} t/s | "
            f"generation {stats.completion_tokens} tokens, {t['generation_tokens_per_s']:.1f} t/s | "
            f"first token {t['time_to_first_token_s']:.2f} s | finish {stats.finish_reason}")
+    if model.speculative is not None:
+        s = model.engine.stats()
+        notice(f"speculative ({model.speculative['method']}): {s['accepted_tokens']} of {s['draft_tokens']} "
+               f"proposed tokens accepted ({100 * s['acceptance_rate']:.0f}%), "
+               f"{s['tokens_per_step']:.2f} tokens per verify step")
+
+
+def response_format_from(json_schema: str | None, json_object: bool, output_format: str | None, grammar: str | None,
+                         grammar_file: Path | None, regex: str | None) -> dict[str, Any] | None:
+    """The engine's `response_format` from `llmx run`'s flags (at most one of them)."""
+    given = [name for name, value in (("--json-schema", json_schema), ("--json-object", json_object),
+                                      ("--format", output_format), ("--grammar", grammar),
+                                      ("--grammar-file", grammar_file), ("--regex", regex)) if value]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} each constrain the output: give one")
+    if json_object or output_format == "json":
+        return {"type": "json_object"}
+    if json_schema is not None or output_format is not None:
+        return {"type": "json_schema", "schema": _schema_argument(json_schema or output_format)}
+    if grammar_file is not None:
+        grammar = read_text_file(grammar_file, "grammar file")
+    if grammar is not None:
+        return {"type": "gbnf", "grammar": grammar}
+    return {"type": "regex", "regex": regex} if regex is not None else None
+
+
+def _schema_argument(value: str) -> Any:
+    """A JSON schema given inline or as a file's path."""
+    text = value
+    if not value.lstrip().startswith(("{", "[")) and Path(value).is_file():
+        text = read_text_file(Path(value), "JSON schema file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"the JSON schema is neither a file nor valid JSON: {e}") from None
 
 
 def run_remote(remote, name: str, prompt, max_tokens: int, stop: list[str], sampling: dict[str, Any], verbose: bool,

@@ -132,6 +132,10 @@ Server = Annotated[str | None, typer.Option("--server", help="Use the llmx serve
 NoServer = Annotated[bool, typer.Option("--no-server", help="Load the model here even if a server runs.")]
 Isa = Annotated[str | None, typer.Option(
     "--isa", help="Kernels for this instruction set: avx2, vnni or portable [default: the CPU's best].")]
+Lookup = Annotated[int, typer.Option("--lookup", min=0, max=16, metavar="K",
+                                     help="Prompt lookup: propose up to K tokens copied from the prompt/output.")]
+Draft = Annotated[Path | None, typer.Option("--draft", help="A draft model (same vocabulary) to speculate with.")]
+DraftMax = Annotated[int, typer.Option("--draft-max", min=1, max=16, help="Tokens the draft proposes per step.")]
 
 
 @app.command()
@@ -156,6 +160,17 @@ def run(
     logprobs: Annotated[int | None, typer.Option("--logprobs", min=0,
                                                  help="With --json: logprob of each token and the N best.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Timings on stderr.")] = False,
+    json_schema: Annotated[str | None, typer.Option(
+        "--json-schema", help="Output valid under this JSON schema (a file or inline JSON).")] = None,
+    json_object: Annotated[bool, typer.Option("--json-object", help="Output one JSON object.")] = False,
+    output_format: Annotated[str | None, typer.Option(
+        "--format", help="'json' (as Ollama's), or a JSON schema inline.")] = None,
+    grammar: Annotated[str | None, typer.Option("--grammar", help="A GBNF (or Lark) grammar for the output.")] = None,
+    grammar_file: Annotated[Path | None, typer.Option("--grammar-file", help="Read the grammar from a file.")] = None,
+    regex: Annotated[str | None, typer.Option("--regex", help="Output matching this regular expression.")] = None,
+    lookup: Lookup = 0,
+    draft: Draft = None,
+    draft_max: DraftMax = 7,
     isa: Isa = None,
     server: Server = None,
     no_server: NoServer = False,
@@ -172,13 +187,24 @@ def run(
     path = model_path(model_arg)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repeat_penalty=repeat_penalty, seed=seed)
+    from llmx.cli.generate import response_format_from
+
+    response_format = response_format_from(json_schema, json_object, output_format, grammar, grammar_file, regex)
+    if response_format is not None:
+        sampling["response_format"] = response_format
+    speculative = _speculative_option(lookup, draft, draft_max)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     as_chat = chat_mode or system is not None
     if server is not None and (json_out or logprobs is not None):
         from llmx.errors import UsageError
 
         raise UsageError("--json and --logprobs run in this process; leave out --server")
-    found = None if no_server or json_out or logprobs is not None or isa else _server_for(server, path)
+    here = json_out or logprobs is not None or isa or speculative is not None
+    if server is not None and speculative is not None:
+        from llmx.errors import UsageError
+
+        raise UsageError("--lookup and --draft run in this process; leave out --server")
+    found = None if no_server or here else _server_for(server, path)
     if found is not None:
         from llmx.cli.generate import run_remote
 
@@ -189,7 +215,18 @@ def run(
 
         raise LlmxError(f"the server at {server} does not answer or does not serve {path}")
     _run_here(path, prompt, messages if as_chat else None, max_tokens, stop or [], sampling, threads, ctx,
-              json_out, logprobs, verbose, wall_start, isa)
+              json_out, logprobs, verbose, wall_start, isa, speculative)
+
+
+def _speculative_option(lookup: int, draft: Path | None, draft_max: int) -> dict | None:
+    """--lookup K or --draft MODEL --draft-max K, as the engine's `speculative` (the draft a path for now)."""
+    if lookup and draft is not None:
+        from llmx.errors import UsageError
+
+        raise UsageError("--lookup and --draft are two ways to speculate: pick one")
+    if draft is not None:
+        return {"method": "draft", "model": model_path(str(draft)), "k": draft_max}
+    return {"method": "ngram", "k": lookup} if lookup else None
 
 
 def _server_for(explicit: str | None, path: Path):
@@ -199,7 +236,8 @@ def _server_for(explicit: str | None, path: Path):
 
 
 def _run_here(path: Path, prompt: str, messages, max_tokens: int, stop: list[str], sampling: dict, threads, ctx: int,
-              json_out: bool, logprobs, verbose: bool, wall_start: float, isa: str | None = None) -> None:
+              json_out: bool, logprobs, verbose: bool, wall_start: float, isa: str | None = None,
+              speculative: dict | None = None) -> None:
     from llmx.cli.generate import report_json, report_verbose, stream, warm_up
     from llmx.engine.model import GenerationStats, Model
     from llmx.engine.precompile import start_helper
@@ -209,6 +247,11 @@ def _run_here(path: Path, prompt: str, messages, max_tokens: int, stop: list[str
     helper = start_helper(path, isa, threads)  # on a cold cache: compiling while the model loads
     model = Model(path, threads=threads, ctx=ctx, isa=isa)
     compile_s = warm_up(model, helper)
+    if speculative is not None and speculative["method"] == "draft":
+        draft = Model(speculative["model"], threads=threads, ctx=ctx, isa=isa, compute=model.compute)
+        compile_s += warm_up(draft)
+        speculative = {**speculative, "model": draft}
+    model.speculative = speculative
     stats = GenerationStats()
     if messages is not None:
         note_builtin_template(model)
@@ -559,6 +602,9 @@ def serve(
                                                 help="Deterministic responses to keep.")] = 0,
     max_loaded: Annotated[int, typer.Option("--max-loaded", min=0, help="Models in memory at once (0: all).")] = 0,
     max_body: Annotated[int, typer.Option("--max-body-bytes", min=1024)] = 1 << 20,
+    lookup: Lookup = 0,
+    draft: Draft = None,
+    draft_max: DraftMax = 7,
     isa: Isa = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API on loopback and a Unix socket."""
@@ -581,8 +627,10 @@ def serve(
     from llmx.quant.cpu.simd import isa_named
 
     isa_named(isa)  # a set this CPU lacks: one line now, not at the first request
+    if lookup and draft is not None:
+        raise UsageError("--lookup and --draft are two ways to speculate: pick one")
     settings = EngineSettings(threads, ctx, parallel, max_batched_tokens, kv_cache_tokens, cache_type_k, cache_type_v,
-                              isa)
+                              isa, lookup, model_path(str(draft)) if draft is not None else None, draft_max)
     registry = ModelRegistry(paths, next(iter(paths)), settings, max_loaded)
     config = ServeConfig(keys, rate_limit, max_queue, response_cache, max_body)
     unix_path = None if no_socket else (socket_path or cache_dir() / "llmx.sock")

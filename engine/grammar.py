@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from llmx.errors import LlmxError
+from llmx.errors import LlmxError, UsageError
 from llmx.formats.tokenizer import Tokenizer
 from llmx.formats.vocab import TokenType
 
 
-class GrammarError(LlmxError):
-    """An invalid schema or grammar (the server answers 400)."""
+class GrammarError(UsageError):
+    """An invalid schema or grammar (the CLI exits 2, the server answers 400)."""
 
 
 FORMAT_TYPES = ("json_object", "json_schema", "gbnf", "grammar", "lark", "regex", "text")
@@ -130,9 +130,8 @@ class _TokenizerSource:
         types = vocab.types.tolist()
         special = {int(TokenType.CONTROL), int(TokenType.USER_DEFINED), int(TokenType.UNKNOWN)}
         self.special_token_ids = [i for i, t in enumerate(types) if t == int(TokenType.CONTROL)]
-        self.tokens = [b"\xff" + text.encode() if kind in special and _looks_special(text)
-                       else tokenizer.token_bytes(i) for i, (text, kind) in enumerate(zip(vocab.tokens, types,
-                                                                                          strict=True))]
+        self.tokens = [b"\xff" + text.encode() if kind in special and _looks_special(text) else raw
+                       for text, kind, raw in zip(vocab.tokens, types, tokenizer.all_token_bytes(), strict=True)]
 
     def __call__(self, text: str | bytes) -> list[int]:
         if isinstance(text, bytes):

@@ -76,6 +76,8 @@ class Model:
         self.transformer = Transformer.from_gguf(self.gguf, self.config, threads, isa_marker)
         self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
         self._engine: Engine | None = None
+        # `generate` and `chat` decode speculatively with this (`Engine(speculative=...)`), set before the first call
+        self.speculative: dict[str, Any] | None = None
         self.compute = compute if compute is not None else ComputeThread()
         if compute is None:  # its own thread ends with the model
             weakref.finalize(self, self.compute.close)
@@ -133,13 +135,15 @@ class Model:
     # -- generation -------------------------------------------------------------------
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, stop: Sequence[str] = (),
-                 stats: GenerationStats | None = None, logprobs: int | None = None, **sampling: Any) -> Iterator[str]:
+                 stats: GenerationStats | None = None, logprobs: int | None = None,
+                 response_format: Mapping[str, Any] | None = None, **sampling: Any) -> Iterator[str]:
         """Stream the continuation of `prompt` (text, special tokens parsed, BOS added; or ids)
         as text pieces. Sampling keywords as `SamplingParams` (temperature=0 is greedy). With
-        `logprobs=N`, `stats.logprobs` gets each token's log-probability and the N most likely.
+        `logprobs=N`, `stats.logprobs` gets each token's log-probability and the N most likely;
+        `response_format` constrains the text (`engine.grammar`: JSON schema, GBNF, regex ...).
         One request on the model's own `Engine`: the same path as many in `llmx serve`."""
         stats = stats if stats is not None else GenerationStats()
-        request = self.engine.submit(prompt, max_tokens, stop, logprobs, **sampling)
+        request = self.engine.submit(prompt, max_tokens, stop, logprobs, response_format=response_format, **sampling)
         return self._stream(request, stats)
 
     @property
@@ -148,7 +152,7 @@ class Model:
         if self._engine is None:
             from llmx.engine.engine import Engine
 
-            self._engine = Engine(self, max_seqs=4, kv_cache_tokens=self.ctx)
+            self._engine = Engine(self, max_seqs=4, kv_cache_tokens=self.ctx, speculative=self.speculative)
         return self._engine
 
     def _stream(self, request: Request, stats: GenerationStats) -> Iterator[str]:
@@ -182,9 +186,11 @@ class Model:
         return self.tokenize(text, add_bos=add_bos, special=True)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int = 256, stop: Sequence[str] = (),
-             stats: GenerationStats | None = None, logprobs: int | None = None, **sampling: Any) -> Iterator[str]:
+             stats: GenerationStats | None = None, logprobs: int | None = None,
+             response_format: Mapping[str, Any] | None = None, **sampling: Any) -> Iterator[str]:
         """Stream the assistant's reply to `messages` (OpenAI-style role/content dicts)."""
-        return self.generate(self.chat_prompt(messages), max_tokens, stop, stats, logprobs, **sampling)
+        return self.generate(self.chat_prompt(messages), max_tokens, stop, stats, logprobs, response_format,
+                             **sampling)
 
 
 def _fill_stats(stats: GenerationStats, request: Request) -> None:

@@ -130,12 +130,18 @@ class Tokenizer:
             return b""
         cached = self._token_texts.get(token_id)
         if cached is None:  # filled on demand: building all 262,144 up front costs a second
-            cached = self._token_texts[token_id] = self._backend.token_bytes(token_id)
+            cached = self._token_texts[token_id] = self._backend.token_bytes(token_id, int(self.vocab.types[token_id]))
         return cached
 
     @cached_property
     def _token_texts(self) -> dict[int, bytes]:
         return {}
+
+    def all_token_bytes(self) -> list[bytes]:
+        """Every token's bytes, control tokens' texts included (`token_bytes(i, special=True)` for
+        all i, built in one pass: a structured-output grammar needs the whole vocabulary)."""
+        types = self.vocab.types.tolist()
+        return [self._backend.token_bytes(i, kind) for i, kind in enumerate(types)]
 
     def piece(self, token_id: int) -> str:
         """A token's text for display (`llmx tokenize --pieces`), control tokens included."""
@@ -225,9 +231,8 @@ class _SentencePieceBackend:
     def encode(self, fragment: str) -> list[int]:
         return self._sp.EncodeAsIds(fragment)
 
-    def token_bytes(self, token_id: int) -> bytes:
+    def token_bytes(self, token_id: int, token_type: int) -> bytes:
         text = self._vocab.tokens[token_id]
-        token_type = self._vocab.types[token_id]
         if token_type == TokenType.BYTE:
             return bytes([int(text[3:5], 16)])  # "<0x0A>"
         if token_type == TokenType.UNKNOWN:
@@ -352,14 +357,14 @@ class _BPEBackend:
     def encode(self, fragment: str) -> list[int]:
         return self._tok.encode(fragment, add_special_tokens=False).ids
 
-    def token_bytes(self, token_id: int) -> bytes:
+    def token_bytes(self, token_id: int, token_type: int) -> bytes:
         text = self._vocab.tokens[token_id]
-        if self._vocab.types[token_id] in (TokenType.NORMAL, TokenType.BYTE):
+        if token_type in (TokenType.NORMAL, TokenType.BYTE):
             try:
                 return bytes(self._byte_of_char[c] for c in text)
             except KeyError:
                 pass  # not byte-level text (some added tokens): fall through to plain UTF-8
-        if self._vocab.types[token_id] == TokenType.UNUSED:
+        if token_type == TokenType.UNUSED:
             return b""
         return text.encode("utf-8")
 

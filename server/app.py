@@ -77,7 +77,8 @@ class Server:
         if engine.queued(extra=1) > self.config.max_queue:
             raise Overloaded(f"the server is busy: {engine.queued()} requests are waiting for {name}; retry later")
         max_tokens = body.limit(engine.model.ctx)
-        return engine.submit(prompt, max_tokens=max_tokens, stop=body.stop, logprobs=logprobs, **body.sampling())
+        return engine.submit(prompt, max_tokens=max_tokens, stop=body.stop, logprobs=logprobs,
+                             response_format=body.output_format(), **body.sampling())
 
 
 def create_app(registry: ModelRegistry, config: ServeConfig) -> FastAPI:

@@ -22,6 +22,11 @@ _ENGINE_STATS = {
     "kv_blocks_cached": ("llmx_kv_blocks_cached", "KV cache blocks the prefix cache holds.", "gauge"),
     "prefix_hit_tokens": ("llmx_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache.", "counter"),
     "preemptions": ("llmx_preemptions", "Requests preempted for KV cache room.", "counter"),
+    "draft_tokens": ("llmx_spec_draft_tokens", "Tokens proposed by speculative decoding.", "counter"),
+    "accepted_tokens": ("llmx_spec_accepted_tokens", "Proposed tokens the model accepted.", "counter"),
+    "acceptance_rate": ("llmx_spec_acceptance_rate", "Accepted over proposed tokens so far.", "gauge"),
+    "tokens_per_step": ("llmx_spec_tokens_per_step", "Tokens per verify step, accepted ones and the model's own.",
+                        "gauge"),
 }
 
 

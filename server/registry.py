@@ -12,8 +12,10 @@ from pathlib import Path
 
 from llmx.engine.compute import ComputeThread
 from llmx.engine.engine import Engine
+from llmx.cli.output import notice
 from llmx.engine.model import Model
-from llmx.errors import LlmxError
+from llmx.engine.speculative import check_same_vocabulary
+from llmx.errors import LlmxError, UsageError
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class EngineSettings:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     isa: str | None = None  # "avx2", "vnni", "portable"; None: the CPU's best
+    lookup: int = 0  # prompt-lookup proposals per step (0: none)
+    draft: Path | None = None  # a draft model for speculative decoding
+    draft_max: int = 7
 
 
 class UnknownModel(LlmxError):
@@ -79,4 +84,18 @@ class ModelRegistry:
         model = Model(self.paths[name], threads=s.threads, ctx=s.ctx, compute=self._compute, isa=s.isa)
         model.warm_up(parallel=True)  # a cold cache compiles on two processes (`engine.precompile`)
         return Engine(model, max_seqs=s.parallel, max_batched_tokens=s.max_batched_tokens,
-                      kv_cache_tokens=s.kv_cache_tokens, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v)
+                      kv_cache_tokens=s.kv_cache_tokens, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
+                      speculative=self._speculative(model))
+
+    def _speculative(self, model: Model) -> dict | None:
+        s = self.settings
+        if s.draft is not None:
+            draft = Model(s.draft, threads=s.threads, ctx=s.ctx, compute=self._compute, isa=s.isa)
+            try:
+                check_same_vocabulary(model, draft)
+            except UsageError as e:  # another model served beside the one the draft is for
+                notice(f"{model.path.name} decodes without the draft: {e}")
+                return None
+            draft.warm_up()
+            return {"method": "draft", "model": draft, "k": s.draft_max}
+        return {"method": "ngram", "k": s.lookup} if s.lookup else None

@@ -46,6 +46,10 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    # structured output: OpenAI's response_format, llama-server's grammar (GBNF) and json_schema
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
     @field_validator("n")
     @classmethod
@@ -70,6 +74,14 @@ class Sampling(BaseModel):
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
                 "repeat_penalty": self.repeat_penalty, "seed": self.seed, "ignore_eos": self.ignore_eos}
+
+    def output_format(self) -> dict[str, Any] | None:
+        """What the output must be (`engine.grammar`'s response_format), from whichever field set it."""
+        if self.grammar:
+            return {"type": "gbnf", "grammar": self.grammar}
+        if self.json_schema is not None:
+            return {"type": "json_schema", "schema": self.json_schema}
+        return self.response_format
 
     @property
     def deterministic(self) -> bool:
