@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -364,3 +365,48 @@ def test_llmx_chat_goes_through_the_server_with_the_same_replies(server, gemma_p
     here = run_llmx("chat", str(gemma_path), "--temp", "0", "-n", "8", "--no-server", stdin=turns, env=env)
     there = run_llmx("chat", str(gemma_path), "--temp", "0", "-n", "8", stdin=turns, env=env)
     assert here.returncode == there.returncode == 0 and there.stdout == here.stdout and here.stdout.strip()
+
+
+def test_response_format_and_grammar_constrain_served_output(client, server, name):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]},
+                                                        "maxItems": 3},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "tags", "age"], "additionalProperties": False}
+    for seed in range(3):
+        chat = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "Describe a person."}], max_tokens=120,
+            temperature=0.8, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+        jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+        assert chat.choices[0].finish_reason == "stop"
+    anything = client.completions.create(model=name, prompt="Data:", max_tokens=80, temperature=0.8, seed=1,
+                                         extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(anything.choices[0].text), dict)
+    gbnf = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": name, "prompt": "Is it raining?", "max_tokens": 10, "grammar": 'root ::= ("yes" | "no") "!"'})
+    assert re.fullmatch(r"(yes|no)!", gbnf.json()["choices"][0]["text"])
+    for bad in [{"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frob"}}}},
+                {"grammar": "root ::= missing"}, {"response_format": {"type": "regex", "regex": "[0-9"}},
+                {"response_format": {"type": "xml"}}]:
+        r = httpx.post(server.url + "/v1/completions", json={"model": name, "prompt": "x", **bad}, timeout=60)
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "code"}, r.text
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@needs_reference
+def test_a_lookup_server_gives_plain_text_and_reports_acceptance(tmp_path):
+    served = Served([str(TINY), "--lookup", "4", "-t", "1", "--no-socket"], tmp_path)
+    try:
+        body = {"prompt": "a b a b a b a b a b a b", "max_tokens": 40, "temperature": 0}
+        text = httpx.post(served.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        plain = "".join(Model(TINY, threads=1).generate(body["prompt"], max_tokens=40, temperature=0.0))
+        assert text == plain
+        metrics = httpx.get(served.url + "/metrics").text
+        accepted = re.search(r'llmx_spec_accepted_tokens_total\{model="[^"]+"\} ([0-9.]+)', metrics)
+        assert accepted and float(accepted.group(1)) > 0, metrics
+        assert "llmx_spec_acceptance_rate" in metrics and "llmx_spec_tokens_per_step" in metrics
+    finally:
+        assert served.stop() == 0

@@ -4,11 +4,12 @@ temperature 0 and in distribution above it."""
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import MODELS_DIR, REPO, require_reference
+from conftest import MODELS_DIR, REPO, require_reference, run_llmx
 
 import llmx
 from llmx.engine.model import Model
@@ -160,3 +161,18 @@ def test_prompt_lookup_on_gemma_gives_plain_decodings_tokens(gemma_path):
     fast, stats = generate(model, prompts, {"method": "ngram", "k": 7}, max_tokens=64, temperature=0.0)
     assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
     assert stats["tokens_per_step"] > 2.5
+
+
+@pytest.mark.slow
+def test_llmx_run_lookup_and_draft_print_the_plain_text_and_the_acceptance(tiny):
+    require_reference()
+    target = str(MODELS_DIR / "tiny-llama-f16.gguf")
+    common = ["run", target, "a b a b a b a b a b", "-n", "30", "--temp", "0", "--no-server"]
+    plain = run_llmx(*common)
+    assert plain.returncode == 0, plain.stderr
+    for flags in (["--lookup", "5"], ["--draft", str(MODELS_DIR / "tiny-llama-q8_0.gguf"), "--draft-max", "3"]):
+        fast = run_llmx(*common, *flags, "--verbose")
+        assert fast.returncode == 0 and fast.stdout == plain.stdout, fast.stderr
+        assert re.search(rb"speculative \((ngram|draft)\): \d+ of \d+ proposed tokens accepted", fast.stderr)
+    both = run_llmx(*common, "--lookup", "3", "--draft", target)
+    assert both.returncode == 2 and b"pick one" in both.stderr
