@@ -46,7 +46,7 @@ from llmx.engine.sampling import (
 from llmx.engine.scheduler import ScheduledChunk, Scheduler, Status
 from llmx.engine.scheduler import Sequence as SchedSequence
 from llmx.engine.speculative import (
-    Backoff,
+    Pacing,
     SpeculativeConfig,
     accept_greedy,
     accept_rejection,
@@ -90,7 +90,7 @@ class Request:
         self._row_logits: deque[np.ndarray] = deque()  # the logits each token of this step was sampled from
         self.constraint = constraint
         self._grammar_done = False
-        self.backoff = Backoff()  # proposals pause while they fail
+        self.pacing = Pacing(engine.speculative.k if engine.speculative else 1)  # how much to propose
         self.draft_dists: list[np.ndarray | None] = []  # a draft model's q for each proposed token
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -167,8 +167,8 @@ class Request:
                 self._keep_row(rows[i])
         else:
             tokens = accept_greedy(len(draft) + 1, draft, lambda i, out: self._sample_from(rows[i], history + out))
-        self.backoff.check_shadow(tokens[0])
-        self.backoff.record(len(draft), len(tokens) - 1)
+        self.pacing.check_shadow(tokens[0])
+        self.pacing.record(len(draft), len(tokens) - 1)
         self.draft_dists = []
         return tokens
 
@@ -414,12 +414,12 @@ class Engine:
         for seq in itertools.chain(self.scheduler.running, self.scheduler.waiting):
             request = self._live[seq.seq_id][0]
             k = self._proposal_size(request, seq)
-            if k and request.backoff.ready():
-                items.append((seq.seq_id, seq.token_ids, k, request.draft_sampler))
+            if k and request.pacing.ready():
+                items.append((seq.seq_id, seq.token_ids, min(k, request.pacing.size), request.draft_sampler))
             elif k and self._proposer.cheap:
                 shadows.append((seq.seq_id, seq.token_ids, 1, request.draft_sampler))
         for seq_id, (tokens, _) in self._proposer.propose(shadows).items():
-            self._live[seq_id][0].backoff.shadow = tokens[0] if tokens else None
+            self._live[seq_id][0].pacing.shadow = tokens[0] if tokens else None
         if not items:
             return
         for seq_id, (tokens, dists) in self.model.compute.call(self._proposer.propose, items).items():

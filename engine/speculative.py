@@ -37,8 +37,8 @@ MAX_K = 16
 class SpeculativeConfig:
     method: str  # "ngram" (prompt lookup) or "draft" (a draft model)
     k: int = 4  # tokens proposed per step, at most
-    max_n: int = 4  # ngram: the longest suffix matched
-    min_n: int = 2  # ngram: the shortest
+    max_n: int = 6  # ngram: the longest suffix matched
+    min_n: int = 4  # ngram: the shortest
     draft: Model | None = None  # the draft model
 
     @classmethod
@@ -79,31 +79,44 @@ def check_same_vocabulary(target: Model, draft: Model) -> None:
 # -- prompt lookup -----------------------------------------------------------------------------
 
 
-def ngram_lookup(tokens: Sequence[int], k: int, max_n: int = 4, min_n: int = 2) -> list[int]:
+def ngram_lookup(tokens: Sequence[int], k: int, max_n: int = 6, min_n: int = 4) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the last n tokens (the
     longest n from max_n down to min_n that occurs earlier); [] when none does."""
     ids = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
-        suffix = ids[-n:]
-        windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)  # [len - n, n]: every earlier n-gram
-        starts = np.flatnonzero((windows == suffix).all(axis=1))
-        if len(starts):
-            follow = starts[-1] + n
+    last = len(ids) - 1
+    ends = np.flatnonzero(ids[:-1] == ids[last])  # earlier positions holding the last token: where a match can end
+    for n in range(min(max_n, last), min_n - 1, -1):
+        matched = ends[ends >= n - 1]
+        for back in range(1, n):  # the tokens before it must match too
+            matched = matched[ids[matched - back] == ids[last - back]]
+        if len(matched):
+            follow = matched[-1] + 1
             return ids[follow:follow + k].tolist()
     return []
 
 
 @dataclass
-class Backoff:
-    """Propose less often while proposals fail: after a step that accepted none, skip 1, 2, 4 ...
-    (at most `longest`) steps; any accepted token resets it. While skipping, a cheap proposer still
-    proposes in the shadow (`shadow`): when the model then writes the shadow's first token, the
-    text has turned predictable again (a copy resumed) and proposing resumes at once."""
+class Pacing:
+    """How much to propose for one request, from how its proposals fared (a verify step of k + 1
+    rows costs more than a plain one, so failing proposals must cost little):
 
+    - the size: 3 (at most `limit`) at first; +2 after a proposal accepted whole, -1 after one
+      accepted in part (Hugging Face's assisted-generation heuristic, from a small start: a first
+      proposal in text with nothing to copy usually fails, and a small one fails cheaply);
+    - pauses: after a proposal accepted not at all, skip 1, 2, 4 ... (at most `longest`) steps;
+      any accepted token ends them. While paused, a cheap proposer still proposes in the shadow
+      (`shadow`): when the model then writes the shadow's first token, the text may have turned
+      predictable again (a copy resumed), and the pause is halved."""
+
+    limit: int
+    size: int = 0
     longest: int = 16
     skip: int = 0
     wait: int = 0
-    shadow: int | None = None  # the first token a skipped proposal would have offered
+    shadow: int | None = None  # the first token a paused proposal would have offered
+
+    def __post_init__(self) -> None:
+        self.size = self.size or min(self.limit, 3)
 
     def ready(self) -> bool:
         if self.wait > 0:
@@ -114,6 +127,10 @@ class Backoff:
     def record(self, proposed: int, accepted: int) -> None:
         if not proposed:
             return
+        if accepted == proposed:
+            self.size = min(self.limit, self.size + 2)
+        else:
+            self.size = max(1, self.size - 1)
         if accepted:
             self.skip = 0
         else:
@@ -122,7 +139,8 @@ class Backoff:
 
     def check_shadow(self, token: int) -> None:
         if self.shadow is not None and self.shadow == token:
-            self.skip = self.wait = 0
+            self.skip //= 2
+            self.wait = min(self.wait, self.skip)
         self.shadow = None
 
 

@@ -13,7 +13,7 @@ from conftest import MODELS_DIR, REPO, require_reference, run_llmx
 
 import llmx
 from llmx.engine.model import Model
-from llmx.engine.speculative import Backoff, accept_greedy, accept_rejection, ngram_lookup
+from llmx.engine.speculative import Pacing, accept_greedy, accept_rejection, ngram_lookup
 from llmx.errors import UsageError
 
 
@@ -37,7 +37,7 @@ def test_ngram_lookup_proposes_what_followed_the_latest_longest_match():
     tokens = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
     assert ngram_lookup(tokens, 3, max_n=4, min_n=2) == [7, 8, 5]  # "2 3" last seen before "7 8 5"
     assert ngram_lookup([4, 1, 2, 3, 5, 6, 0, 2, 3, 8, 1, 2, 3], 2, max_n=3, min_n=2) == [5, 6]  # "1 2 3" beats "2 3"
-    assert ngram_lookup([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert ngram_lookup([1, 2, 3, 4], 3) == [] and ngram_lookup([5, 6, 5, 6], 4) == []  # nothing (long enough) repeats
     assert ngram_lookup([5, 6, 5, 6], 4, max_n=2, min_n=2) == [5, 6]  # runs up to the end
 
 
@@ -64,16 +64,26 @@ def test_rejection_sampling_draws_from_the_target_whatever_the_draft():
     assert chi_square_p_value(counts, 4000 * q) < 1e-6
 
 
-def test_backoff_skips_longer_after_each_failure_and_a_shadow_hit_resumes():
-    backoff = Backoff(longest=4)
-    backoff.record(3, 0)
-    assert [backoff.ready() for _ in range(2)] == [False, True]
-    backoff.record(3, 0)
-    backoff.record(3, 0)
-    assert backoff.skip == 4
-    backoff.shadow = 11
-    backoff.check_shadow(11)
-    assert backoff.ready() and backoff.skip == 0
+def test_pacing_shrinks_and_grows_the_proposals_and_pauses_after_failures():
+    pacing = Pacing(limit=6)
+    assert pacing.size == 3  # a small start
+    pacing.record(3, 3)  # accepted whole: two more, up to the limit
+    pacing.record(5, 5)
+    assert pacing.size == 6
+    pacing.record(6, 2)  # accepted in part: one fewer, no pause
+    assert pacing.size == 5 and pacing.ready()
+    pacing.record(5, 5)
+    assert pacing.size == 6
+    pacing.record(6, 0)  # accepted none: a pause of 1, then 2, 4 (at most `longest`)
+    assert [pacing.ready() for _ in range(2)] == [False, True]
+    pacing.record(5, 0)
+    pacing.record(4, 0)
+    assert pacing.skip == 4 and pacing.size == 3
+    pacing.shadow = 11
+    pacing.check_shadow(11)  # the model wrote what a paused proposal offered: the pause halves
+    assert pacing.skip == 2 and pacing.wait <= 2
+    pacing.record(3, 1)
+    assert pacing.skip == 0 and pacing.size == 2
 
 
 # -- on models -----------------------------------------------------------------------------------
