@@ -422,7 +422,10 @@ class Engine:
             self._live[seq_id][0].pacing.shadow = tokens[0] if tokens else None
         if not items:
             return
-        for seq_id, (tokens, dists) in self.model.compute.call(self._proposer.propose, items).items():
+        # a draft model's forwards run on the compute thread; prompt lookup is cheap enough to run here
+        proposals = (self._proposer.propose(items) if self._proposer.cheap
+                     else self.model.compute.call(self._proposer.propose, items))
+        for seq_id, (tokens, dists) in proposals.items():
             request, seq = self._live[seq_id]
             seq.draft, request.draft_dists = tokens, dists
 

@@ -223,7 +223,11 @@ class Scheduler:
 
     def _make_room(self, seq: Sequence, n: int, preempted: list[int], finished: list[Sequence]) -> int:
         """Blocks for n tokens of a running sequence, preempting the latest admitted ones while
-        none fit; returns how many tokens it computes this step (0: it was preempted or ended)."""
+        none fit; returns how many tokens it computes this step (0: it was preempted or ended).
+        Proposals never cost another sequence its place: they go first when the pool is short."""
+        if seq.draft and self._fits(seq, n) < n:
+            seq.draft = []
+            n = min(n, seq.n_uncomputed)
         while not self._fits(seq, n):
             if len(self.running) == 1:  # alone and still too long for the pool: the context is full
                 self.finish(seq, "length")

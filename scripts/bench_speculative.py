@@ -1,6 +1,6 @@
 """Plain decoding against prompt lookup and a draft model: generated tokens/s and acceptance.
 
-    python scripts/bench_speculative.py [MODEL] [--lookup 7] [--draft PATH|self] [--draft-max 7]
+    python scripts/bench_speculative.py [MODEL] [--lookup 7] [--draft PATH|self|none] [--draft-max 7]
            [--tokens 200] [--repeat 3] [--threads 2] [--temperature 0] [--tasks a,b] [--isa avx2]
 
 Tasks (temperature 0 unless --temperature, seed 0; one request at a time, end-of-generation
@@ -124,17 +124,18 @@ def main() -> None:
     path = resolve_model_path(args.model, cache_dir())
     model = Model(path, threads=args.threads, isa=args.isa)
     model.warm_up()
-    draft = model if args.draft == "self" else Model(Path(args.draft), threads=args.threads, isa=args.isa,
-                                                     compute=model.compute)
-    draft.warm_up()
+    methods = {"lookup": {"method": "ngram", "k": args.lookup}}
+    if args.draft != "none":
+        draft = model if args.draft == "self" else Model(Path(args.draft), threads=args.threads, isa=args.isa,
+                                                         compute=model.compute)
+        draft.warm_up()
+        methods["draft"] = {"method": "draft", "model": draft, "k": args.draft_max}
     kernels = args.isa or next(name for name, marker in ISA_NAMES.items() if marker is host_isa())
     print(f"{path.name}, {args.threads} threads, {kernels} kernels, {args.tokens} tokens, "
           f"temperature {args.temperature}, median of {args.repeat}; "
           f"lookup k={args.lookup}, draft {args.draft} k={args.draft_max}")
-    methods = {"lookup": {"method": "ngram", "k": args.lookup},
-               "draft": {"method": "draft", "model": draft, "k": args.draft_max}}
-    print(f"{'task':<12} {'plain t/s':>9} | {'lookup t/s':>10} {'x':>5} {'accept':>6} {'tok/step':>8} | "
-          f"{'draft t/s':>9} {'x':>5} {'accept':>6} {'tok/step':>8}")
+    print(" | ".join([f"{'task':<12} {'plain t/s':>9}"] + [f"{m + ' t/s':>10} {'x':>5} {'accept':>6} {'tok/step':>8}"
+                                                          for m in methods]))
     chosen = args.tasks.split(",") if args.tasks else list(tasks())
     for name, prompt in ((n, p) for n, p in tasks().items() if n in chosen):
         rates = {"plain": []} | {m: [] for m in methods}

@@ -4,6 +4,7 @@ share one `ComputeThread`, so their kernels never run from two threads at once."
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -12,7 +13,6 @@ from pathlib import Path
 
 from llmx.engine.compute import ComputeThread
 from llmx.engine.engine import Engine
-from llmx.cli.output import notice
 from llmx.engine.model import Model
 from llmx.engine.speculative import check_same_vocabulary
 from llmx.errors import LlmxError, UsageError
@@ -94,7 +94,7 @@ class ModelRegistry:
             try:
                 check_same_vocabulary(model, draft)
             except UsageError as e:  # another model served beside the one the draft is for
-                notice(f"{model.path.name} decodes without the draft: {e}")
+                logging.getLogger(__name__).warning("%s decodes without the draft: %s", model.path.name, e)
                 return None
             draft.warm_up()
             return {"method": "draft", "model": draft, "k": s.draft_max}

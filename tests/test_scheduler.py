@@ -281,3 +281,17 @@ def test_accepted_proposals_give_several_tokens_per_step_and_rejected_ones_are_r
     assert (scheduler.stats.draft_tokens, scheduler.stats.accepted_tokens) == (4, 3)
     drive(scheduler, runner)
     assert seq.token_ids[3:] == expected
+
+
+def test_proposals_are_dropped_rather_than_preempting_another_sequence():
+    pool = BlockPool(4, 4, prefix_caching=False)
+    scheduler = Scheduler(pool, max_seqs=2, max_batched_tokens=64)
+    first, second = make_seq(0, [1, 2, 3, 4, 5, 6, 7], 9), make_seq(1, [8, 9, 10, 11, 12, 13, 14], 9)
+    scheduler.add(first)
+    scheduler.add(second)
+    runner = FakeRunner(pool)
+    scheduler.update(step := scheduler.schedule(), runner.run(step))
+    assert pool.num_free == 0 and first.n_uncomputed == 1  # two blocks each: 8 positions, 7 computed
+    first.draft = [5, 5, 5]  # would need a third block
+    step = scheduler.schedule()
+    assert not step.preempted and [len(c.tokens) for c in step.chunks] == [1, 1] and not first.draft
