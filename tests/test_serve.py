@@ -410,3 +410,22 @@ def test_a_lookup_server_gives_plain_text_and_reports_acceptance(tmp_path):
         assert "llmx_spec_acceptance_rate" in metrics and "llmx_spec_tokens_per_step" in metrics
     finally:
         assert served.stop() == 0
+
+
+@needs_reference
+def test_serve_draft_speculates_for_models_of_its_vocabulary_only(gemma_path):
+    from llmx.server.registry import EngineSettings, ModelRegistry
+
+    paths = {"tiny": MODELS_DIR / "tiny-llama-f16.gguf", "gemma": gemma_path}
+    settings = EngineSettings(threads=1, kv_cache_tokens=512, draft=MODELS_DIR / "tiny-llama-q8_0.gguf", draft_max=3)
+    registry = ModelRegistry(paths, "tiny", settings)
+    try:
+        tiny = registry.engine("tiny")
+        assert tiny.speculative.method == "draft" and tiny.speculative.k == 3
+        request = tiny.submit("Once upon a time", max_tokens=20, temperature=0.0)
+        assert request.wait(60)
+        plain = "".join(Model(paths["tiny"], threads=1).generate("Once upon a time", max_tokens=20, temperature=0.0))
+        assert request.text == plain and tiny.stats()["draft_tokens"] > 0
+        assert registry.engine("gemma").speculative is None  # another vocabulary: decodes plainly
+    finally:
+        registry.close()
