@@ -368,20 +368,25 @@ def test_llmx_chat_goes_through_the_server_with_the_same_replies(server, gemma_p
 
 
 def test_response_format_and_grammar_constrain_served_output(client, server, name):
-    import jsonschema
+    """The twenty schemas of test_structured, five seeds each, through the openai client."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
-                                               "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]},
-                                                        "maxItems": 3},
-                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
-              "required": ["name", "tags", "age"], "additionalProperties": False}
-    for seed in range(3):
+    import jsonschema
+    from test_structured import SCHEMAS
+
+    def ask(job):
+        i, schema, seed = job
         chat = client.chat.completions.create(
-            model=name, messages=[{"role": "user", "content": "Describe a person."}], max_tokens=120,
+            model=name, messages=[{"role": "user", "content": "Give one example as JSON."}], max_tokens=200,
             temperature=0.8, seed=seed,
-            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
-        jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
-        assert chat.choices[0].finish_reason == "stop"
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}})
+        return schema, chat.choices[0]
+
+    jobs = [(i, schema, seed) for i, schema in enumerate(SCHEMAS) for seed in range(5)]
+    with ThreadPoolExecutor(16) as pool:
+        for schema, choice in pool.map(ask, jobs):
+            assert choice.finish_reason == "stop", choice.message.content
+            jsonschema.validate(json.loads(choice.message.content), schema)
     anything = client.completions.create(model=name, prompt="Data:", max_tokens=80, temperature=0.8, seed=1,
                                          extra_body={"response_format": {"type": "json_object"}})
     assert isinstance(json.loads(anything.choices[0].text), dict)
