@@ -54,7 +54,10 @@ def compile_format(response_format: Mapping[str, Any] | None) -> str | None:
     kind = response_format.get("type")
     if kind == "text":
         return None
-    grammar = _grammar_of(kind, response_format)
+    try:
+        grammar = _grammar_of(kind, response_format)
+    except (ValueError, TypeError) as e:  # what llguidance's converters raise on malformed input
+        raise GrammarError(f"invalid {kind}: {_one_line(str(e))}") from None
     error = _llguidance().LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
         raise GrammarError(f"invalid {kind.replace('_', ' ')}: {_one_line(error)}")
@@ -104,7 +107,10 @@ def _schema_text(schema: Any) -> str:
     # compact separators: a base model left to pick whitespace freely can ramble in it forever
     options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
     if isinstance(schema, Mapping):
-        schema = {**schema, "x-guidance": {**options, **schema.get("x-guidance", {})}}
+        own = schema.get("x-guidance", {})
+        if not isinstance(own, Mapping):
+            raise GrammarError("a schema's x-guidance must be an object")
+        schema = {**schema, "x-guidance": {**options, **own}}
     return json.dumps(schema)
 
 

@@ -1,6 +1,6 @@
 """Plain decoding against prompt lookup and a draft model: generated tokens/s and acceptance.
 
-    python scripts/bench_speculative.py [MODEL] [--lookup 7] [--draft PATH|self|none] [--draft-max 7]
+    python scripts/bench_speculative.py [MODEL] [--lookup 15] [--draft PATH|self|none] [--draft-max 7]
            [--tokens 200] [--repeat 3] [--threads 2] [--temperature 0] [--tasks a,b] [--isa avx2]
 
 Tasks (temperature 0 unless --temperature, seed 0; one request at a time, end-of-generation
@@ -109,7 +109,7 @@ def run(model: Model, prompt: str, tokens: int, speculative, temperature: float 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?")
-    parser.add_argument("--lookup", type=int, default=7)
+    parser.add_argument("--lookup", type=int, default=15)
     parser.add_argument("--draft", default="self")
     parser.add_argument("--draft-max", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=200)

@@ -234,7 +234,7 @@ async def _generate(server: Server, kind: str, name: str, engine: Engine, prompt
         hit = server.cache.get(cache_key)
         if hit is not None:
             return Response(hit, media_type="application/json", headers={"x-llmx-cache": "hit"})
-    request = server.submit(name, engine, prompt, body, logprobs)
+    request = await _submit(server, name, engine, prompt, body, logprobs)
     shape = _Shape(kind, name, engine, request, echo=getattr(body, "echo", False) and isinstance(prompt, str),
                    prompt=prompt)
     if body.stream:
@@ -251,6 +251,20 @@ async def _generate(server: Server, kind: str, name: str, engine: Engine, prompt
     if cache_key is not None and request.finish_reason in ("stop", "length"):  # not one cut short
         server.cache.put(cache_key, payload)
     return Response(payload, media_type="application/json", headers={"x-llmx-cache": "miss"} if cache_key else None)
+
+
+async def _submit(server: Server, name: str, engine: Engine, prompt: str | list[int], body: Sampling,
+                  logprobs: int | None) -> Request:
+    """`server.submit`; one with a grammar off the event loop (compiling it takes a while, the first
+    one also builds the tokenizer view, ~1 s), and cancelled once made if the client left meanwhile."""
+    if body.output_format() is None:
+        return server.submit(name, engine, prompt, body, logprobs)
+    future = asyncio.get_running_loop().run_in_executor(None, server.submit, name, engine, prompt, body, logprobs)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda done: done.exception() is None and done.result().cancel())
+        raise
 
 
 async def _sse(server: Server, shape: _Shape, usage: bool) -> AsyncIterator[bytes]:
@@ -390,7 +404,7 @@ async def _start_turn(server: Server, data: Any) -> Request:
     name, engine = await _engine(server, body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = await asyncio.to_thread(engine.model.chat_prompt, messages)
-    return server.submit(name, engine, prompt, body, None)
+    return await _submit(server, name, engine, prompt, body, None)
 
 
 async def _stream_turn(ws: WebSocket, request: Request) -> None:

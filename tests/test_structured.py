@@ -152,6 +152,7 @@ def test_greedy_constrained_decoding_takes_the_best_allowed_token(gemma):
     ({"type": "lark", "grammar": "start: nothing"}, "invalid lark"),
     ({"type": "regex", "regex": "[0-9"}, "invalid regex"),
     ({"type": "xml"}, "unknown"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "object", "x-guidance": 5}}}, "x-guidance"),
     ("json", "must be an object"),
 ])
 def test_invalid_formats_are_one_line_errors(fmt, message):
