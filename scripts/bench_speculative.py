@@ -19,22 +19,18 @@ speed-up); a real draft is a smaller GGUF with the same vocabulary.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import llmx
-from llmx.engine.default_model import resolve_model_path
 from llmx.engine.model import Model
-from llmx.paths import cache_dir
-from llmx.quant.cpu.simd import ISA_NAMES, host_isa
+from llmx.quant.cpu.simd import ISA_NAMES
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_structured import load_model  # noqa: E402  (the model, and an AVX2 laptop's code generation)
 
 REPO = Path(__file__).resolve().parents[1]
-AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
-             "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+lzcnt,+movbe,+sse4.2,+cx16,"
-                                   "-avx512f,-avx512vnni,-avx512bw,-avx512vl,-avx512dq,-avxvnni"}
 
 
 # ~490 tokens of Python without type hints (llmx's tokenizer methods, hints taken out), fixed here so
@@ -119,19 +115,14 @@ def main() -> None:
     parser.add_argument("--tasks", help="comma-separated task names (default: all)")
     parser.add_argument("--isa", choices=sorted(ISA_NAMES))
     args = parser.parse_args()
-    if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
-        sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **AVX2_ONLY}))
-    path = resolve_model_path(args.model, cache_dir())
-    model = Model(path, threads=args.threads, isa=args.isa)
-    model.warm_up()
+    model, kernels = load_model(args)
     methods = {"lookup": {"method": "ngram", "k": args.lookup}}
     if args.draft != "none":
         draft = model if args.draft == "self" else Model(Path(args.draft), threads=args.threads, isa=args.isa,
                                                          compute=model.compute)
         draft.warm_up()
         methods["draft"] = {"method": "draft", "model": draft, "k": args.draft_max}
-    kernels = args.isa or next(name for name, marker in ISA_NAMES.items() if marker is host_isa())
-    print(f"{path.name}, {args.threads} threads, {kernels} kernels, {args.tokens} tokens, "
+    print(f"{model.path.name}, {args.threads} threads, {kernels} kernels, {args.tokens} tokens, "
           f"temperature {args.temperature}, median of {args.repeat}; "
           f"lookup k={args.lookup}, draft {args.draft} k={args.draft_max}")
     print(" | ".join([f"{'task':<12} {'plain t/s':>9}"] + [f"{m + ' t/s':>10} {'x':>5} {'accept':>6} {'tok/step':>8}"

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import llmx
 from llmx.engine.default_model import resolve_model_path
@@ -24,10 +25,8 @@ from llmx.engine.model import Model
 from llmx.paths import cache_dir
 from llmx.quant.cpu.simd import ISA_NAMES, host_isa
 
-# what an AVX2-only laptop compiles for (as scripts/bench_engine.py): no AVX-512 in Numba's own code either
-AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell",
-             "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+lzcnt,+movbe,+sse4.2,+cx16,"
-                                   "-avx512f,-avx512vnni,-avx512bw,-avx512vl,-avx512dq,-avxvnni"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import AVX2_ONLY  # noqa: E402  (what an AVX2-only laptop compiles for)
 
 SCHEMA = {"type": "array", "minItems": 100, "items": {  # long enough that no request completes it early
     "type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
@@ -50,6 +49,17 @@ def decode_rate(engine: llmx.Engine, batch: int, tokens: int, response_format) -
     return n / (last - first), sum(len(r.token_ids) for r in requests)
 
 
+def load_model(args: argparse.Namespace) -> tuple[Model, str]:
+    """The model of `args` (model, threads, isa), warm, and the name of the kernels it runs. With
+    --isa avx2 on a host with more, this process first starts itself again as an AVX2 laptop would
+    compile (`AVX2_ONLY`)."""
+    if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **AVX2_ONLY}))
+    model = Model(resolve_model_path(args.model, cache_dir()), threads=args.threads, isa=args.isa)
+    model.warm_up()
+    return model, args.isa or next(name for name, marker in ISA_NAMES.items() if marker is host_isa())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?")
@@ -59,13 +69,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--isa", choices=sorted(ISA_NAMES))
     args = parser.parse_args()
-    if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
-        sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **AVX2_ONLY}))
-    path = resolve_model_path(args.model, cache_dir())
-    model = Model(path, threads=args.threads, isa=args.isa)
-    model.warm_up()
-    kernels = args.isa or next(name for name, marker in ISA_NAMES.items() if marker is host_isa())
-    print(f"{path.name}, {args.threads} threads, {kernels} kernels")
+    model, kernels = load_model(args)
+    print(f"{model.path.name}, {args.threads} threads, {kernels} kernels")
     fmt = {"type": "json_schema", "json_schema": {"name": "notes", "schema": SCHEMA}}
     print(f"{'batch':>5} {'plain t/s':>10} {'schema t/s':>11} {'ratio':>6} {'schema tokens':>14}")
     for batch in [int(b) for b in args.batches.split(",")]:
