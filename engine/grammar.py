@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,7 +121,7 @@ def _one_line(text: str) -> str:
 
 # -- the tokenizer view ----------------------------------------------------------------------------
 
-_views: dict[int, Any] = {}
+_views: weakref.WeakKeyDictionary[Tokenizer, Any] = weakref.WeakKeyDictionary()  # lives as long as its tokenizer
 _views_lock = threading.Lock()
 
 
@@ -130,7 +131,7 @@ class _TokenizerSource:
 
     def __init__(self, tokenizer: Tokenizer):
         vocab = tokenizer.vocab
-        self._tokenizer = tokenizer
+        self._tokenizer = weakref.ref(tokenizer)  # the view must not keep its tokenizer (its cache's key) alive
         self.eos_token_id = vocab.eos_id if vocab.eos_id is not None else 0
         self.bos_token_id = vocab.bos_id
         types = vocab.types.tolist()
@@ -142,7 +143,8 @@ class _TokenizerSource:
     def __call__(self, text: str | bytes) -> list[int]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return self._tokenizer.tokenize(text, add_bos=False)
+        tokenizer = self._tokenizer()
+        return tokenizer.tokenize(text, add_bos=False) if tokenizer is not None else []
 
 
 def _looks_special(text: str) -> bool:
@@ -153,14 +155,14 @@ def tokenizer_view(tokenizer: Tokenizer) -> Any:
     """llguidance's `LLTokenizer` of our vocabulary (byte-level or SentencePiece), built once per
     tokenizer (about a second for 262k tokens)."""
     with _views_lock:
-        view = _views.get(id(tokenizer))
-        if view is None or view[0] is not tokenizer:
+        view = _views.get(tokenizer)
+        if view is None:
             llg = _llguidance()
             eos = sorted(tokenizer.vocab.eog_ids()) or None
-            view = (tokenizer, llg.LLTokenizer(llg.TokenizerWrapper(_TokenizerSource(tokenizer)),
-                                               n_vocab=tokenizer.n_vocab, eos_token=eos))
-            _views[id(tokenizer)] = view
-        return view[1]
+            view = llg.LLTokenizer(llg.TokenizerWrapper(_TokenizerSource(tokenizer)), n_vocab=tokenizer.n_vocab,
+                                   eos_token=eos)
+            _views[tokenizer] = view
+        return view
 
 
 # -- one request's constraint --------------------------------------------------------------------------

@@ -176,9 +176,8 @@ class DraftProposer:
 
     cheap = False
 
-    def __init__(self, draft: Model, kv_cache_tokens: int, k: int):
+    def __init__(self, draft: Model, kv_cache_tokens: int):
         self.model = draft
-        self.k = k
         self.cache = KVCache(draft.config, kv_cache_tokens)
         self._states: dict[int, _DraftState] = {}
 
@@ -247,7 +246,7 @@ class DraftProposer:
 def make_proposer(config: SpeculativeConfig, kv_cache_tokens: int) -> NgramProposer | DraftProposer:
     if config.method == "ngram":
         return NgramProposer(config)
-    return DraftProposer(config.draft, kv_cache_tokens, config.k)
+    return DraftProposer(config.draft, kv_cache_tokens)
 
 
 # -- verification --------------------------------------------------------------------------------

@@ -194,3 +194,23 @@ def test_llmx_run_flags_constrain_the_output_and_bad_ones_are_one_line(gemma_pat
         result = run_llmx("run", *common, *flags)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and b"Traceback" not in result.stderr
+
+
+def test_the_tokenizer_view_goes_with_its_tokenizer():
+    """A server unloading models must not keep their vocabularies' views."""
+    import gc
+
+    from conftest import MODELS_DIR, require_reference
+
+    from llmx.engine.grammar import _views
+    from llmx.formats.gguf_file import GGUFFile
+    from llmx.formats.tokenizer import Tokenizer
+
+    require_reference()
+    tokenizer = Tokenizer.from_gguf(GGUFFile.open(MODELS_DIR / "tiny-llama-f16.gguf"))
+    view = tokenizer_view(tokenizer)
+    assert view.tokenize_str("hello") == tokenizer.tokenize("hello", add_bos=False)
+    before = len(_views)
+    del tokenizer, view
+    gc.collect()
+    assert len(_views) == before - 1
