@@ -166,7 +166,9 @@ class Request:
             for i in range(len(tokens)):
                 self._keep_row(rows[i])
         else:
-            tokens = accept_greedy(len(draft) + 1, draft, lambda i, out: self._sample_from(rows[i], history + out))
+            # (the history is copied only when proposals were accepted: a plain step samples on it as it is)
+            tokens = accept_greedy(len(draft) + 1, draft,
+                                   lambda i, out: self._sample_from(rows[i], history + out if out else history))
         self.pacing.check_shadow(tokens[0])
         self.pacing.record(len(draft), len(tokens) - 1)
         self.draft_dists = []

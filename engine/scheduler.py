@@ -206,7 +206,7 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start, n_known = seq.n_computed, len(seq.token_ids)
-        tokens = (seq.token_ids + seq.draft)[start:start + n]
+        tokens = seq.token_ids[start:start + n] + seq.draft[:max(0, start + n - n_known)]
         n_draft = max(0, start + n - n_known)
         return ScheduledChunk(seq.seq_id, tuple(tokens), start, tuple(seq.blocks), seq.n_prompt,
                               start + n >= n_known, n_draft)
