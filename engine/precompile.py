@@ -47,7 +47,7 @@ def weight_kind(transformer, name: str) -> tuple:
     from llmx.quant.cpu.linear import TOKEN_LANES_MIN_K
 
     t = transformer.tensors[f"{name}.weight"]
-    return t.qtype.name, f"{name}.weight" in transformer.packed, t.shape[0] >= TOKEN_LANES_MIN_K
+    return t.qtype.name, transformer.is_packed(name), t.shape[0] >= TOKEN_LANES_MIN_K
 
 
 def output_name(transformer) -> str:

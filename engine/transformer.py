@@ -28,8 +28,14 @@ from llmx.engine.weights_check import check_weights
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
-from llmx.quant.cpu.linear import activation_quantizer, matmul, pack, quantize_activations
+from llmx.quant.cpu.linear import activation_quantizer, matmul, matmul_packed, pack, quantize_activations
 from llmx.quant.cpu.simd import VNNI
+from llmx.quant.qtypes import QType
+
+# Weights that multiply one input, in the order the forward asks for them: consecutive ones that
+# are packed alike are packed as one matrix, one kernel call (the per-call cost is most of a small
+# model's decode matmul time).
+STACKABLE = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,20 @@ class BatchLayout:
                                                                                                 strict=True)]))
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Several weights' rows packed as one matrix (`STACKABLE`)."""
+
+    names: tuple[str, ...]  # without ".weight"
+    qtype: QType
+    packed: np.ndarray
+    bounds: tuple[int, ...]  # the output column where each weight's rows start, then the total
+
+    def split(self, out: np.ndarray) -> list[np.ndarray]:
+        """out [n, total] -> each weight's [n, m_i], contiguous (what the next kernels take)."""
+        return [np.ascontiguousarray(out[:, a:b]) for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+
+
 @dataclass
 class Transformer:
     config: ModelConfig
@@ -67,6 +87,8 @@ class Transformer:
     observe_matmul: Callable[[str, np.ndarray], None] | None = None
     # weight name -> its copy in the layout llama.cpp's CPU backend repacks it into at load (`linear.pack`)
     packed: dict[str, np.ndarray] = field(init=False, default_factory=dict)
+    # weight name (without ".weight") -> the stack it is packed in, for the weights in one
+    stacks: dict[str, Stack] = field(init=False, default_factory=dict)
     # A first run compiles the matmul kernels in a helper process (`precompile`) while this one
     # compiles the rest with the matmuls stubbed out (zeros), then waits, per number of rows, until
     # the helper has them in the cache: `await_kernels(n_rows, weight name)`.
@@ -80,6 +102,43 @@ class Transformer:
                 packed = pack(tensor.data.view(np.uint8), tensor.qtype)
                 if packed is not None:
                     self.packed[name] = packed
+        for layer in range(self.config.n_layer):
+            for group in STACKABLE:
+                for names in self._stackable_runs([f"blk.{layer}.{role}" for role in group]):
+                    self._stack(names)
+
+    def _stackable_runs(self, names: list[str]) -> list[list[str]]:
+        """Maximal runs of two or more consecutive weights, each packed, of one type and row length,
+        without a bias."""
+        def key(name: str):
+            tensor = self.tensors.get(f"{name}.weight")
+            if tensor is None or f"{name}.weight" not in self.packed or f"{name}.bias" in self.tensors:
+                return None
+            return tensor.qtype, tensor.data.view(np.uint8).shape[1]
+
+        runs: list[list[str]] = []
+        for name in names:
+            if key(name) is not None and runs and key(runs[-1][-1]) == key(name):
+                runs[-1].append(name)
+            else:
+                runs.append([name])
+        return [run for run in runs if len(run) > 1 and key(run[0]) is not None]
+
+    def _stack(self, names: list[str]) -> None:
+        tensors = [self.tensors[f"{name}.weight"] for name in names]
+        rows = np.concatenate([t.data.view(np.uint8) for t in tensors])
+        packed = pack(rows, tensors[0].qtype)
+        if packed is None:
+            return
+        bounds = tuple(np.cumsum([0] + [t.data.view(np.uint8).shape[0] for t in tensors]).tolist())
+        stack = Stack(tuple(names), tensors[0].qtype, packed, bounds)
+        for name in names:
+            del self.packed[f"{name}.weight"]  # only the stack is kept
+            self.stacks[name] = stack
+
+    def is_packed(self, name: str) -> bool:
+        """Whether weight `name` (without ".weight") is multiplied repacked, alone or in a stack."""
+        return f"{name}.weight" in self.packed or name in self.stacks
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, config: ModelConfig, threads: int | None = None, isa: Any = None) -> Transformer:
@@ -106,13 +165,22 @@ class Transformer:
             wait(len(x), name)
         if self.stub_matmuls:
             return np.zeros((len(x), tensor.shape[1]), np.float32)
+        stack = self.stacks.get(name)
+        if stack is not None:  # alone (the compile helper asks so): the whole stack, then its part
+            return self._stacked(x, stack, quantized)[stack.names.index(name)]
         out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, isa=self.isa,
                      quantized=quantized, packed=self.packed.get(tensor.name))
         bias = self.tensors.get(f"{name}.bias")
         return out if bias is None else out + bias.data.astype(np.float32)
 
+    def _stacked(self, x: np.ndarray, stack: Stack, quantized: tuple | None) -> list[np.ndarray]:
+        out = matmul_packed(x, stack.packed, stack.qtype, stack.bounds[-1], threads=self.threads, isa=self.isa,
+                            quantized=quantized)
+        return stack.split(out)
+
     def _linears(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
-        """`_linear` of one input with several weights, the input quantized once per activation type."""
+        """`_linear` of one input with several weights, the input quantized once per activation type,
+        and the weights of a stack in one call."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         wait = self.await_kernels  # a local: the last wait sets the attribute to None
         if wait is not None:
@@ -120,14 +188,22 @@ class Transformer:
                 wait(len(x), name)
         if self.stub_matmuls:
             return [self._linear(x, name) for name in names]
-        quantized = {}
-        outs = []
-        for name in names:
+        quantized: dict = {}
+        outs: list[np.ndarray] = []
+        while len(outs) < len(names):
+            name = names[len(outs)]
             qtype = self._tensor(f"{name}.weight").qtype
             kind = activation_quantizer(qtype)
             if kind is not None and kind not in quantized:
                 quantized[kind] = quantize_activations(x, qtype)
-            outs.append(self._linear(x, name, quantized.get(kind)))
+            stack = self.stacks.get(name)
+            if stack is not None and names[len(outs):len(outs) + len(stack.names)] == stack.names:
+                if self.observe_matmul is not None:
+                    for member in stack.names:
+                        self.observe_matmul(f"{member}.weight", x)
+                outs += self._stacked(x, stack, quantized.get(kind))
+            else:
+                outs.append(self._linear(x, name, quantized.get(kind)))
         return outs
 
     def _embed(self, tokens: np.ndarray) -> np.ndarray:

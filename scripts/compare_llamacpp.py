@@ -8,14 +8,23 @@ Prints t/s (mean ± sample std) for both and the ratio llmx / llama.cpp.
 llama-cpp-python is a benchmark-only dependency (`pip install llama-cpp-python`, ~12 minutes of
 compiling on 2 cores); llmx never imports it.
 
-Usage: python scripts/compare_llamacpp.py [MODEL] [--threads 1,2] [--reps 5] [--pp 512] [--tg 128] [--json]
+`--isa avx2` runs llmx's AVX2 kernels compiled for an AVX2-only CPU (the script starts itself
+again with `bench_engine.AVX2_ONLY`), to compare with a llama.cpp built for AVX2 only
+(CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF");
+the table's header line says which instruction sets each side ran.
+
+Usage: python scripts/compare_llamacpp.py [MODEL] [--threads 1,2] [--reps 5] [--pp 512] [--tg 128]
+       [--isa avx2] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +32,7 @@ import numpy as np
 
 from llmx.engine.bench import Bench, BenchTest
 from llmx.engine.model import Model
+from llmx.quant.cpu.simd import isa_name, isa_named
 
 
 class LlamaCpp:
@@ -52,13 +62,21 @@ class LlamaCpp:
         return time.perf_counter_ns() - started
 
 
+def built_for() -> str:
+    """The instruction sets this llama.cpp build uses, from its system info."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    return " ".join(f for f in ("AVX2", "AVX512", "AVX512_VNNI", "AVX_VNNI") if f"{f} = 1" in info) or info
+
+
 def stats(n_tokens: int, samples_ns: list[int]) -> tuple[float, float]:
     ts = [n_tokens * 1e9 / ns for ns in samples_ns]
     return statistics.fmean(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0
 
 
-def compare(path: Path, threads: int, reps: int, n_pp: int, n_tg: int) -> list[dict]:
-    ours = Bench(Model(path, threads=threads, ctx=0))
+def compare(path: Path, threads: int, reps: int, n_pp: int, n_tg: int, isa: str | None) -> list[dict]:
+    ours = Bench(Model(path, threads=threads, ctx=0, isa=isa))
     theirs = LlamaCpp(path, threads)
     tests = [("pp", n_pp, BenchTest(n_pp, 0), theirs.pp), ("tg", n_tg, BenchTest(0, n_tg), theirs.tg)]
     rows = []
@@ -87,8 +105,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--pp", type=int, default=512)
     parser.add_argument("--tg", type=int, default=128)
+    parser.add_argument("--isa", choices=["avx2", "vnni", "portable"], default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
+        from bench_engine import AVX2_ONLY
+
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **AVX2_ONLY}))
     if args.model:
         path = Path(args.model)
     else:
@@ -98,10 +121,11 @@ def main() -> None:
         path = resolve_model_path(None, cache_dir())
     rows = []
     if not args.json:
+        print(f"llmx: {isa_name(isa_named(args.isa))} kernels; llama.cpp: {built_for()}")
         print("| threads | test   | llama.cpp t/s      | llmx t/s           | llmx / llama.cpp |\n"
               "| ------: | :----- | -----------------: | -----------------: | ---------------: |", flush=True)
     for threads in (int(t) for t in args.threads.split(",")):
-        for row in compare(path, threads, args.reps, args.pp, args.tg):
+        for row in compare(path, threads, args.reps, args.pp, args.tg, args.isa):
             rows.append(row)
             if not args.json:
                 print(format_row(row), flush=True)

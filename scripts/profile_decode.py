@@ -5,12 +5,19 @@ rope, activations, cache writes) with timers, prefills a prompt, then decodes N 
 time and prints each op's share. What is not inside a wrapped op is "python/other". With
 --batch B, B sequences (each with the prompt) decode together, as `llmx bench -b B` runs them.
 
+`--isa avx2` runs the AVX2 kernels on an AVX-512 host, compiled for an AVX2-only CPU (the script
+starts itself again with `bench_engine.AVX2_ONLY`), as an AVX2 laptop runs them.
+
 Usage: python scripts/profile_decode.py [MODEL] [--threads 2] [--prompt 128] [--steps 64] [--batch 1]
+       [--isa avx2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -58,7 +65,12 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--isa", choices=["avx2", "vnni", "portable"], default=None)
     args = parser.parse_args()
+    if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
+        from bench_engine import AVX2_ONLY
+
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **AVX2_ONLY}))
     if args.model:
         path = Path(args.model)
     else:
@@ -66,7 +78,7 @@ def main() -> None:
         from llmx.paths import cache_dir
 
         path = resolve_model_path(None, cache_dir())
-    model = Model(path, threads=args.threads, ctx=0)
+    model = Model(path, threads=args.threads, ctx=0, isa=args.isa)
     rng = np.random.default_rng(0)
     per_seq = -(-(args.prompt + args.steps + 1) // kv_cache.BLOCK_SIZE) * kv_cache.BLOCK_SIZE
     cache = kv_cache.KVCache(model.config, args.batch * per_seq)

@@ -13,6 +13,8 @@ from llmx.engine.kv_cache import KVCache
 from llmx.engine.transformer import Transformer, yarn_mix
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile
+from llmx.quant.cpu.linear import matmul, pack
+from llmx.quant.qtypes import QType
 
 pytestmark = needs_reference  # the tiny models and llama.cpp's outputs in ../shared
 
@@ -95,9 +97,18 @@ def test_yarn_factor_one_changes_nothing(tiny):
 
 def test_q4_0_layer_weights_are_repacked_as_llama_cpp_loads_them():
     """llama.cpp repacks every Q4_0 matrix it multiplies (rows a multiple of 8), not `token_embd`,
-    which it also reads by rows; the tiny model's output is its tied `token_embd`."""
+    which it also reads by rows; the tiny model's output is its tied `token_embd`. q/k/v and
+    gate/up, each packed alike, are packed as one stack each, and multiply to the same bits."""
     gguf = GGUFFile.open(MODELS_DIR / "tiny-llama-q4_0.gguf")
     model = Transformer.from_gguf(gguf, config_from_gguf(gguf))
     q4_0 = {name for name, t in gguf.tensors.items() if t.qtype.name == "Q4_0"}
     assert "token_embd.weight" in q4_0 and len(q4_0) == 22
-    assert set(model.packed) == q4_0 - {"token_embd.weight"}
+    assert {f"{n}.weight" for n in model.stacks} | set(model.packed) == q4_0 - {"token_embd.weight"}
+    assert {s.names for s in model.stacks.values()} >= {("blk.0.attn_q", "blk.0.attn_k", "blk.0.attn_v"),
+                                                         ("blk.0.ffn_gate", "blk.0.ffn_up")}
+    x = np.random.default_rng(2).standard_normal((5, model.config.n_embd)).astype(np.float32)
+    names = ("blk.1.attn_q", "blk.1.attn_k", "blk.1.attn_v")
+    for name, stacked in zip(names, model._linears(x, *names), strict=True):
+        rows = gguf.tensors[f"{name}.weight"].data.view(np.uint8)
+        assert np.array_equal(stacked, matmul(x, rows, QType.Q4_0, packed=pack(rows, QType.Q4_0))), name
+        assert np.array_equal(stacked, model._linear(x, name)), name  # one weight of a stack, alone

@@ -77,13 +77,16 @@ def quantize_activations(x: np.ndarray, qtype: QType) -> tuple:
 
 
 def pack(w: np.ndarray, qtype: QType) -> np.ndarray | None:
-    """What llama.cpp's CPU backend makes of a weight matrix when it loads it: Q4_0 with a multiple
-    of 8 rows is repacked (`repacked`), and then multiplied in that kernel's float order; None for
-    every other weight, which stays as stored. Pass the result to `matmul` as `packed`. Embedding
-    tables that llama.cpp also reads by rows (`token_embd`, even when it is the output) stay as stored."""
+    """The layout a weight matrix is multiplied in when the model loads it (`repacked`), or None
+    for a weight that stays as stored. Q4_0 with a multiple of 8 rows is what llama.cpp's CPU
+    backend repacks, and takes its float order; Q5_0 takes the same layout (bit planes for the
+    fifth bits), any row count, for the speed. Embedding tables that llama.cpp also reads by rows
+    (`token_embd`, even when it is the output) stay as stored. Pass the result to `matmul` as `packed`."""
     w = np.ascontiguousarray(w).view(np.uint8)
     if qtype == QType.Q4_0 and w.shape[0] % repacked.LLAMA_CPP_ROW_MULTIPLE == 0:
         return repacked.pack_q4_0(w)
+    if qtype == QType.Q5_0:
+        return repacked.pack_q5_0(w)
     return None
 
 
@@ -95,16 +98,14 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = Non
     (default: the best this CPU has); `quantized`: `quantize_activations(x, t)` for a type t with this
     one's `activation_quantizer`, to quantize x once for several weights; `packed`: `pack(w, qtype)`.
     """
+    if packed is not None:
+        return matmul_packed(x, packed, qtype, len(w), threads, isa, quantized)
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.ascontiguousarray(w).view(np.uint8)
     m, row_bytes = w.shape
     out = np.empty((x.shape[0], m), np.float32)
     if threads is not None:
         numba.set_num_threads(threads)
-    if packed is not None:
-        codes, scales = (quantize_activations(x, qtype) if quantized is None else quantized)[:2]
-        _repacked(codes, scales, packed, m, out, host_isa() if isa is None else isa)
-        return out
     if qtype in _FLOAT:
         rounding, kernel = _FLOAT[qtype]
         kernel(x if rounding is None else rounding(x), w.reshape(-1), row_bytes, m, out)
@@ -168,9 +169,18 @@ def _paired_k(qtype: QType, codes: np.ndarray, scales: np.ndarray, sums16: np.nd
     _DECODE_ONCE_PAIRED[qtype](pairmatmul.q8_k_pairs(codes), xdp, scales, sums16p, w.reshape(-1), row_bytes, m, out)
 
 
-def _repacked(codes: np.ndarray, scales: np.ndarray, packed: np.ndarray, m: int, out: np.ndarray, isa) -> None:
-    """The packed Q4_0 kernel: Q8_0 activations, their scales and -8 x their block sums."""
+def matmul_packed(x: np.ndarray, packed: np.ndarray, qtype: QType, m: int, threads: int | None = None, isa=None,
+                  quantized: tuple | None = None) -> np.ndarray:
+    """`matmul` of x float32 [n_tok, k] with the m rows that `pack` made `packed` of -> [n_tok, m]."""
+    if threads is not None:
+        numba.set_num_threads(threads)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    codes, scales = (quantize_activations(x, qtype) if quantized is None else quantized)[:2]
     n_tok, k = codes.shape
-    starts = codes.reshape(n_tok, k // 32, 32).sum(axis=2, dtype=np.int32) * np.int32(-8)  # [n_tok, nb]
-    repacked.repacked_q4_0(codes.reshape(-1), scales.reshape(-1), starts.reshape(-1), packed, k // 32, m, n_tok,
-                           out, isa)
+    # the packed Q4_0/Q5_0 kernel: Q8_0 activations, their scales and -offset x their block sums
+    starts = codes.reshape(n_tok, k // 32, 32).sum(axis=2, dtype=np.int32) * np.int32(-_CODE_OFFSET[qtype])
+    kernel = repacked.repacked_q4_0 if qtype == QType.Q4_0 else repacked.repacked_q5_0
+    out = np.empty((n_tok, m), np.float32)
+    kernel(codes.reshape(-1), scales.reshape(-1), starts.reshape(-1), packed, k // 32, m, n_tok, out,
+           host_isa() if isa is None else isa)
+    return out
