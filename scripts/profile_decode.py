@@ -45,9 +45,15 @@ def linear_name(self, x, name, quantized=None):
     return f"matmul {role} ({self._tensor(name + '.weight').qtype.name})"
 
 
+def stacked_name(self, x, stack, quantized=None):
+    roles = "+".join(name.rsplit(".", 1)[-1] for name in stack.names)
+    return f"matmul {roles} ({stack.qtype.name})"
+
+
 def instrument() -> None:
     T = transformer.Transformer
     T._linear = timed(linear_name, T._linear)
+    T._stacked = timed(stacked_name, T._stacked)
     T._embed = timed("embed", T._embed)
     transformer.attend_paged = timed("attention", transformer.attend_paged)
     transformer.rms_norm = timed("rms_norm", transformer.rms_norm)

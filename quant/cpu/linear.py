@@ -177,10 +177,7 @@ def matmul_packed(x: np.ndarray, packed: np.ndarray, qtype: QType, m: int, threa
     x = np.ascontiguousarray(x, dtype=np.float32)
     codes, scales = (quantize_activations(x, qtype) if quantized is None else quantized)[:2]
     n_tok, k = codes.shape
-    # the packed Q4_0/Q5_0 kernel: Q8_0 activations, their scales and -offset x their block sums
-    starts = codes.reshape(n_tok, k // 32, 32).sum(axis=2, dtype=np.int32) * np.int32(-_CODE_OFFSET[qtype])
     kernel = repacked.repacked_q4_0 if qtype == QType.Q4_0 else repacked.repacked_q5_0
     out = np.empty((n_tok, m), np.float32)
-    kernel(codes.reshape(-1), scales.reshape(-1), starts.reshape(-1), packed, k // 32, m, n_tok, out,
-           host_isa() if isa is None else isa)
+    kernel(codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, host_isa() if isa is None else isa)
     return out

@@ -17,15 +17,15 @@ Packed layout, per group of 16 rows (the last one padded with zero rows), per bl
     256 bytes  4 vectors of 64; vector i, lane r (4 bytes) = row r's code bytes 4i..4i+3, whose
                low nibbles are the block's values 4i..4i+3 and high nibbles values 16+4i..16+4i+3
      64 bytes  (Q5_0) fifth-bit planes: bit c of byte 4r + j = the fifth bit of the value that
-               unpacked vector c holds at byte j of lane r (see `_codes`)
+               unpacked vector c holds at byte j of lane r (see `_codes_q5_0`)
      32 bytes  the 16 rows' float16 scales
+
+Each block dot starts from -8 (Q4_0) or -16 (Q5_0) times the activation block's sum, as the
+weights' codes are dotted unsigned (stored value = code + 8 or + 16).
 
 Kernel arguments:
     xq  int8 [n_tok * k]       the Q8_0 activation codes
     xd  float32 [n_tok * nb]   their block scales
-    xs  int32 [n_tok * nb]     -8 (Q4_0) or -16 (Q5_0) x their block sums: where each block dot
-                               starts, as the weights' codes are dotted unsigned (stored value =
-                               code + 8 or + 16)
     wp  uint8                  the packed weights, flattened
     out float32 [n_tok, m]
 """
@@ -155,8 +155,21 @@ def _tile_1(isa, codes, block_bytes, wp, g_at, nb, xq, xd, xs, t, out, r0, m, sp
     _store(out, t, r0, m, acc, spill)
 
 
+@njit
+def _block_starts(xq, nb, n_tok, offset):
+    """int32 [n_tok * nb]: -offset x each activation block's sum, where its block dots start."""
+    starts = np.empty(n_tok * nb, np.int32)
+    for i in range(n_tok * nb):
+        total = 0
+        for j in range(32 * i, 32 * i + 32):
+            total += xq[j]
+        starts[i] = -offset * total
+    return starts
+
+
 @njit(inline="always")  # takes a function: inlined, so that it is a constant
-def _repacked(xq, xd, xs, wp, nb, m, n_tok, out, isa, codes, block_bytes):
+def _repacked(xq, xd, wp, nb, m, n_tok, out, isa, codes, block_bytes, offset):
+    xs = _block_starts(xq, nb, n_tok, offset)
     n_groups = -(-m // GROUP_ROWS)
     n_chunks = min(CHUNKS, n_groups)
     flat_out = out.reshape(-1)
@@ -174,10 +187,10 @@ def _repacked(xq, xd, xs, wp, nb, m, n_tok, out, isa, codes, block_bytes):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def repacked_q4_0(xq, xd, xs, wp, nb, m, n_tok, out, isa):
-    _repacked(xq, xd, xs, wp, nb, m, n_tok, out, isa, _codes_q4_0, Q4_0_PACKED_BYTES)
+def repacked_q4_0(xq, xd, wp, nb, m, n_tok, out, isa):
+    _repacked(xq, xd, wp, nb, m, n_tok, out, isa, _codes_q4_0, Q4_0_PACKED_BYTES, 8)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def repacked_q5_0(xq, xd, xs, wp, nb, m, n_tok, out, isa):
-    _repacked(xq, xd, xs, wp, nb, m, n_tok, out, isa, _codes_q5_0, Q5_0_PACKED_BYTES)
+def repacked_q5_0(xq, xd, wp, nb, m, n_tok, out, isa):
+    _repacked(xq, xd, wp, nb, m, n_tok, out, isa, _codes_q5_0, Q5_0_PACKED_BYTES, 16)
