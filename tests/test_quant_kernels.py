@@ -144,31 +144,33 @@ def test_repacked_q4_0_takes_llama_cpps_repacked_float_order_bit_for_bit(isa):
 
 
 @pytest.mark.parametrize("isa", list(ISAS), ids=str)
-def test_repacked_q5_0_matches_emulation_and_each_token_alone(isa):
-    """Q5_0 packed with bit planes for the fifth bits: each output within float32 rounding of the
-    float64 emulation, and the same bits for a token in a tile of four as alone (batch invariance).
-    37 and 40 rows leave the last group of 16 part full."""
+@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
+def test_packed_weights_match_emulation_and_each_token_alone(qtype, isa):
+    """Q5_0 packed with bit planes for the fifth bits, Q4_K and Q6_K with their scales unpacked: each
+    output within float32 rounding of the float64 emulation, and the same bits for a token in a
+    tile of four as alone (batch invariance). 37 and 40 rows leave the last group of 16 part full."""
     rng = np.random.default_rng(9)
     for m in (37, 40, 296):
-        w = quantize(rng.standard_normal((m, K)).astype(np.float32), QType.Q5_0)
-        packed = linear.pack(w, QType.Q5_0)
+        w = quantize(rng.standard_normal((m, K)).astype(np.float32), qtype)
+        packed = linear.pack(w, qtype)
         for n_tok in (1, 6, 16):
             x = rng.standard_normal((n_tok, K)).astype(np.float32) * 3
-            expected = matmul_reference(x, w, QType.Q5_0)
+            expected = matmul_reference(x, w, qtype)
             for threads in (1, 2):
-                out = matmul(x, w, QType.Q5_0, threads=threads, isa=ISAS[isa], packed=packed)
+                out = matmul(x, w, qtype, threads=threads, isa=ISAS[isa], packed=packed)
                 np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-                alone = [matmul(x[t:t + 1], w, QType.Q5_0, threads=threads, isa=ISAS[isa], packed=packed)
+                alone = [matmul(x[t:t + 1], w, qtype, threads=threads, isa=ISAS[isa], packed=packed)
                          for t in range(n_tok)]
                 assert np.array_equal(out, np.concatenate(alone)), (m, n_tok, threads)
 
 
-def test_only_q4_0_as_llama_cpp_repacks_it_and_q5_0_are_packed(weights):
-    """Q4_0 with a multiple of 8 rows, not M = 37 rows; Q5_0 with any rows; no other type."""
+def test_only_q4_0_as_llama_cpp_repacks_it_q5_0_q4_k_and_q6_k_are_packed(weights):
+    """Q4_0 with a multiple of 8 rows, not M = 37 rows; Q5_0, Q4_K and Q6_K with any rows; no other type."""
     assert linear.pack(quantize(weights[:32], QType.Q4_0), QType.Q4_0) is not None
     assert linear.pack(quantize(weights, QType.Q4_0), QType.Q4_0) is None
-    assert linear.pack(quantize(weights, QType.Q5_0), QType.Q5_0) is not None
-    for qtype in (QType.Q8_0, QType.Q4_K, QType.F16):
+    for qtype in (QType.Q5_0, QType.Q4_K, QType.Q6_K):
+        assert linear.pack(quantize(weights, qtype), qtype) is not None
+    for qtype in (QType.Q8_0, QType.Q5_K, QType.F16):
         assert linear.pack(quantize(weights[:32], qtype), qtype) is None
 
 
@@ -261,7 +263,7 @@ CACHE_PROBE = textwrap.dedent("""
         dequantize.dequantize(w, qtype)
         for isa in isas:
             for n_tok in (1, 2, 4, 16):  # one token, and several (decode-once, pair and token-lane kernels)
-                for packed in (None, pack(w, qtype)):  # as stored, and repacked (Q4_0, Q5_0)
+                for packed in (None, pack(w, qtype)):  # as stored, and packed (Q4_0, Q5_0, Q4_K, Q6_K)
                     matmul(np.ones((n_tok, 1024), np.float32), w, qtype, isa=isa, packed=packed)
     modules = (kernels, kmatmul, pairmatmul, lanematmul, repacked, activations, dequantize)
     dispatchers = [f for mod in modules for f in vars(mod).values()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from llmx.quant.cpu import activations, kmatmul, lanematmul, pairmatmul, repacked
+from llmx.quant.cpu import activations, kmatmul, kpacked, lanematmul, pairmatmul, repacked
 from llmx.quant.cpu import matmul as kernels
 from llmx.quant.cpu.simd import CHUNK_ORDER, VNNI, has_avx512_pairs, host_isa
 from llmx.quant.qtypes import QType
@@ -77,17 +77,24 @@ def quantize_activations(x: np.ndarray, qtype: QType) -> tuple:
 
 
 def pack(w: np.ndarray, qtype: QType) -> np.ndarray | None:
-    """The layout a weight matrix is multiplied in when the model loads it (`repacked`), or None
-    for a weight that stays as stored. Q4_0 with a multiple of 8 rows is what llama.cpp's CPU
-    backend repacks, and takes its float order; Q5_0 takes the same layout (bit planes for the
-    fifth bits), any row count, for the speed. Embedding tables that llama.cpp also reads by rows
-    (`token_embd`, even when it is the output) stay as stored. Pass the result to `matmul` as `packed`."""
+    """The layout a weight matrix is multiplied in when the model loads it, or None for a weight
+    that stays as stored. Q4_0 with a multiple of 8 rows is what llama.cpp's CPU backend repacks,
+    and takes its float order (`repacked`); Q5_0 (bit planes for the fifth bits), Q4_K and Q6_K
+    (`kpacked`) take such layouts too, any row count, for the speed (2-3x the row-by-row
+    kernels). Embedding tables that llama.cpp also reads by rows (`token_embd`, even when it is
+    the output) stay as stored. Pass the result to `matmul` as `packed`."""
     w = np.ascontiguousarray(w).view(np.uint8)
     if qtype == QType.Q4_0 and w.shape[0] % repacked.LLAMA_CPP_ROW_MULTIPLE == 0:
         return repacked.pack_q4_0(w)
-    if qtype == QType.Q5_0:
-        return repacked.pack_q5_0(w)
+    if qtype in _PACKERS:
+        return _PACKERS[qtype](w)
     return None
+
+
+# weight type -> its packed layout (see `pack`), and the kernel that multiplies it
+_PACKERS = {QType.Q5_0: repacked.pack_q5_0, QType.Q4_K: kpacked.pack_q4_k, QType.Q6_K: kpacked.pack_q6_k}
+_PACKED_KERNELS = {QType.Q4_0: repacked.repacked_q4_0, QType.Q5_0: repacked.repacked_q5_0}
+_PACKED_K_KERNELS = {QType.Q4_K: kpacked.packed_q4_k, QType.Q6_K: kpacked.packed_q6_k}
 
 
 def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = None, isa=None,
@@ -175,9 +182,13 @@ def matmul_packed(x: np.ndarray, packed: np.ndarray, qtype: QType, m: int, threa
     if threads is not None:
         numba.set_num_threads(threads)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    codes, scales = (quantize_activations(x, qtype) if quantized is None else quantized)[:2]
+    codes, scales, *sums = quantize_activations(x, qtype) if quantized is None else quantized
     n_tok, k = codes.shape
-    kernel = repacked.repacked_q4_0 if qtype == QType.Q4_0 else repacked.repacked_q5_0
     out = np.empty((n_tok, m), np.float32)
-    kernel(codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, host_isa() if isa is None else isa)
+    isa = host_isa() if isa is None else isa
+    if qtype in _PACKED_K_KERNELS:  # Q8_K activations: one scale per 256 values, sums per 16
+        _PACKED_K_KERNELS[qtype](codes.reshape(-1), scales.reshape(-1), sums[0].reshape(-1), packed, k // 256, m,
+                                 n_tok, out, isa)
+    else:
+        _PACKED_KERNELS[qtype](codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
     return out

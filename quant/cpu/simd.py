@@ -1249,48 +1249,59 @@ def or_i8x64(typingctx, a, b):
     return I8x64(I8x64, I8x64), codegen
 
 
-@intrinsic
-def dot16x4_u8i8_acc(typingctx, isa, acc, u0, s0, u1, s1, u2, s2, u3, s3):
-    """acc + the four `dot16_u8i8_acc` products, for unsigned bytes u <= 31 and |s| <= 127. On AVX2
-    the four `vpmaddubsw` results are added as int16 (at most 4 x 2 x 31 x 127 = 31496, no overflow)
-    before one `vpmaddwd`: 9 instructions per half instead of 12. VNNI chains four `vpdpbusd`."""
-    avx2, vnni = _is_avx2(isa), _is_vnni(isa)
-    sig = I32x16(isa, I32x16, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64)
+def _dot16x4(summed: int):
+    """`dot16x4_u8i8_acc`, adding `summed` vpmaddubsw results as int16 before each vpmaddwd on AVX2."""
+    @intrinsic
+    def dot(typingctx, isa, acc, u0, s0, u1, s1, u2, s2, u3, s3):
+        avx2, vnni = _is_avx2(isa), _is_vnni(isa)
+        sig = I32x16(isa, I32x16, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64)
 
-    def codegen(context, builder, signature, args):
-        total, operands = args[1], args[2:]
-        pairs = list(zip(operands[0::2], operands[1::2], strict=True))
-        if vnni and has_avx512_pairs():
-            for u_v, s_v in pairs:
-                words = [builder.bitcast(u_v, _V16I32), builder.bitcast(s_v, _V16I32)]
-                total = _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
-            return total
-        halves = []
-        for h in range(2):
-            bytes_h, lanes_h = range(32 * h, 32 * h + 32), range(8 * h, 8 * h + 8)
-            t_h = _shuffle(builder, total, lanes_h)
-            if vnni:
+        def codegen(context, builder, signature, args):
+            total, operands = args[1], args[2:]
+            pairs = list(zip(operands[0::2], operands[1::2], strict=True))
+            if vnni and has_avx512_pairs():
                 for u_v, s_v in pairs:
-                    words = [builder.bitcast(_shuffle(builder, u_v, bytes_h), _V8I32),
-                             builder.bitcast(_shuffle(builder, s_v, bytes_h), _V8I32)]
-                    t_h = _call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [t_h, *words])
-            elif avx2:
-                words = None
-                for u_v, s_v in pairs:
-                    w = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16,
-                              [_shuffle(builder, u_v, bytes_h), _shuffle(builder, s_v, bytes_h)])
-                    words = w if words is None else builder.add(words, w)
-                t_h = builder.add(t_h, _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32,
-                                             [words, _const_vec(_V16I16, 1)]))
-            else:
-                for u_v, s_v in pairs:
-                    t_h = builder.add(t_h, _portable_dot(builder, _shuffle(builder, u_v, bytes_h),
-                                                         _shuffle(builder, s_v, bytes_h), True))
-            halves.append(t_h)
-        mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
-        return builder.shuffle_vector(halves[0], halves[1], mask)
+                    words = [builder.bitcast(u_v, _V16I32), builder.bitcast(s_v, _V16I32)]
+                    total = _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
+                return total
+            halves = [_dot16x4_half(builder, _shuffle(builder, total, range(8 * h, 8 * h + 8)),
+                                    [(_shuffle(builder, u_v, range(32 * h, 32 * h + 32)),
+                                      _shuffle(builder, s_v, range(32 * h, 32 * h + 32))) for u_v, s_v in pairs],
+                                    avx2, vnni, summed) for h in range(2)]
+            mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
+            return builder.shuffle_vector(halves[0], halves[1], mask)
 
-    return sig, codegen
+        return sig, codegen
+
+    return dot
+
+
+def _dot16x4_half(builder, total, pairs, avx2, vnni, summed):
+    """One 256-bit half: total + the dots of (unsigned, signed) byte vector pairs."""
+    if vnni:
+        for u_h, s_h in pairs:
+            words = [builder.bitcast(u_h, _V8I32), builder.bitcast(s_h, _V8I32)]
+            total = _call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [total, *words])
+        return total
+    if not avx2:
+        for u_h, s_h in pairs:
+            total = builder.add(total, _portable_dot(builder, u_h, s_h, True))
+        return total
+    for first in range(0, len(pairs), summed):
+        words = None
+        for u_h, s_h in pairs[first:first + summed]:
+            w = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [u_h, s_h])
+            words = w if words is None else builder.add(words, w)
+        total = builder.add(total, _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [words, _const_vec(_V16I16, 1)]))
+    return total
+
+
+# acc + the four `dot16_u8i8_acc` products, for unsigned bytes u <= 31 and |s| <= 127. On AVX2 the
+# four `vpmaddubsw` results are added as int16 (at most 4 x 2 x 31 x 127 = 31496, no overflow)
+# before one `vpmaddwd`: 9 instructions per half instead of 12. VNNI chains four `vpdpbusd`.
+dot16x4_u8i8_acc = _dot16x4(4)
+# ... for u <= 63 (Q6_K's codes): two at a time (2 x 2 x 63 x 127 = 32004)
+dot16x4_u6i8_acc = _dot16x4(2)
 
 
 @intrinsic
@@ -1468,3 +1479,104 @@ def mul_f32x16(typingctx, a, b):
         return builder.fmul(args[0], args[1])
 
     return F32x16(F32x16, F32x16), codegen
+
+
+# -- 16-row packed k-quants (`kpacked`) ------------------------------------------------------------
+
+
+def _load_widened(count, to_type, bits, signed):
+    @intrinsic
+    def load(typingctx, array, byte_offset):
+        def codegen(context, builder, signature, args):
+            offset = context.cast(builder, args[1], signature.args[1], types.intp)
+            raw = builder.load(_pointer(context, builder, signature.args[0], args[0], offset,
+                                        ir.VectorType(_I8, count)), align=1)
+            wide = ir.VectorType(ir.IntType(bits), count)
+            return builder.sext(raw, wide) if signed else builder.zext(raw, wide)
+
+        return to_type(array, types.intp), codegen
+
+    return load
+
+
+load_u8_i32x16 = _load_widened(16, I32x16, 32, signed=False)  # 16 bytes, each widened to int32
+load_i8_i32x16 = _load_widened(16, I32x16, 32, signed=True)
+load_u8_i16x32 = _load_widened(32, I16x32, 16, signed=False)  # 32 bytes, each widened to int16
+load_i8_i16x32 = _load_widened(32, I16x32, 16, signed=True)
+
+
+@intrinsic
+def madd_i16x32(typingctx, a, b):
+    """Lane i: a[2i] * b[2i] + a[2i + 1] * b[2i + 1] in int32 (`vpmaddwd`; LLVM matches the IR)."""
+    def codegen(context, builder, signature, args):
+        wide = ir.VectorType(_I32, 32)
+        products = builder.mul(builder.sext(args[0], wide), builder.sext(args[1], wide))
+        return builder.add(_shuffle(builder, products, range(0, 32, 2)), _shuffle(builder, products, range(1, 32, 2)))
+
+    return I32x16(I16x32, I16x32), codegen
+
+
+@intrinsic
+def splat_pair_i16x32(typingctx, first, second):
+    """(first, second) as int16, repeated 16 times: one pair of activation sums facing 16 rows."""
+    def codegen(context, builder, signature, args):
+        def low16(i):
+            value = context.cast(builder, args[i], signature.args[i], types.int32)
+            return builder.zext(builder.trunc(value, _I16), _I32)
+
+        word = builder.or_(low16(0), builder.shl(low16(1), ir.Constant(_I32, 16)))
+        return builder.bitcast(_splat(builder, word, _V16I32), _V32I16)
+
+    return I16x32(first, second), codegen
+
+
+@intrinsic
+def mul_i32x16(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.mul(args[0], args[1])
+
+    return I32x16(I32x16, I32x16), codegen
+
+
+@intrinsic
+def add_i32x16(typingctx, a, b):
+    def codegen(context, builder, signature, args):
+        return builder.add(args[0], args[1])
+
+    return I32x16(I32x16, I32x16), codegen
+
+
+@intrinsic
+def neg_f32x16(typingctx, v):
+    def codegen(context, builder, signature, args):
+        return builder.fneg(args[0])
+
+    return F32x16(F32x16), codegen
+
+
+@intrinsic
+def two_bits_i8x64(typingctx, planes, quarter):
+    """Bits 2q, 2q + 1 of each of 64 bytes, moved to bits 4-5 (0, 16, 32 or 48): a Q6_K code's high
+    bits for quarter q from its qh bytes. (q is a constant wherever the kernels are unrolled.)"""
+    def codegen(context, builder, signature, args):
+        shift = builder.trunc(builder.mul(context.cast(builder, args[1], signature.args[1], types.int32),
+                                          ir.Constant(_I32, 2)), _I8)
+        shifted = builder.lshr(args[0], _splat(builder, shift, _V64I8))
+        return builder.shl(builder.and_(shifted, _const_vec(_V64I8, 3)), _const_vec(_V64I8, 4))
+
+    return I8x64(I8x64, quarter), codegen
+
+
+@intrinsic
+def load_pair_i8_i32x16(typingctx, array, byte_offset, which):
+    """From 16 (first, second) signed byte pairs at `byte_offset`, the firsts (which=0) or the
+    seconds (1), each widened to int32."""
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        raw = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _V32I8), align=1)
+        picked = _shuffle(builder, raw, range(signature.args[2].literal_value, 32, 2))
+        return builder.sext(picked, _V16I32)
+
+    if not isinstance(which, types.IntegerLiteral):
+        return None
+    return I32x16(array, types.intp, which), codegen
