@@ -28,7 +28,7 @@ from llmx.engine.weights_check import check_weights
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
-from llmx.quant.cpu.linear import activation_quantizer, matmul, matmul_packed, pack, quantize_activations
+from llmx.quant.cpu.linear import activation_quantizer, matmul, matmul_packed, pack, packable, quantize_activations
 from llmx.quant.cpu.simd import VNNI
 from llmx.quant.qtypes import QType
 
@@ -97,24 +97,26 @@ class Transformer:
 
     def __post_init__(self) -> None:
         check_weights(self.config, self.tensors)
-        for name, tensor in self.tensors.items():
-            if name.endswith(".weight") and name != "token_embd.weight" and tensor.data.ndim == 2:
-                packed = pack(tensor.data.view(np.uint8), tensor.qtype)
-                if packed is not None:
-                    self.packed[name] = packed
         for layer in range(self.config.n_layer):
             for group in STACKABLE:
                 for names in self._stackable_runs([f"blk.{layer}.{role}" for role in group]):
                     self._stack(names)
+        for name, tensor in self.tensors.items():
+            if name.endswith(".weight") and name != "token_embd.weight" and tensor.data.ndim == 2 \
+                    and name[: -len(".weight")] not in self.stacks:
+                packed = pack(tensor.data.view(np.uint8), tensor.qtype)
+                if packed is not None:
+                    self.packed[name] = packed
 
     def _stackable_runs(self, names: list[str]) -> list[list[str]]:
-        """Maximal runs of two or more consecutive weights, each packed, of one type and row length,
-        without a bias."""
+        """Maximal runs of two or more consecutive weights, each of a type `pack` packs, of one type
+        and row length, without a bias."""
         def key(name: str):
             tensor = self.tensors.get(f"{name}.weight")
-            if tensor is None or f"{name}.weight" not in self.packed or f"{name}.bias" in self.tensors:
+            if tensor is None or tensor.data.ndim != 2 or f"{name}.bias" in self.tensors:
                 return None
-            return tensor.qtype, tensor.data.view(np.uint8).shape[1]
+            rows = tensor.data.view(np.uint8)
+            return (tensor.qtype, rows.shape[1]) if packable(tensor.qtype, len(rows)) else None
 
         runs: list[list[str]] = []
         for name in names:
@@ -127,13 +129,9 @@ class Transformer:
     def _stack(self, names: list[str]) -> None:
         tensors = [self.tensors[f"{name}.weight"] for name in names]
         rows = np.concatenate([t.data.view(np.uint8) for t in tensors])
-        packed = pack(rows, tensors[0].qtype)
-        if packed is None:
-            return
         bounds = tuple(np.cumsum([0] + [t.data.view(np.uint8).shape[0] for t in tensors]).tolist())
-        stack = Stack(tuple(names), tensors[0].qtype, packed, bounds)
+        stack = Stack(tuple(names), tensors[0].qtype, pack(rows, tensors[0].qtype), bounds)
         for name in names:
-            del self.packed[f"{name}.weight"]  # only the stack is kept
             self.stacks[name] = stack
 
     def is_packed(self, name: str) -> bool:

@@ -43,7 +43,7 @@ from numba import njit, prange
 
 from llmx.quant.cpu import simd as S
 from llmx.quant.cpu.kmatmul import CHUNKS
-from llmx.quant.cpu.repacked import AHEAD, GROUP_ROWS, _grouped, _store, prefetch
+from llmx.quant.cpu.repacked import AHEAD, GROUP_ROWS, _grouped, _store, fill, prefetch
 
 Q4_K_BLOCK_BYTES = 144
 Q4_K_PACKED_BYTES = 2368
@@ -61,28 +61,25 @@ def pack_q4_k(w: np.ndarray) -> np.ndarray:
     by_group = _grouped(w, Q4_K_BLOCK_BYTES)  # [g, 16, nb, 144]: d, dmin, 12 bytes of scales, qs (128)
     groups, _, nb, _ = by_group.shape
     scales, mins = k4_scales_mins(by_group[..., 4:16])  # each [g, 16, nb, 8]
-    qs = by_group[..., 16:].reshape(groups, GROUP_ROWS, nb, 4, 8, 4)  # [g, r, b, pair c, vector v, 4]
-    codes = qs.transpose(0, 2, 3, 4, 1, 5)  # [g, b, c, v, r, 4]
-    parts = [codes.reshape(groups, nb, 2048),
-             mins.reshape(groups, GROUP_ROWS, nb, 4, 2).transpose(0, 2, 3, 1, 4).reshape(groups, nb, 128),
-             scales.transpose(0, 2, 3, 1).reshape(groups, nb, 128),
-             by_group[..., 0:2].transpose(0, 2, 1, 3).reshape(groups, nb, 32),
-             by_group[..., 2:4].transpose(0, 2, 1, 3).reshape(groups, nb, 32)]
-    return np.concatenate(parts, axis=2).reshape(-1)
+    out = np.empty((groups, nb, Q4_K_PACKED_BYTES), np.uint8)
+    at = fill(out, 0, by_group[..., 16:].view(np.uint32).transpose(0, 2, 3, 1))  # [g, b, 8c + v, r]
+    at = fill(out, at, mins.reshape(groups, GROUP_ROWS, nb, 4, 2).view(np.uint16)[..., 0].transpose(0, 2, 3, 1))
+    at = fill(out, at, scales.transpose(0, 2, 3, 1))  # [g, b, j, r]
+    at = fill(out, at, by_group[..., 0:2].view(np.uint16)[..., 0].transpose(0, 2, 1))  # d [g, b, r]
+    fill(out, at, by_group[..., 2:4].view(np.uint16)[..., 0].transpose(0, 2, 1))  # dmin
+    return out.reshape(-1)
 
 
 def pack_q6_k(w: np.ndarray) -> np.ndarray:
     """Q6_K rows uint8 [m, nb * 210] -> the packed layout, uint8 [ceil(m / 16) * nb * 3360]."""
     by_group = _grouped(w, Q6_K_BLOCK_BYTES)  # [g, 16, nb, 210]: ql (128), qh (64), scales (16), d
     groups, _, nb, _ = by_group.shape
-    ql = by_group[..., :128].reshape(groups, GROUP_ROWS, nb, 4, 8, 4)  # [g, r, b, 2h + s, v, 4]
-    qh = by_group[..., 128:192].reshape(groups, GROUP_ROWS, nb, 2, 8, 4)  # [g, r, b, h, v, 4]
-    scales = by_group[..., 192:208].reshape(groups, GROUP_ROWS, nb, 8, 2)  # [g, r, b, p, 2]
-    parts = [ql.transpose(0, 2, 3, 4, 1, 5).reshape(groups, nb, 2048),
-             qh.transpose(0, 2, 3, 4, 1, 5).reshape(groups, nb, 1024),
-             scales.transpose(0, 2, 3, 1, 4).reshape(groups, nb, 256),
-             by_group[..., 208:210].transpose(0, 2, 1, 3).reshape(groups, nb, 32)]
-    return np.concatenate(parts, axis=2).reshape(-1)
+    out = np.empty((groups, nb, Q6_K_PACKED_BYTES), np.uint8)
+    at = fill(out, 0, by_group[..., :128].view(np.uint32).transpose(0, 2, 3, 1))  # ql [g, b, 8(2h + s) + v, r]
+    at = fill(out, at, by_group[..., 128:192].view(np.uint32).transpose(0, 2, 3, 1))  # qh [g, b, 8h + v, r]
+    at = fill(out, at, by_group[..., 192:208].view(np.uint16).transpose(0, 2, 3, 1))  # scale pairs [g, b, p, r]
+    fill(out, at, by_group[..., 208:210].view(np.uint16)[..., 0].transpose(0, 2, 1))  # d [g, b, r]
+    return out.reshape(-1)
 
 
 def k4_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

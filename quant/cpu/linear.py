@@ -84,11 +84,14 @@ def pack(w: np.ndarray, qtype: QType) -> np.ndarray | None:
     kernels). Embedding tables that llama.cpp also reads by rows (`token_embd`, even when it is
     the output) stay as stored. Pass the result to `matmul` as `packed`."""
     w = np.ascontiguousarray(w).view(np.uint8)
-    if qtype == QType.Q4_0 and w.shape[0] % repacked.LLAMA_CPP_ROW_MULTIPLE == 0:
-        return repacked.pack_q4_0(w)
-    if qtype in _PACKERS:
-        return _PACKERS[qtype](w)
-    return None
+    if not packable(qtype, len(w)):
+        return None
+    return repacked.pack_q4_0(w) if qtype == QType.Q4_0 else _PACKERS[qtype](w)
+
+
+def packable(qtype: QType, rows: int) -> bool:
+    """Whether `pack` packs a `qtype` matrix of `rows` rows."""
+    return (qtype == QType.Q4_0 and rows % repacked.LLAMA_CPP_ROW_MULTIPLE == 0) or qtype in _PACKERS
 
 
 # weight type -> its packed layout (see `pack`), and the kernel that multiplies it

@@ -57,33 +57,53 @@ def pack_q4_0(w: np.ndarray) -> np.ndarray:
 def pack_q5_0(w: np.ndarray) -> np.ndarray:
     """Q5_0 rows uint8 [m, nb * 22] -> the packed layout, uint8 [ceil(m / 16) * nb * 352]."""
     by_group = _grouped(w, Q5_0_BLOCK_BYTES)  # [g, 16, nb, 22]: d, qh (4 bytes), qs (16)
-    fifth = np.unpackbits(by_group[..., 2:6], axis=-1, bitorder="little")  # [g, 16, nb, 32]: bit of value v
-    # unpacked vector c holds values 4 (c % 4) + j (+ 16 for c >= 4) at byte j of each lane
-    values = np.array([[4 * (c % 4) + j + 16 * (c // 4) for j in range(4)] for c in range(8)])  # [8, 4]
-    planes = (fifth[..., values] << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=-2, dtype=np.uint8)
-    return _assemble(by_group[..., 6:], planes, by_group[..., :2])  # planes [g, 16, nb, 4]
+    qh = by_group[..., 2:6].view("<u4")[..., 0]  # [g, 16, nb]: bit v = value v's fifth bit
+    # byte j of a lane holds values 4 (c % 4) + j (+ 16 for c >= 4) in unpacked vector c: bits
+    # j, j + 4, ..., j + 28 of qh, gathered into one byte (bit c)
+    planes = np.stack([_every_fourth_bit(qh >> j) for j in range(4)], axis=-1)  # [g, 16, nb, 4]
+    return _assemble(by_group[..., 6:], planes, by_group[..., :2])
+
+
+def _every_fourth_bit(x: np.ndarray) -> np.ndarray:
+    """Bits 0, 4, ..., 28 of each uint32, as bits 0..7 of a byte."""
+    x = x & np.uint32(0x11111111)
+    x = (x | (x >> 3)) & np.uint32(0x03030303)
+    x = (x | (x >> 6)) & np.uint32(0x000F000F)
+    return ((x | (x >> 12)) & np.uint32(0xFF)).astype(np.uint8)
 
 
 def _grouped(w: np.ndarray, block_bytes: int) -> np.ndarray:
-    """uint8 [m, nb * block_bytes] -> [groups, 16, nb, block_bytes], padded with zero rows."""
+    """uint8 [m, nb * block_bytes] -> [groups, 16, nb, block_bytes], padded with zero rows (a view
+    when m is a multiple of 16)."""
     m, row_bytes = w.shape
     nb = row_bytes // block_bytes
     groups = -(-m // GROUP_ROWS)
-    padded = np.zeros((groups * GROUP_ROWS, nb, block_bytes), np.uint8)
-    padded[:m] = w.reshape(m, nb, block_bytes)
-    return padded.reshape(groups, GROUP_ROWS, nb, block_bytes)
+    if m % GROUP_ROWS:
+        padded = np.zeros((groups * GROUP_ROWS, row_bytes), np.uint8)
+        padded[:m] = w
+        w = padded
+    return w.reshape(groups, GROUP_ROWS, nb, block_bytes)
+
+
+def fill(out: np.ndarray, at: int, part: np.ndarray) -> int:
+    """Copy `part` [g, b, ...] into bytes at.. of each (group, block) record of out uint8 [g, b,
+    record bytes], in one pass; returns the end. Give `part` in its widest unit (the 4 code bytes
+    of a lane as one uint32, not 4 bytes): numpy moves one element per step."""
+    end = at + int(np.prod(part.shape[2:])) * part.itemsize
+    out[:, :, at:end].view(part.dtype).reshape(part.shape)[...] = part
+    return end
 
 
 def _assemble(qs: np.ndarray, planes: np.ndarray | None, scales: np.ndarray) -> np.ndarray:
     """Per (group, block): the nibbles [g, 16, nb, 16] regrouped, the bit planes [g, 16, nb, 4]
     (or none) and the scales [g, 16, nb, 2], each rows-innermost."""
     groups, _, nb, _ = qs.shape
-    codes = qs.reshape(groups, GROUP_ROWS, nb, 4, 4).transpose(0, 2, 3, 1, 4)  # [g, b, i, r, 4]
-    parts = [codes.reshape(groups, nb, 256)]
+    out = np.empty((groups, nb, 288 if planes is None else 352), np.uint8)
+    at = fill(out, 0, qs.view(np.uint32).transpose(0, 2, 3, 1))  # [g, b, i, r]: row r's bytes 4i..4i+3
     if planes is not None:
-        parts.append(planes.transpose(0, 2, 1, 3).reshape(groups, nb, 64))
-    parts.append(scales.transpose(0, 2, 1, 3).reshape(groups, nb, 32))
-    return np.concatenate(parts, axis=2).reshape(-1)
+        at = fill(out, at, planes.view(np.uint32)[..., 0].transpose(0, 2, 1))  # [g, b, r]
+    fill(out, at, scales.view(np.uint16)[..., 0].transpose(0, 2, 1))  # [g, b, r]
+    return out.reshape(-1)
 
 
 @njit
