@@ -72,7 +72,7 @@ class Model:
         self.config = config_from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
         if not use_mmap:
-            self.gguf.load_into_memory()
+            self.gguf.load_into_memory(keep_mapped=Transformer.packed_weights(self.config, self.gguf.tensors))
         self.transformer = Transformer.from_gguf(self.gguf, self.config, threads, isa_marker)
         self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
         self._engine: Engine | None = None

@@ -29,6 +29,7 @@ from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
 from llmx.quant.cpu.linear import activation_quantizer, matmul, matmul_packed, pack, packable, quantize_activations
+from llmx.quant.cpu.repacked import q8_0_rows
 from llmx.quant.cpu.simd import VNNI
 from llmx.quant.qtypes import QType
 
@@ -102,11 +103,14 @@ class Transformer:
                 for names in self._stackable_runs([f"blk.{layer}.{role}" for role in group]):
                     self._stack(names)
         for name, tensor in self.tensors.items():
-            if name.endswith(".weight") and name != "token_embd.weight" and tensor.data.ndim == 2 \
-                    and name[: -len(".weight")] not in self.stacks:
-                packed = pack(tensor.data.view(np.uint8), tensor.qtype)
-                if packed is not None:
-                    self.packed[name] = packed
+            if name[: -len(".weight")] not in self.stacks and will_pack(name, tensor, self.config):
+                self.packed[name] = pack(tensor.data.view(np.uint8), tensor.qtype)
+
+    @staticmethod
+    def packed_weights(config: ModelConfig, tensors: dict[str, GGUFTensor]) -> set[str]:
+        """The weights a Transformer of these tensors multiplies packed, and never reads as stored
+        after packing them: a private copy of the file need not hold them (`load_into_memory`)."""
+        return {name for name, tensor in tensors.items() if will_pack(name, tensor, config)}
 
     def _stackable_runs(self, names: list[str]) -> list[list[str]]:
         """Maximal runs of two or more consecutive weights, each of a type `pack` packs, of one type
@@ -206,7 +210,11 @@ class Transformer:
 
     def _embed(self, tokens: np.ndarray) -> np.ndarray:
         table = self._tensor("token_embd.weight")
-        rows = np.ascontiguousarray(table.data[tokens]).view(np.uint8)
+        packed = self.packed.get(table.name)
+        if packed is None:
+            rows = np.ascontiguousarray(table.data[tokens]).view(np.uint8)
+        else:  # a tied Q8_0 table, read from its packed copy (the stored one may not be in memory)
+            rows = q8_0_rows(packed, np.asarray(tokens, np.int64), table.data.view(np.uint8).shape[1] // 34)
         x = dequantize(rows, table.qtype).reshape(len(tokens), -1)  # [n_tok, n_embd]
         if self.config.embed_scale != 1.0:
             x = x * np.float32(self.config.embed_scale)
@@ -313,6 +321,17 @@ class Transformer:
         mix, mscale = yarn_mix(c.rope_dim, c.rope_orig_ctx, base, scale)
         theta = theta * scale * (1 - mix) + theta * mix
         return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
+
+
+def will_pack(name: str, tensor: GGUFTensor, config: ModelConfig) -> bool:
+    """Whether the model multiplies weight `name` packed (`linear.pack`). The embedding table is
+    read by rows; packed only when it is also the output and Q8_0 (`repacked.q8_0_rows` reads
+    its rows back), llama.cpp's other types staying as stored."""
+    if not name.endswith(".weight") or tensor.data.ndim != 2:
+        return False
+    if name == "token_embd.weight":
+        return config.tied_output and tensor.qtype == QType.Q8_0
+    return packable(tensor.qtype, tensor.data.shape[0])
 
 
 def _logit_rows(lengths: list[int], logits_for: str | Sequence[int]) -> list[np.ndarray]:

@@ -83,6 +83,20 @@ def test_load_into_memory_gives_the_same_tensors_off_the_mmap(path):
         assert not isinstance(tensor.data.base, mmap.mmap) and tensor.data.base is not None
 
 
+@pytest.mark.parametrize("path", TINY_MODELS[:2], ids=lambda p: p.name)
+def test_tensors_kept_mapped_stay_on_the_mmap_and_the_rest_is_read(path):
+    """The tensors a model repacks stay on the mmap (the private copy never holds them); the
+    tensors before, between and after them are read whole."""
+    mapped, loaded = GGUFFile.open(path), GGUFFile.open(path)
+    names = list(mapped.tensors)
+    kept = {names[0], names[len(names) // 2], names[len(names) // 2 + 1], names[-1]}
+    on_the_mmap = {name: t.data for name, t in loaded.tensors.items()}
+    loaded.load_into_memory(keep_mapped=kept)
+    for name, tensor in loaded.tensors.items():
+        assert tensor.data.tobytes() == mapped.tensors[name].data.tobytes(), name
+        assert (tensor.data is on_the_mmap[name]) == (name in kept), name
+
+
 def test_load_into_memory_reports_a_truncated_file(tmp_path):
     copy = tmp_path / "model.gguf"
     shutil.copy(TINY, copy)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from llmx.quant import activations as reference_activations
-from llmx.quant.cpu import activations, lanematmul, linear, pairmatmul, simd
+from llmx.quant.cpu import activations, lanematmul, linear, pairmatmul, repacked, simd
 from llmx.quant.cpu import matmul as kernels
 from llmx.quant.cpu.linear import SUPPORTED, matmul
 from llmx.quant.formats import dequantize, quantize
@@ -144,9 +144,10 @@ def test_repacked_q4_0_takes_llama_cpps_repacked_float_order_bit_for_bit(isa):
 
 
 @pytest.mark.parametrize("isa", list(ISAS), ids=str)
-@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
 def test_packed_weights_match_emulation_and_each_token_alone(qtype, isa):
-    """Q5_0 packed with bit planes for the fifth bits, Q4_K and Q6_K with their scales unpacked: each
+    """Q8_0 (signed codes: x + 128 on VNNI, vpsignb on AVX2), Q5_0 packed with bit planes for the
+    fifth bits, Q4_K and Q6_K with their scales unpacked: each
     output within float32 rounding of the float64 emulation, and the same bits for a token in a
     tile of four as alone (batch invariance). 37 and 40 rows leave the last group of 16 part full."""
     rng = np.random.default_rng(9)
@@ -164,13 +165,17 @@ def test_packed_weights_match_emulation_and_each_token_alone(qtype, isa):
                 assert np.array_equal(out, np.concatenate(alone)), (m, n_tok, threads)
 
 
-def test_only_q4_0_as_llama_cpp_repacks_it_q5_0_q4_k_and_q6_k_are_packed(weights):
-    """Q4_0 with a multiple of 8 rows, not M = 37 rows; Q5_0, Q4_K and Q6_K with any rows; no other type."""
+def test_only_q4_0_as_llama_cpp_repacks_it_and_q8_0_q5_0_q4_k_q6_k_are_packed(weights):
+    """Q4_0 with a multiple of 8 rows, not M = 37 rows; Q8_0, Q5_0, Q4_K and Q6_K with any rows;
+    no other type. A packed Q8_0 table gives its rows back as stored (a tied embedding is read so)."""
     assert linear.pack(quantize(weights[:32], QType.Q4_0), QType.Q4_0) is not None
     assert linear.pack(quantize(weights, QType.Q4_0), QType.Q4_0) is None
-    for qtype in (QType.Q5_0, QType.Q4_K, QType.Q6_K):
+    for qtype in (QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K):
         assert linear.pack(quantize(weights, qtype), qtype) is not None
-    for qtype in (QType.Q8_0, QType.Q5_K, QType.F16):
+    stored = quantize(weights, QType.Q8_0)
+    rows = np.array([36, 0, 17, 17, 5])
+    assert np.array_equal(repacked.q8_0_rows(linear.pack(stored, QType.Q8_0), rows, K // 32), stored[rows])
+    for qtype in (QType.Q5_K, QType.F16):
         assert linear.pack(quantize(weights[:32], qtype), qtype) is None
 
 
@@ -263,7 +268,7 @@ CACHE_PROBE = textwrap.dedent("""
         dequantize.dequantize(w, qtype)
         for isa in isas:
             for n_tok in (1, 2, 4, 16):  # one token, and several (decode-once, pair and token-lane kernels)
-                for packed in (None, pack(w, qtype)):  # as stored, and packed (Q4_0, Q5_0, Q4_K, Q6_K)
+                for packed in (None, pack(w, qtype)):  # as stored, and packed (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K)
                     matmul(np.ones((n_tok, 1024), np.float32), w, qtype, isa=isa, packed=packed)
     modules = (kernels, kmatmul, pairmatmul, lanematmul, repacked, activations, dequantize)
     dispatchers = [f for mod in modules for f in vars(mod).values()

@@ -43,7 +43,7 @@ from numba import njit, prange
 
 from llmx.quant.cpu import simd as S
 from llmx.quant.cpu.kmatmul import CHUNKS
-from llmx.quant.cpu.repacked import AHEAD, GROUP_ROWS, _grouped, _store, fill, prefetch
+from llmx.quant.cpu.repacked import AHEAD, GROUP_ROWS, _grouped, _store, fill, prefetch, records
 
 Q4_K_BLOCK_BYTES = 144
 Q4_K_PACKED_BYTES = 2368
@@ -61,7 +61,7 @@ def pack_q4_k(w: np.ndarray) -> np.ndarray:
     by_group = _grouped(w, Q4_K_BLOCK_BYTES)  # [g, 16, nb, 144]: d, dmin, 12 bytes of scales, qs (128)
     groups, _, nb, _ = by_group.shape
     scales, mins = k4_scales_mins(by_group[..., 4:16])  # each [g, 16, nb, 8]
-    out = np.empty((groups, nb, Q4_K_PACKED_BYTES), np.uint8)
+    out = records(groups, nb, Q4_K_PACKED_BYTES)
     at = fill(out, 0, by_group[..., 16:].view(np.uint32).transpose(0, 2, 3, 1))  # [g, b, 8c + v, r]
     at = fill(out, at, mins.reshape(groups, GROUP_ROWS, nb, 4, 2).view(np.uint16)[..., 0].transpose(0, 2, 3, 1))
     at = fill(out, at, scales.transpose(0, 2, 3, 1))  # [g, b, j, r]
@@ -74,7 +74,7 @@ def pack_q6_k(w: np.ndarray) -> np.ndarray:
     """Q6_K rows uint8 [m, nb * 210] -> the packed layout, uint8 [ceil(m / 16) * nb * 3360]."""
     by_group = _grouped(w, Q6_K_BLOCK_BYTES)  # [g, 16, nb, 210]: ql (128), qh (64), scales (16), d
     groups, _, nb, _ = by_group.shape
-    out = np.empty((groups, nb, Q6_K_PACKED_BYTES), np.uint8)
+    out = records(groups, nb, Q6_K_PACKED_BYTES)
     at = fill(out, 0, by_group[..., :128].view(np.uint32).transpose(0, 2, 3, 1))  # ql [g, b, 8(2h + s) + v, r]
     at = fill(out, at, by_group[..., 128:192].view(np.uint32).transpose(0, 2, 3, 1))  # qh [g, b, 8h + v, r]
     at = fill(out, at, by_group[..., 192:208].view(np.uint16).transpose(0, 2, 3, 1))  # scale pairs [g, b, p, r]

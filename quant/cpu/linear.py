@@ -95,7 +95,8 @@ def packable(qtype: QType, rows: int) -> bool:
 
 
 # weight type -> its packed layout (see `pack`), and the kernel that multiplies it
-_PACKERS = {QType.Q5_0: repacked.pack_q5_0, QType.Q4_K: kpacked.pack_q4_k, QType.Q6_K: kpacked.pack_q6_k}
+_PACKERS = {QType.Q8_0: repacked.pack_q8_0, QType.Q5_0: repacked.pack_q5_0, QType.Q4_K: kpacked.pack_q4_k,
+            QType.Q6_K: kpacked.pack_q6_k}
 _PACKED_KERNELS = {QType.Q4_0: repacked.repacked_q4_0, QType.Q5_0: repacked.repacked_q5_0}
 _PACKED_K_KERNELS = {QType.Q4_K: kpacked.packed_q4_k, QType.Q6_K: kpacked.packed_q6_k}
 
@@ -189,7 +190,10 @@ def matmul_packed(x: np.ndarray, packed: np.ndarray, qtype: QType, m: int, threa
     n_tok, k = codes.shape
     out = np.empty((n_tok, m), np.float32)
     isa = host_isa() if isa is None else isa
-    if qtype in _PACKED_K_KERNELS:  # Q8_K activations: one scale per 256 values, sums per 16
+    if qtype == QType.Q8_0:  # on VNNI the activations as unsigned x + 128 (see `simd.dot16_q8_acc`)
+        xq = codes.view(np.uint8) ^ np.uint8(0x80) if np.asarray(isa).dtype == VNNI.dtype else codes
+        repacked.repacked_q8_0(xq.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
+    elif qtype in _PACKED_K_KERNELS:  # Q8_K activations: one scale per 256 values, sums per 16
         _PACKED_K_KERNELS[qtype](codes.reshape(-1), scales.reshape(-1), sums[0].reshape(-1), packed, k // 256, m,
                                  n_tok, out, isa)
     else:

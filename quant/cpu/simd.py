@@ -1580,3 +1580,70 @@ def load_pair_i8_i32x16(typingctx, array, byte_offset, which):
     if not isinstance(which, types.IntegerLiteral):
         return None
     return I32x16(array, types.intp, which), codegen
+
+
+@intrinsic
+def dot16_q8_acc(typingctx, isa, acc, w, x):
+    """acc + the 16 rows' dots of signed weight bytes w with 4 activation bytes splat in x (16
+    lanes of 4 values). VNNI: x holds the activations + 128 as unsigned bytes (`vpdpbusd`; the
+    caller starts acc at -128 x the weights' sums, `q8_offsets`); AVX2: |w| times x with w's sign
+    (`vpsignb`, `vpmaddubsw`, `vpmaddwd`); portable: plain vector IR."""
+    avx2, vnni = _is_avx2(isa), _is_vnni(isa)
+    sig = I32x16(isa, I32x16, I8x64, I8x64)
+
+    def codegen(context, builder, signature, args):
+        _, total, w_v, x_v = args
+        if vnni and has_avx512_pairs():
+            words = [builder.bitcast(x_v, _V16I32), builder.bitcast(w_v, _V16I32)]
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
+        halves = []
+        for h in range(2):
+            bytes_h = range(32 * h, 32 * h + 32)
+            w_h, x_h = _shuffle(builder, w_v, bytes_h), _shuffle(builder, x_v, bytes_h)
+            t_h = _shuffle(builder, total, range(8 * h, 8 * h + 8))
+            if vnni:
+                words = [builder.bitcast(x_h, _V8I32), builder.bitcast(w_h, _V8I32)]
+                halves.append(_call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [t_h, *words]))
+            elif avx2:
+                abs_w = _call(builder, "llvm.abs.v32i8", _V32I8, [w_h, ir.Constant(ir.IntType(1), 0)])
+                signed_x = _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [x_h, w_h])
+                halves.append(builder.add(t_h, _avx2_dot_unsigned(builder, abs_w, signed_x)))
+            else:
+                halves.append(builder.add(t_h, _portable_dot(builder, w_h, x_h, a_unsigned=False)))
+        mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
+        return builder.shuffle_vector(halves[0], halves[1], mask)
+
+    return sig, codegen
+
+
+@intrinsic
+def q8_offsets(typingctx, isa, c0, c1, c2, c3, c4, c5, c6, c7):
+    """Where `dot16_q8_acc`'s sums over one block (the 8 code vectors) start: on VNNI -128 x each
+    row's code sum, taking back the +128 of the unsigned activations; zero elsewhere."""
+    vnni = _is_vnni(isa)
+    sig = I32x16(isa, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64)
+
+    def codegen(context, builder, signature, args):
+        zero = _const_vec(_V16I32, 0)
+        if not vnni:
+            return zero
+        high_bit = _const_vec(_V64I8, -128)  # 0x80: 128 as the unsigned operand
+        halves = []
+        for h in range(2 if not has_avx512_pairs() else 1):
+            total = zero if has_avx512_pairs() else _const_vec(_V8I32, 0)
+            for c in args[1:]:
+                if has_avx512_pairs():
+                    words = [builder.bitcast(high_bit, _V16I32), builder.bitcast(c, _V16I32)]
+                    total = _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
+                else:
+                    bytes_h = range(32 * h, 32 * h + 32)
+                    words = [builder.bitcast(_shuffle(builder, high_bit, bytes_h), _V8I32),
+                             builder.bitcast(_shuffle(builder, c, bytes_h), _V8I32)]
+                    total = _call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [total, *words])
+            halves.append(total)
+        if len(halves) == 2:
+            mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
+            halves = [builder.shuffle_vector(halves[0], halves[1], mask)]
+        return builder.neg(halves[0])
+
+    return sig, codegen
