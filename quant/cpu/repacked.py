@@ -80,24 +80,24 @@ def pack_q8_0(w: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _pack_q8_0(w, m, nb, out32, out16):
-    """Records written in order, each from its 16 rows' blocks (rows past m: zeros)."""
+    """Rows read in order into their records (rows past m: zeros). One thread:
+    this runs at load, on the caller's thread, and a parallel region there would start a second
+    OpenMP team beside the compute thread's (measured: decoding then ran at half speed)."""
     row_bytes = nb * Q8_0_BLOCK_BYTES
-    for g in prange(-(-m // GROUP_ROWS)):
-        rows = min(GROUP_ROWS, m - g * GROUP_ROWS)
+    record = Q8_0_PACKED_BYTES // 4  # uint32 per record
+    if m % GROUP_ROWS:  # the padding rows of a last, part-full group
+        out32[(m // GROUP_ROWS) * nb * record:] = 0
+    for row in range(m):  # each row read in order; its group's records (~11 KB) stay in L1
+        g, r = row // GROUP_ROWS, row % GROUP_ROWS
+        src = row * row_bytes
         for b in range(nb):
-            rec = (g * nb + b) * (Q8_0_PACKED_BYTES // 4)  # the record's first uint32
-            first = g * GROUP_ROWS * row_bytes + b * Q8_0_BLOCK_BYTES  # row 0's block
+            rec = (g * nb + b) * record
             for v in range(8):
-                for r in range(rows):
-                    out32[rec + 16 * v + r] = S.load_u32(w, first + r * row_bytes + 2 + 4 * v)
-                for r in range(rows, GROUP_ROWS):
-                    out32[rec + 16 * v + r] = 0
-            for r in range(rows):
-                out16[2 * rec + 256 + r] = w[first + r * row_bytes] | (np.uint16(w[first + r * row_bytes + 1]) << 8)
-            for r in range(rows, GROUP_ROWS):
-                out16[2 * rec + 256 + r] = 0
+                out32[rec + 16 * v + r] = S.load_u32(w, src + 2 + 4 * v)
+            out16[2 * rec + 256 + r] = w[src] | (np.uint16(w[src + 1]) << 8)
+            src += Q8_0_BLOCK_BYTES
 
 
 def q8_0_rows(wp: np.ndarray, rows: np.ndarray, nb: int) -> np.ndarray:
