@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFFile, GGUFTensor
 from llmx.quant.cpu.dequantize import dequantize
 from llmx.quant.cpu.linear import activation_quantizer, matmul, matmul_packed, pack, packable, quantize_activations
-from llmx.quant.cpu.repacked import q8_0_rows
+from llmx.quant.cpu.repacked import Q8_0_BLOCK_BYTES, q8_0_rows
 from llmx.quant.cpu.simd import VNNI
 from llmx.quant.qtypes import QType
 
@@ -37,6 +38,7 @@ from llmx.quant.qtypes import QType
 # are packed alike are packed as one matrix, one kernel call (the per-call cost is most of a small
 # model's decode matmul time).
 STACKABLE = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+BACKGROUND_PACK_BYTES = 64 << 20  # larger matrices are packed on a thread (`Transformer._pack`)
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,9 @@ class Transformer:
     isa: Any = None  # a `simd` instruction-set marker (None: the host's best)
     # Called with (weight name, float32 input [n, k]) before each matmul: `llmx imatrix` listens here.
     observe_matmul: Callable[[str, np.ndarray], None] | None = None
-    # weight name -> its copy in the layout llama.cpp's CPU backend repacks it into at load (`linear.pack`)
-    packed: dict[str, np.ndarray] = field(init=False, default_factory=dict)
+    # weight name -> its packed copy (`linear.pack`, `will_pack`), or a Future of it while a thread
+    # packs it: read through `_packed`
+    packed: dict[str, np.ndarray | Future] = field(init=False, default_factory=dict)
     # weight name (without ".weight") -> the stack it is packed in, for the weights in one
     stacks: dict[str, Stack] = field(init=False, default_factory=dict)
     # A first run compiles the matmul kernels in a helper process (`precompile`) while this one
@@ -104,7 +107,26 @@ class Transformer:
                     self._stack(names)
         for name, tensor in self.tensors.items():
             if name[: -len(".weight")] not in self.stacks and will_pack(name, tensor, self.config):
-                self.packed[name] = pack(tensor.data.view(np.uint8), tensor.qtype)
+                self.packed[name] = self._pack(tensor)
+
+    @staticmethod
+    def _pack(tensor: GGUFTensor) -> np.ndarray | Future:
+        """`pack`, or for a matrix of over 64 MB (a tied output table) a Future of it: packed on a
+        thread (the packer releases the GIL) while the load goes on; `_packed` waits for it."""
+        rows = tensor.data.view(np.uint8)
+        if rows.nbytes <= BACKGROUND_PACK_BYTES:
+            return pack(rows, tensor.qtype)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="llmx-pack")
+        future = pool.submit(pack, rows, tensor.qtype)
+        pool.shutdown(wait=False)  # the thread ends with the job
+        return future
+
+    def _packed(self, name: str) -> np.ndarray | None:
+        """Weight `name`'s packed copy (None: multiplied as stored)."""
+        packed = self.packed.get(name)
+        if isinstance(packed, Future):
+            packed = self.packed[name] = packed.result()
+        return packed
 
     @staticmethod
     def packed_weights(config: ModelConfig, tensors: dict[str, GGUFTensor]) -> set[str]:
@@ -171,7 +193,7 @@ class Transformer:
         if stack is not None:  # alone (the compile helper asks so): the whole stack, then its part
             return self._stacked(x, stack, quantized)[stack.names.index(name)]
         out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, isa=self.isa,
-                     quantized=quantized, packed=self.packed.get(tensor.name))
+                     quantized=quantized, packed=self._packed(tensor.name))
         bias = self.tensors.get(f"{name}.bias")
         return out if bias is None else out + bias.data.astype(np.float32)
 
@@ -210,11 +232,12 @@ class Transformer:
 
     def _embed(self, tokens: np.ndarray) -> np.ndarray:
         table = self._tensor("token_embd.weight")
-        packed = self.packed.get(table.name)
+        packed = self._packed(table.name)
         if packed is None:
             rows = np.ascontiguousarray(table.data[tokens]).view(np.uint8)
         else:  # a tied Q8_0 table, read from its packed copy (the stored one may not be in memory)
-            rows = q8_0_rows(packed, np.asarray(tokens, np.int64), table.data.view(np.uint8).shape[1] // 34)
+            nb = table.data.view(np.uint8).shape[1] // Q8_0_BLOCK_BYTES
+            rows = q8_0_rows(packed, np.asarray(tokens, np.int64), nb)
         x = dequantize(rows, table.qtype).reshape(len(tokens), -1)  # [n_tok, n_embd]
         if self.config.embed_scale != 1.0:
             x = x * np.float32(self.config.embed_scale)

@@ -79,10 +79,10 @@ def quantize_activations(x: np.ndarray, qtype: QType) -> tuple:
 def pack(w: np.ndarray, qtype: QType) -> np.ndarray | None:
     """The layout a weight matrix is multiplied in when the model loads it, or None for a weight
     that stays as stored. Q4_0 with a multiple of 8 rows is what llama.cpp's CPU backend repacks,
-    and takes its float order (`repacked`); Q5_0 (bit planes for the fifth bits), Q4_K and Q6_K
-    (`kpacked`) take such layouts too, any row count, for the speed (2-3x the row-by-row
-    kernels). Embedding tables that llama.cpp also reads by rows (`token_embd`, even when it is
-    the output) stay as stored. Pass the result to `matmul` as `packed`."""
+    and takes its float order (`repacked`); Q8_0, Q5_0 (bit planes for the fifth bits), Q4_K and
+    Q6_K (`kpacked`) take such layouts too, any row count, for the speed (1.1-3x the row-by-row
+    kernels). Which weights the model packs (the embedding table only as a tied Q8_0 output):
+    `transformer.will_pack`. Pass the result to `matmul` as `packed`."""
     w = np.ascontiguousarray(w).view(np.uint8)
     if not packable(qtype, len(w)):
         return None
@@ -94,7 +94,7 @@ def packable(qtype: QType, rows: int) -> bool:
     return (qtype == QType.Q4_0 and rows % repacked.LLAMA_CPP_ROW_MULTIPLE == 0) or qtype in _PACKERS
 
 
-# weight type -> its packed layout (see `pack`), and the kernel that multiplies it
+# weight type -> its packer (see `pack`); then -> the kernel that multiplies the packed layout
 _PACKERS = {QType.Q8_0: repacked.pack_q8_0, QType.Q5_0: repacked.pack_q5_0, QType.Q4_K: kpacked.pack_q4_k,
             QType.Q6_K: kpacked.pack_q6_k}
 _PACKED_KERNELS = {QType.Q4_0: repacked.repacked_q4_0, QType.Q5_0: repacked.repacked_q5_0}
