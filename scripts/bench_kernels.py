@@ -5,7 +5,8 @@ the ratio of GB/s to the read bandwidth that a Numba streaming-sum kernel reache
 number of threads (with software prefetch, as the kernels use; the plain streaming sum's figure
 is printed too), and (batch > 1) tokens/s relative to batch 1. Shapes whose rows are not whole
 blocks of a type (k-quants need k % 256 == 0) are skipped, as llama.cpp picks another type there.
-Weights are prepared as the model prepares a weight matrix at load (`linear.pack`: Q4_0 repacked).
+Weights are prepared as the model prepares a weight matrix at load (`linear.pack`: Q8_0, Q4_0, Q5_0,
+Q4_K and Q6_K packed 16 rows per vector).
 The batches of one (type, shape, threads) are timed in turns, so that their ratio sees one machine state.
 
 Usage: python scripts/bench_kernels.py [--types Q8_0,Q4_K] [--shapes 4096x4096] [--batches 1,16]
