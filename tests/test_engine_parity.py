@@ -83,17 +83,17 @@ def gemma(gemma_path):
 
 @pytest.mark.slow
 def test_gemma_logits_match_llama_cpp(gemma, reference):
-    model, config, _ = gemma
     """Top tokens at every position of four prompts, pooled: llama.cpp disagrees with itself on ~5%
     of top tokens (../shared/reference/README.md, "Fidelity"), so a short prompt's few positions
     may hold one swap of two near-tied tokens, but no more than chance and never a token out of
     the top two."""
+    model, config, _ = gemma
     arrays = np.load(REFERENCE_DIR / "gemma_logits.npz")
-    ours, theirs = [], []
+    ours, references = [], []
     for case in reference["gemma"]["logits"].values():
         ours.append(np.argsort(-run_fresh(model, config, case["ids"]), axis=1)[:, :10])
-        theirs.append(arrays[f"top10_{case['index']}"])
-    top10, expected = np.concatenate(ours), np.concatenate(theirs)  # [positions, 10]
+        references.append(arrays[f"top10_{case['index']}"])
+    top10, expected = np.concatenate(ours), np.concatenate(references)  # [positions, 10]
     assert len(top10) >= 40
     assert (top10[:, 0] == expected[:, 0]).mean() >= 0.9
     for mine, theirs in zip(top10, expected, strict=True):  # a disagreement is a swap of their top two

@@ -1500,7 +1500,6 @@ def _load_widened(count, to_type, bits, signed):
 
 
 load_u8_i32x16 = _load_widened(16, I32x16, 32, signed=False)  # 16 bytes, each widened to int32
-load_i8_i32x16 = _load_widened(16, I32x16, 32, signed=True)
 load_u8_i16x32 = _load_widened(32, I16x32, 16, signed=False)  # 32 bytes, each widened to int16
 load_i8_i16x32 = _load_widened(32, I16x32, 16, signed=True)
 
