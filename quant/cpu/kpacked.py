@@ -39,11 +39,10 @@ Kernel arguments:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from llmx.quant.cpu import simd as S
-from llmx.quant.cpu.kmatmul import CHUNKS
-from llmx.quant.cpu.repacked import AHEAD, GROUP_ROWS, _grouped, _store, fill, prefetch, records
+from llmx.quant.cpu.repacked import AHEAD, GROUP_ROWS, _grouped, _store, fill, prefetch, records, walk_groups
 
 Q4_K_BLOCK_BYTES = 144
 Q4_K_PACKED_BYTES = 2368
@@ -186,21 +185,7 @@ def _tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 
 @njit(cache=True, nogil=True, parallel=True)
 def packed_q4_k(xq, xd, xs, wp, nb, m, n_tok, out, isa):
-    n_groups = -(-m // GROUP_ROWS)
-    n_chunks = min(CHUNKS, n_groups)
-    flat_out = out.reshape(-1)
-    for chunk in prange(n_chunks):
-        spill = np.empty(GROUP_ROWS, np.float32)
-        for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
-            g_at = g * nb * Q4_K_PACKED_BYTES
-            t = 0
-            while t + 4 <= n_tok:
-                _tile_4(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
-                t += 4
-            while t < n_tok:
-                _tile_1(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
-                t += 1
-
+    walk_groups(_tile_4, _tile_1, Q4_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
 # -- Q6_K ----------------------------------------------------------------------------------------
 
@@ -294,17 +279,4 @@ def _q6_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 
 @njit(cache=True, nogil=True, parallel=True)
 def packed_q6_k(xq, xd, xs, wp, nb, m, n_tok, out, isa):
-    n_groups = -(-m // GROUP_ROWS)
-    n_chunks = min(CHUNKS, n_groups)
-    flat_out = out.reshape(-1)
-    for chunk in prange(n_chunks):
-        spill = np.empty(GROUP_ROWS, np.float32)
-        for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
-            g_at = g * nb * Q6_K_PACKED_BYTES
-            t = 0
-            while t + 4 <= n_tok:
-                _q6_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
-                t += 4
-            while t < n_tok:
-                _q6_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
-                t += 1
+    walk_groups(_q6_tile_4, _q6_tile_1, Q6_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)

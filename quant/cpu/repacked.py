@@ -261,34 +261,57 @@ def _block_starts(xq, nb, n_tok, offset):
     return starts
 
 
-@njit(inline="always")  # takes a function: inlined, so that it is a constant
-def _repacked(xq, xd, wp, nb, m, n_tok, out, isa, codes, block_bytes, offset):
-    xs = _block_starts(xq, nb, n_tok, offset)
+@njit(inline="always")  # takes functions: inlined, so that they are constants
+def walk_groups(tile_4, tile_1, record_bytes, isa, wp, nb, m, n_tok, xq, xd, xs, out):
+    """Every packed kernel's loop: row groups split into CHUNKS parallel shares, each group's
+    tokens in tiles of four, then one by one. A tile is called as tile(isa, wp, group's first
+    byte, nb, xq, xd, xs, first token, out flat, first row, m, spill)."""
     n_groups = -(-m // GROUP_ROWS)
     n_chunks = min(CHUNKS, n_groups)
     flat_out = out.reshape(-1)
     for chunk in prange(n_chunks):
         spill = np.empty(GROUP_ROWS, np.float32)
         for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
-            g_at = g * nb * block_bytes
+            g_at = g * nb * record_bytes
             t = 0
             while t + 4 <= n_tok:
-                _tile_4(isa, codes, block_bytes, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
+                tile_4(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
                 t += 4
             while t < n_tok:
-                _tile_1(isa, codes, block_bytes, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
+                tile_1(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
                 t += 1
+
+
+@njit(inline="always")
+def _q4_0_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    _tile_4(isa, _codes_q4_0, Q4_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
+
+
+@njit(inline="always")
+def _q4_0_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    _tile_1(isa, _codes_q4_0, Q4_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
+
+
+@njit(inline="always")
+def _q5_0_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    _tile_4(isa, _codes_q5_0, Q5_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
+
+
+@njit(inline="always")
+def _q5_0_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    _tile_1(isa, _codes_q5_0, Q5_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def repacked_q4_0(xq, xd, wp, nb, m, n_tok, out, isa):
-    _repacked(xq, xd, wp, nb, m, n_tok, out, isa, _codes_q4_0, Q4_0_PACKED_BYTES, 8)
+    xs = _block_starts(xq, nb, n_tok, 8)
+    walk_groups(_q4_0_tile_4, _q4_0_tile_1, Q4_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def repacked_q5_0(xq, xd, wp, nb, m, n_tok, out, isa):
-    _repacked(xq, xd, wp, nb, m, n_tok, out, isa, _codes_q5_0, Q5_0_PACKED_BYTES, 16)
-
+    xs = _block_starts(xq, nb, n_tok, 16)
+    walk_groups(_q5_0_tile_4, _q5_0_tile_1, Q5_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
 # -- Q8_0: signed codes (see `simd.dot16_q8_acc`) --------------------------------------------------
 
@@ -317,7 +340,7 @@ def _q8_step(isa, c, start, dw, xq, xd, i, acc):
 
 
 @njit
-def _q8_tile_4(isa, wp, g_at, nb, xq, xd, t, out, r0, m, spill):
+def _q8_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):  # xs: unused
     a0 = a1 = a2 = a3 = S.zero_f32x16()
     for b in range(nb):
         at = g_at + b * Q8_0_PACKED_BYTES
@@ -336,7 +359,7 @@ def _q8_tile_4(isa, wp, g_at, nb, xq, xd, t, out, r0, m, spill):
 
 
 @njit
-def _q8_tile_1(isa, wp, g_at, nb, xq, xd, t, out, r0, m, spill):
+def _q8_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):  # xs: unused
     acc = S.zero_f32x16()
     for b in range(nb):
         at = g_at + b * Q8_0_PACKED_BYTES
@@ -350,17 +373,4 @@ def _q8_tile_1(isa, wp, g_at, nb, xq, xd, t, out, r0, m, spill):
 @njit(cache=True, nogil=True, parallel=True)
 def repacked_q8_0(xq, xd, wp, nb, m, n_tok, out, isa):
     """xq: the activation codes, or on VNNI the codes + 128 as unsigned bytes (`dot16_q8_acc`)."""
-    n_groups = -(-m // GROUP_ROWS)
-    n_chunks = min(CHUNKS, n_groups)
-    flat_out = out.reshape(-1)
-    for chunk in prange(n_chunks):
-        spill = np.empty(GROUP_ROWS, np.float32)
-        for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
-            g_at = g * nb * Q8_0_PACKED_BYTES
-            t = 0
-            while t + 4 <= n_tok:
-                _q8_tile_4(isa, wp, g_at, nb, xq, xd, t, flat_out, g * GROUP_ROWS, m, spill)
-                t += 4
-            while t < n_tok:
-                _q8_tile_1(isa, wp, g_at, nb, xq, xd, t, flat_out, g * GROUP_ROWS, m, spill)
-                t += 1
+    walk_groups(_q8_tile_4, _q8_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, np.empty(0, np.int32), out)
