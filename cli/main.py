@@ -68,6 +68,7 @@ def info(
     tokens_per_request: Annotated[float | None, typer.Option(min=0)] = None,
     gpu_seconds_per_token: Annotated[float | None, typer.Option(min=0)] = None,
     dollars_per_hour: Annotated[float | None, typer.Option(min=0)] = None,
+    device: Annotated[str, typer.Option("-d", "--device", help="Also estimate memory on this device: cuda.")] = "cpu",
 ) -> None:
     """Show a model's architecture, tensors, tokenizer and memory needs."""
     from llmx.cli.output import print_info, print_json
@@ -75,7 +76,11 @@ def info(
 
     cost = _cost_inputs(requests_per_month, tokens_per_request, gpu_seconds_per_token, dollars_per_hour)
     path = model_path(model)
-    described = describe_model(path, ctx=ctx, parallel=parallel, cost=cost)
+    if device not in ("cpu", "cuda"):
+        from llmx.errors import UsageError
+
+        raise UsageError(f"--device {device!r}: info estimates cpu or cuda")
+    described = describe_model(path, ctx=ctx, parallel=parallel, cost=cost, device=device)
     if tensors:
         described["tensors"] = tensor_table(path)
     if json_out:
@@ -132,6 +137,8 @@ Server = Annotated[str | None, typer.Option("--server", help="Use the llmx serve
 NoServer = Annotated[bool, typer.Option("--no-server", help="Load the model here even if a server runs.")]
 Isa = Annotated[str | None, typer.Option(
     "--isa", help="Kernels for this instruction set: avx2, vnni or portable [default: the CPU's best].")]
+Device = Annotated[str, typer.Option(
+    "-d", "--device", help="cpu, cuda (an NVIDIA GPU, pip install 'llmx[cuda]'), or auto (CUDA when present).")]
 Lookup = Annotated[int, typer.Option("--lookup", min=0, max=16, metavar="K",
                                      help="Prompt lookup: propose up to K tokens copied from the prompt/output.")]
 Draft = Annotated[Path | None, typer.Option("--draft", help="A draft model (same vocabulary) to speculate with.")]
@@ -172,6 +179,7 @@ def run(
     draft: Draft = None,
     draft_max: DraftMax = 7,
     isa: Isa = None,
+    device: Device = "cpu",
     server: Server = None,
     no_server: NoServer = False,
 ) -> None:
@@ -199,7 +207,7 @@ def run(
         from llmx.errors import UsageError
 
         raise UsageError("--json and --logprobs run in this process; leave out --server")
-    here = json_out or logprobs is not None or isa or speculative is not None
+    here = json_out or logprobs is not None or isa or speculative is not None or device != "cpu"
     if server is not None and speculative is not None:
         from llmx.errors import UsageError
 
@@ -215,7 +223,7 @@ def run(
 
         raise LlmxError(f"the server at {server} does not answer or does not serve {path}")
     _run_here(path, prompt, messages if as_chat else None, max_tokens, stop or [], sampling, threads, ctx,
-              json_out, logprobs, verbose, wall_start, isa, speculative)
+              json_out, logprobs, verbose, wall_start, isa, speculative, device)
 
 
 def _speculative_option(lookup: int, draft: Path | None, draft_max: int) -> dict | None:
@@ -237,15 +245,18 @@ def _server_for(explicit: str | None, path: Path):
 
 def _run_here(path: Path, prompt: str, messages, max_tokens: int, stop: list[str], sampling: dict, threads, ctx: int,
               json_out: bool, logprobs, verbose: bool, wall_start: float, isa: str | None = None,
-              speculative: dict | None = None) -> None:
+              speculative: dict | None = None, device: str = "cpu") -> None:
     from llmx.cli.generate import report_json, report_verbose, stream, warm_up
+    from llmx.engine.backends import resolve_device
     from llmx.engine.model import GenerationStats, Model
     from llmx.engine.precompile import start_helper
     from llmx.quant.cpu.simd import isa_named
 
     isa_named(isa)  # a set this CPU lacks: one line, before a compile helper starts
-    helper = start_helper(path, isa, threads)  # on a cold cache: compiling while the model loads
-    model = Model(path, threads=threads, ctx=ctx, isa=isa)
+    device = resolve_device(device)  # no GPU: one line, before anything loads
+    # on a cold cache: the CPU kernels compile in a helper while the model loads
+    helper = start_helper(path, isa, threads) if device == "cpu" else None
+    model = Model(path, threads=threads, ctx=ctx, isa=isa, device=device)
     compile_s = warm_up(model, helper)
     if speculative is not None and speculative["method"] == "draft":
         draft = Model(speculative["model"], threads=threads, ctx=ctx, isa=isa, compute=model.compute)
@@ -293,6 +304,7 @@ def chat(
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     threads: Annotated[int | None, typer.Option("-t", "--threads", min=1)] = None,
     ctx: Annotated[int, typer.Option("-c", "--ctx-size", min=1)] = 4096,
+    device: Device = "cpu",
     server: Server = None,
     no_server: NoServer = False,
 ) -> None:
@@ -302,14 +314,17 @@ def chat(
     from llmx.cli.generate import stream
 
     path = model_path(model_arg)
-    found = None if no_server else _server_for(server, path)
+    found = None if no_server or device != "cpu" else _server_for(server, path)
     if found is None:
         from llmx.cli.generate import warm_up
+        from llmx.engine.backends import resolve_device
         from llmx.engine.model import Model
         from llmx.engine.precompile import start_helper
 
-        helper = start_helper(path, threads=threads)  # on a cold cache: compiling while the model loads
-        model = Model(path, threads=threads, ctx=ctx)
+        device = resolve_device(device)
+        # on a cold cache: the CPU kernels compile in a helper while the model loads
+        helper = start_helper(path, threads=threads) if device == "cpu" else None
+        model = Model(path, threads=threads, ctx=ctx, device=device)
         warm_up(model, helper)
         note_builtin_template(model)
 
@@ -357,6 +372,7 @@ def perplexity(
         "--kl-divergence-base", help="Save the log-probabilities here (or, with --kl-divergence, read them).")] = None,
     kld: Annotated[bool, typer.Option(
         "--kl-divergence", help="Compare this model with --kl-divergence-base's (its text and chunks).")] = False,
+    device: Device = "cpu",
 ) -> None:
     """Perplexity of a text, as llama-perplexity computes it (BOS first, second half of each chunk)."""
     from llmx.cli.generate import read_text_file, warm_up
@@ -366,11 +382,11 @@ def perplexity(
     if kld:
         if kld_base is None:
             raise UsageError("--kl-divergence needs --kl-divergence-base FILE (written by an earlier run)")
-        return kl_divergence(model_arg, kld_base, max_chunks, threads)
+        return kl_divergence(model_arg, kld_base, max_chunks, threads, device)
     if text_file is None:
         raise UsageError("perplexity needs the text: -f FILE")
     text = read_text_file(text_file)
-    model = Model(model_path(model_arg), threads=threads, ctx=ctx)
+    model = Model(model_path(model_arg), threads=threads, ctx=ctx, device=device)
     warm_up(model)
     writer = None
     if kld_base is not None:
@@ -402,7 +418,8 @@ def scored_text(model, text: str, ctx: int, max_chunks: int | None, writer) -> t
     return result
 
 
-def kl_divergence(model_arg: str | None, base_path: Path, max_chunks: int | None, threads: int | None) -> None:
+def kl_divergence(model_arg: str | None, base_path: Path, max_chunks: int | None, threads: int | None,
+                  device: str = "cpu") -> None:
     import numpy as np
 
     from llmx.cli.generate import warm_up
@@ -410,7 +427,7 @@ def kl_divergence(model_arg: str | None, base_path: Path, max_chunks: int | None
     from llmx.engine.model import Model
 
     base = Base(base_path)
-    model = Model(model_path(model_arg), threads=threads, ctx=base.ctx)
+    model = Model(model_path(model_arg), threads=threads, ctx=base.ctx, device=device)
     warm_up(model)
     print(f"{'chunk':>5} {'PPL(Q)':>10} {'KLD':>10} {'same top':>9}")
 
@@ -529,6 +546,7 @@ def bench(
         "-b", "--batch", help="Batched decode: sequences decoding together, e.g. 1,4,16.")] = None,
     output: Annotated[str, typer.Option("-o", "--output", help="md (table) or json.")] = "md",
     isa: Isa = None,
+    device: Device = "cpu",
 ) -> None:
     """Speed, as llama-bench measures it: pp (prompt) and tg (generation) tokens per second."""
     import json
@@ -554,7 +572,7 @@ def bench(
         check_threads(n)
     if not tests:
         raise UsageError("nothing to run: every test length is 0")
-    model = Model(model_path(model_arg), threads=thread_counts[0], ctx=0, isa=isa)
+    model = Model(model_path(model_arg), threads=thread_counts[0], ctx=0, isa=isa, device=device)
     warm_up(model)
     desc = B.model_description(model)
     if output == "md":
@@ -606,6 +624,7 @@ def serve(
     draft: Draft = None,
     draft_max: DraftMax = 7,
     isa: Isa = None,
+    device: Device = "cpu",
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API on loopback and a Unix socket."""
     from llmx.cli.output import notice
@@ -627,10 +646,13 @@ def serve(
     from llmx.quant.cpu.simd import isa_named
 
     isa_named(isa)  # a set this CPU lacks: one line now, not at the first request
+    from llmx.engine.backends import resolve_device
+
+    device = resolve_device(device)  # no GPU: one line now, not at the first request
     if lookup and draft is not None:
         raise UsageError("--lookup and --draft are two ways to speculate: pick one")
     settings = EngineSettings(threads, ctx, parallel, max_batched_tokens, kv_cache_tokens, cache_type_k, cache_type_v,
-                              isa, lookup, model_path(str(draft)) if draft is not None else None, draft_max)
+                              isa, lookup, model_path(str(draft)) if draft is not None else None, draft_max, device)
     registry = ModelRegistry(paths, next(iter(paths)), settings, max_loaded)
     config = ServeConfig(keys, rate_limit, max_queue, response_cache, max_body)
     unix_path = None if no_socket else (socket_path or cache_dir() / "llmx.sock")

@@ -98,6 +98,11 @@ def _memory_table(info: dict[str, Any]) -> Table:
     scope = f"ctx {memory['ctx']} x {memory['parallel']} sequence(s)"
     for kv_type, total in memory.get("kv_bytes", {}).items():
         table.add_row(f"KV cache, {kv_type}, {scope}", human_bytes(total))
+    device = memory.get("cuda")
+    if device is not None:
+        table.add_row("on the GPU: weights", human_bytes(device["weights_bytes"]))
+        for kv_type, total in device["total_bytes"].items():
+            table.add_row(f"on the GPU in all, KV {kv_type}, {scope}", human_bytes(total))
     if "cost" in info:
         table.add_row("GPU hours a month", f"{info['cost']['gpu_hours_per_month']:,.1f}")
         table.add_row("cost a month", f"${info['cost']['dollars_per_month']:,.2f}")

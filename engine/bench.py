@@ -111,7 +111,7 @@ class Bench:
         return time.perf_counter_ns() - started
 
     def run(self, test: BenchTest, threads: int, repetitions: int) -> BenchResult:
-        self.model.transformer.threads = threads
+        self.model.transformer.backend.threads = threads
         self.run_once(test, warm_up=True)
         return BenchResult(test, threads, [self.run_once(test) for _ in range(repetitions)])
 
@@ -128,7 +128,7 @@ def model_description(model: Model) -> dict[str, Any]:
     size = sum(t.nbytes for t in gguf.tensors.values())
     label = gguf.get(Keys.General.SIZE_LABEL) or _size_label(n_params)
     return {"model_filename": str(model.path), "model_type": f"{gguf.architecture} {label} {_ftype_name(gguf)}",
-            "model_size": size, "model_n_params": n_params}
+            "model_size": size, "model_n_params": n_params, "backends": model.device.upper()}
 
 
 def _size_label(n_params: int) -> str:
@@ -158,7 +158,7 @@ def markdown_row(desc: dict[str, Any], result: BenchResult) -> str:
     size_text = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB"
     n = desc["model_n_params"]
     params = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
-    cells = [desc["model_type"], size_text, params, "CPU", str(result.threads), result.test.name,
+    cells = [desc["model_type"], size_text, params, desc["backends"], str(result.threads), result.test.name,
              f"{result.avg_ts:.2f} ± {result.stddev_ts:.2f}"]
     return "| " + " | ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, COLUMNS, strict=True)) + " |"
 
@@ -166,7 +166,7 @@ def markdown_row(desc: dict[str, Any], result: BenchResult) -> str:
 def json_record(desc: dict[str, Any], result: BenchResult, version: str) -> dict[str, Any]:
     ns = result.samples_ns
     return {
-        "build_commit": f"llmx-{version}", "backends": "CPU", **desc,
+        "build_commit": f"llmx-{version}", **desc,
         "n_threads": result.threads, "n_prompt": result.test.n_prompt, "n_gen": result.test.n_gen,
         "n_seq": result.test.n_seq, "test": result.test.name,
         "test_time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

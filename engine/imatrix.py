@@ -41,7 +41,7 @@ class Collector:
 def collect(model: Model, text: str, ctx: int, max_chunks: int | None, process_output: bool = False,
             on_chunk: Callable[[int], None] = lambda i: None) -> tuple[Collector, int]:
     collector = Collector(process_output)
-    model.transformer.observe_matmul = collector
+    model.transformer.backend.observe_matmul = collector
     n_chunks = 0
     try:
         for index, ids in enumerate(chunks(model, text, ctx, max_chunks)):
@@ -50,7 +50,7 @@ def collect(model: Model, text: str, ctx: int, max_chunks: int | None, process_o
             n_chunks += 1
             on_chunk(index)
     finally:
-        model.transformer.observe_matmul = None
+        model.transformer.backend.observe_matmul = None
     return collector, n_chunks
 
 

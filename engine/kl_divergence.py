@@ -163,3 +163,27 @@ def report(stats: TokenStats) -> str:
         f"Same top p: {100 * same:7.3f} ± {100 * same_err:5.3f} %",
     ]
     return "\n".join(lines)
+
+
+def reference_kl(model, path: Path, cache_type: str = "f16") -> tuple[float, float]:
+    """Mean KL(llama.cpp || model) over the positions of `path` (`gemma_kld_gpl3.npz` in
+    ../shared/reference: llama.cpp's top 64 log-probabilities per position, the BOS position left
+    out), its top 64 tokens plus one bucket for the rest, as that folder's README defines it; and
+    top-1 agreement. For the tests and for `scripts/gpu_check.sh`."""
+    from llmx.engine.kv_cache import KVCache
+
+    ref = np.load(path)
+    log_q = []
+    for chunk in ref["chunks"]:
+        cache = KVCache(model.config, len(chunk), cache_type_k=cache_type, cache_type_v=cache_type)
+        logits = model.transformer.forward(np.asarray(chunk, np.int64), cache.new_sequence(), cache, "all")
+        z = logits[1:].astype(np.float64)  # the BOS position left out
+        z -= z.max(axis=1, keepdims=True)
+        log_q.append(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
+    q = np.concatenate(log_q)
+    ids, log_p = ref["ids"], ref["logp"].astype(np.float64)
+    p, q_top = np.exp(log_p), np.take_along_axis(q, ids, axis=1)
+    p_rest = np.clip(1 - p.sum(axis=1), 1e-12, None)
+    q_rest = np.clip(1 - np.exp(q_top).sum(axis=1), 1e-12, None)
+    kl = (p * (log_p - q_top)).sum(axis=1) + p_rest * (np.log(p_rest) - np.log(q_rest))
+    return float(kl.mean()), float((q.argmax(axis=1) == ids[:, 0]).mean())

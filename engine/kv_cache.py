@@ -10,6 +10,7 @@ table[p // block_size], slot p % block_size. Outside this module a sequence is a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,10 +57,26 @@ class KVCache:
         self.block_size = block_size
         self.cache_types = (cache_type_k, cache_type_v)
         n_blocks = max(1, -(-n_tokens // block_size))
-        shape = (config.n_layer, n_blocks, block_size, config.n_head_kv)
-        self.keys = _pool(shape, config.head_dim, cache_type_k)
-        self.values = _pool(shape, config.head_dim_v, cache_type_v)
+        # [n_layer, n_blocks, block_size, n_head_kv, dim or row bytes], keys' then values'
+        self.shapes = (_pool_shape(config, n_blocks, block_size, config.head_dim, cache_type_k),
+                       _pool_shape(config, n_blocks, block_size, config.head_dim_v, cache_type_v))
+        self._host: tuple[np.ndarray, np.ndarray] | None = None
         self.pool = BlockPool(n_blocks, block_size, prefix_caching)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self._host_pools()[0]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._host_pools()[1]
+
+    def _host_pools(self) -> tuple[np.ndarray, np.ndarray]:
+        """The host storage, taken on first use: a cache a GPU backend fills (`backends.cuda`
+        keeps its own pools of these shapes on the device) never takes host memory."""
+        if self._host is None:
+            self._host = tuple(_pool(shape, kind) for shape, kind in zip(self.shapes, self.cache_types, strict=True))
+        return self._host
 
     @property
     def free_tokens(self) -> int:
@@ -68,7 +85,9 @@ class KVCache:
     @property
     def bytes_per_token(self) -> int:
         """Bytes one position takes over all layers, keys and values."""
-        return self.keys[:, 0, 0].nbytes + self.values[:, 0, 0].nbytes
+        item = {"f16": 2, "q8_0": 1}
+        return sum(math.prod(shape[:1] + shape[3:]) * item[kind] for shape, kind in
+                   zip(self.shapes, self.cache_types, strict=True))
 
     def new_sequence(self) -> SequenceHandle:
         return SequenceHandle()
@@ -133,11 +152,15 @@ def prompt_order(positions: np.ndarray, prompt_length: int) -> np.ndarray:
     return positions < prompt_rows_end(prompt_length)
 
 
-def _pool(shape: tuple[int, ...], dim: int, cache_type: str) -> np.ndarray:
+def _pool_shape(config: ModelConfig, n_blocks: int, block_size: int, dim: int, cache_type: str) -> tuple[int, ...]:
+    row = dim // Q8_0_BLOCK * Q8_0_BYTES if cache_type == "q8_0" else dim
+    return (config.n_layer, n_blocks, block_size, config.n_head_kv, row)
+
+
+def _pool(shape: tuple[int, ...], cache_type: str) -> np.ndarray:
     """One pool, its memory taken now (as vLLM and llama.cpp do): np.zeros alone maps pages on
     first write, and a server's memory would then creep up block by block to the pool's size."""
-    pool = np.empty((*shape, dim // Q8_0_BLOCK * Q8_0_BYTES) if cache_type == "q8_0" else (*shape, dim),
-                    np.uint8 if cache_type == "q8_0" else np.float16)
+    pool = np.empty(shape, np.uint8 if cache_type == "q8_0" else np.float16)
     pool.fill(0)
     return pool
 

@@ -59,8 +59,9 @@ class Model:
         memory when several processes share one file; decoding is slower, see `load_into_memory`).
         `isa`: "avx2", "vnni" or "portable" kernels instead of the best this CPU runs. `compute`:
         the thread that runs the kernels (see `engine.compute`; models served together share one)."""
-        if device != "cpu":
-            raise UsageError(f"device {device!r} is not available yet; use device='cpu'")
+        from llmx.engine.backends import resolve_device
+
+        self.device = resolve_device(device)  # "auto" -> "cuda" or "cpu"; a missing GPU fails here
         check_threads(threads)
         from llmx.quant.cpu.simd import isa_named
 
@@ -71,9 +72,9 @@ class Model:
         self.gguf = GGUFFile.open(self.path)
         self.config = config_from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_gguf(self.gguf)
-        if not use_mmap:
+        if not use_mmap and self.device == "cpu":  # (a GPU's copy is uploaded from the mmap)
             self.gguf.load_into_memory(keep_mapped=Transformer.packed_weights(self.config, self.gguf.tensors))
-        self.transformer = Transformer.from_gguf(self.gguf, self.config, threads, isa_marker)
+        self.transformer = Transformer.from_gguf(self.gguf, self.config, threads, isa_marker, self.device)
         self.ctx = min(ctx, self.config.n_ctx_train) if ctx > 0 else self.config.n_ctx_train
         self._engine: Engine | None = None
         # `generate` and `chat` decode speculatively with this (`Engine(speculative=...)`), set before the first call
@@ -89,6 +90,7 @@ class Model:
         on two processes (`precompile`), the matmul kernels then arriving while the model runs;
         `helper`: that process, when the caller started it before loading the model."""
         started = time.perf_counter()
+        parallel = parallel and self.device == "cpu"  # (the helper compiles CPU kernels)
         if parallel and helper is None:
             from llmx.engine.precompile import start_helper
 

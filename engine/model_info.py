@@ -37,7 +37,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def describe_model(path: Path, ctx: int | None = None, parallel: int = 1,
-                   cost: CostInputs | None = None) -> dict[str, Any]:
+                   cost: CostInputs | None = None, device: str = "cpu") -> dict[str, Any]:
     gguf = GGUFFile.open(path)
     config = config_from_gguf(gguf) if gguf.architecture in CONFIG_FROM_GGUF else None
     n_ctx = ctx if ctx is not None else _context_length(gguf)
@@ -58,6 +58,8 @@ def describe_model(path: Path, ctx: int | None = None, parallel: int = 1,
         **_tokenizer_info(gguf),
         "memory": _memory(gguf, config, n_ctx, parallel),
     }
+    if device == "cuda" and config is not None:
+        info["memory"]["cuda"] = _device_memory(gguf, config, info["memory"], parallel)
     if cost is not None:
         info["cost"] = monthly_cost(cost)
     return info
@@ -135,6 +137,17 @@ def _tokenizer_info(gguf: GGUFFile) -> dict[str, Any]:
         "tokenizer": describe_tokenizer(gguf.get(Keys.Tokenizer.MODEL), gguf.get(Keys.Tokenizer.PRE)),
         "chat_template": template.origin,
     }
+
+
+def _device_memory(gguf: GGUFFile, config: ModelConfig, memory: dict[str, Any], parallel: int) -> dict[str, Any]:
+    """What `backends.cuda` holds on the GPU: the matrices as the file's bytes, the vectors as
+    float32, the KV pools, and one forward's largest buffers (logits and activations of a
+    512-token batch, `max_batched_tokens`' default), per KV cache type."""
+    weights = sum(t.nbytes if len(t.shape) == 2 else 4 * t.n_elements for t in gguf.tensors.values())
+    tokens = max(512, parallel)
+    scratch = 4 * (parallel * config.n_vocab + 4 * tokens * max(config.n_ff, config.n_head * config.head_dim))
+    return {"weights_bytes": weights, "scratch_bytes": scratch,
+            "total_bytes": {k: weights + kv + scratch for k, kv in memory["kv_bytes"].items()}}
 
 
 def _memory(gguf: GGUFFile, config: ModelConfig | None, n_ctx: int, parallel: int) -> dict[str, Any]:

@@ -41,25 +41,25 @@ def row_classes(n_rows: int) -> tuple[int, ...]:
     return (2,) if n_rows < 4 else (2, 4) if n_rows < 16 else (2, 4, 16)
 
 
-def weight_kind(transformer, name: str) -> tuple:
+def weight_kind(backend, name: str) -> tuple:
     """What picks a weight's matmul kernels: its type, whether it is repacked, and whether its rows
     are long enough for token lanes (`linear.TOKEN_LANES_MIN_K`)."""
     from llmx.quant.cpu.linear import TOKEN_LANES_MIN_K
 
-    t = transformer.tensors[f"{name}.weight"]
-    return t.qtype.name, transformer.is_packed(name), t.shape[0] >= TOKEN_LANES_MIN_K
+    t = backend.tensors[f"{name}.weight"]
+    return t.qtype.name, backend.is_packed(name), t.shape[0] >= TOKEN_LANES_MIN_K
 
 
-def output_name(transformer) -> str:
-    return "token_embd" if transformer.config.tied_output else "output"
+def output_name(backend) -> str:
+    return "token_embd" if backend.config.tied_output else "output"
 
 
-def jobs(transformer) -> list[tuple[int, str]]:
+def jobs(backend) -> list[tuple[int, str]]:
     """(rows, representative weight) in the order the helper compiles them: what a short first
     prompt needs (two rows everywhere, then the output layer's one row, which samples the first
     token), then longer prompts and batches, then decoding's one row."""
-    names = representative_weights(transformer)
-    out = output_name(transformer)
+    names = representative_weights(backend)
+    out = output_name(backend)
     order = [(2, n) for n in names] + [(1, out)] + [(4, n) for n in names] + [(16, n) for n in names]
     return order + [(1, n) for n in names if n != out]
 
@@ -104,10 +104,10 @@ class Helper:
             self.finished = True
             self.changed.notify_all()
 
-    def wait(self, transformer, n_rows: int, name: str) -> None:
+    def wait(self, backend, n_rows: int, name: str) -> None:
         if not self.representative:
-            self.representative = {weight_kind(transformer, n): n for n in representative_weights(transformer)}
-        rep = self.representative.get(weight_kind(transformer, name), name)
+            self.representative = {weight_kind(backend, n): n for n in representative_weights(backend)}
+        rep = self.representative.get(weight_kind(backend, name), name)
         needed = {(rows, rep) for rows in row_classes(n_rows)}
         with self.changed:
             self.changed.wait_for(lambda: self.finished or self.done.issuperset(needed))
@@ -123,20 +123,20 @@ def start_helper(path: Path, isa: str | None = None, threads: int | None = None,
 def compile_in_parallel(model, helper: Helper) -> None:
     """Compile the non-matmul kernels here while `helper` compiles the matmuls, and make the
     model's forwards wait for the helper's kernels where they need them."""
-    transformer = model.transformer
-    transformer.stub_matmuls = True
+    backend = model.transformer.backend
+    backend.stub_matmuls = True
     try:
         for n in STUB_ROWS:
             model.compute.call(_forward, model, n)
     finally:
-        transformer.stub_matmuls = False
+        backend.stub_matmuls = False
 
     def wait(n_rows: int, name: str) -> None:
-        helper.wait(transformer, n_rows, name)
+        helper.wait(backend, n_rows, name)
         if helper.finished:
-            transformer.await_kernels = None
+            backend.await_kernels = None
 
-    transformer.await_kernels = wait
+    backend.await_kernels = wait
 
 
 def _forward(model, n_rows: int) -> None:
@@ -146,23 +146,23 @@ def _forward(model, n_rows: int) -> None:
     model.transformer.forward(np.zeros(n_rows, np.int64), cache.new_sequence(), cache, "last")
 
 
-def representative_weights(transformer) -> list[str]:
+def representative_weights(backend) -> list[str]:
     """One matmul weight per `weight_kind`, the output layer's first."""
-    out = output_name(transformer)
-    names = [out] + [name[: -len(".weight")] for name, t in transformer.tensors.items()
+    out = output_name(backend)
+    names = [out] + [name[: -len(".weight")] for name, t in backend.tensors.items()
                      if name.startswith("blk.") and name.endswith(".weight") and len(t.shape) == 2]
     seen: dict[tuple, str] = {}
     for name in names:
-        seen.setdefault(weight_kind(transformer, name), name)
+        seen.setdefault(weight_kind(backend, name), name)
     return list(seen.values())
 
 
 def compile_matmuls(model, done: Path) -> None:
     """The helper's work: every matmul kernel of the model, job by job, reported on stdout; then
     the marker `done`."""
-    for rows, name in jobs(model.transformer):
-        k = model.transformer.tensors[f"{name}.weight"].shape[0]
-        model.compute.call(model.transformer._linears, np.ones((rows, k), np.float32), name)
+    for rows, name in jobs(model.transformer.backend):
+        k = model.transformer.backend.tensors[f"{name}.weight"].shape[0]
+        model.compute.call(model.transformer.backend.linears, np.ones((rows, k), np.float32), name)
         _report(f"{rows} {name}")
     done.parent.mkdir(parents=True, exist_ok=True)
     done.touch()

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llmx.engine import kv_cache, transformer
+from llmx.engine import kv_cache
+from llmx.engine.backends import cpu
 from llmx.engine.model import Model
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -51,16 +52,15 @@ def stacked_name(self, x, stack, quantized=None):
 
 
 def instrument() -> None:
-    T = transformer.Transformer
-    T._linear = timed(linear_name, T._linear)
-    T._stacked = timed(stacked_name, T._stacked)
-    T._embed = timed("embed", T._embed)
-    transformer.attend_paged = timed("attention", transformer.attend_paged)
-    transformer.rms_norm = timed("rms_norm", transformer.rms_norm)
-    transformer.apply_rope = timed("rope", transformer.apply_rope)
-    transformer.activate = timed("activation", transformer.activate)
-    transformer.quantize_activations = timed("activations quantized once for several matmuls",
-                                             transformer.quantize_activations)
+    B = cpu.CpuBackend
+    B.linear = timed(linear_name, B.linear)
+    B._stacked = timed(stacked_name, B._stacked)
+    B.embed = timed("embed", B.embed)
+    cpu.attend_paged = timed("attention", cpu.attend_paged)
+    cpu.rms_norm = timed("rms_norm", cpu.rms_norm)
+    cpu.apply_rope = timed("rope", cpu.apply_rope)
+    B.activate = timed("activation", B.activate)
+    cpu.quantize_activations = timed("activations quantized once for several matmuls", cpu.quantize_activations)
     kv_cache.KVCache.write = timed("kv write", kv_cache.KVCache.write)
 
 

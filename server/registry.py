@@ -31,6 +31,7 @@ class EngineSettings:
     lookup: int = 0  # prompt-lookup proposals per step (0: none)
     draft: Path | None = None  # a draft model for speculative decoding
     draft_max: int = 7
+    device: str = "cpu"  # "cpu" or "cuda" (resolved by the CLI)
 
 
 class UnknownModel(LlmxError):
@@ -81,7 +82,8 @@ class ModelRegistry:
 
     def _start(self, name: str) -> Engine:
         s = self.settings
-        model = Model(self.paths[name], threads=s.threads, ctx=s.ctx, compute=self._compute, isa=s.isa)
+        model = Model(self.paths[name], threads=s.threads, ctx=s.ctx, compute=self._compute, isa=s.isa,
+                      device=s.device)
         model.warm_up(parallel=True)  # a cold cache compiles on two processes (`engine.precompile`)
         return Engine(model, max_seqs=s.parallel, max_batched_tokens=s.max_batched_tokens,
                       kv_cache_tokens=s.kv_cache_tokens, cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
@@ -90,7 +92,7 @@ class ModelRegistry:
     def _speculative(self, model: Model) -> dict | None:
         s = self.settings
         if s.draft is not None:
-            draft = Model(s.draft, threads=s.threads, ctx=s.ctx, compute=self._compute, isa=s.isa)
+            draft = Model(s.draft, threads=s.threads, ctx=s.ctx, compute=self._compute, isa=s.isa, device=s.device)
             try:
                 check_same_vocabulary(model, draft)
             except UsageError as e:  # another model served beside the one the draft is for

@@ -17,6 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# CUDA kernels run on numba's simulator here (every test runs everywhere); on a GPU,
+# `NUMBA_ENABLE_CUDASIM=0 pytest -m cuda` runs the same tests on the device. Set before numba loads.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 # Tests give subprocesses their own LLMX_CACHE_DIR (a fresh model cache, a private socket); the
 # compiled kernels stay shared, so that each subprocess does not compile them all again.
 from llmx.paths import kernel_cache_dir  # noqa: E402
@@ -78,24 +82,7 @@ def with_chat_template(source: Path, template: str, dest: Path) -> Path:
 
 
 def kl_against_llama_cpp(gemma, cache_type: str = "f16") -> tuple[float, float]:
-    """Mean KL(llama.cpp || llmx) over the reference's 2,044 positions (its top 64 tokens plus one
-    bucket for the rest, as ../shared/reference/README.md says), and top-1 agreement."""
-    import numpy as np
+    """Mean KL(llama.cpp || llmx) over the reference's 2,044 positions, and top-1 agreement."""
+    from llmx.engine.kl_divergence import reference_kl
 
-    from llmx.engine.kv_cache import KVCache
-
-    ref = np.load(REFERENCE_DIR / "gemma_kld_gpl3.npz")
-    log_q = []
-    for chunk in ref["chunks"]:
-        cache = KVCache(gemma.config, len(chunk), cache_type_k=cache_type, cache_type_v=cache_type)
-        logits = gemma.transformer.forward(np.asarray(chunk, np.int64), cache.new_sequence(), cache, "all")
-        z = logits[1:].astype(np.float64)  # the BOS position left out
-        z -= z.max(axis=1, keepdims=True)
-        log_q.append(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
-    q = np.concatenate(log_q)
-    ids, log_p = ref["ids"], ref["logp"].astype(np.float64)
-    p, q_top = np.exp(log_p), np.take_along_axis(q, ids, axis=1)
-    p_rest = np.clip(1 - p.sum(axis=1), 1e-12, None)
-    q_rest = np.clip(1 - np.exp(q_top).sum(axis=1), 1e-12, None)
-    kl = (p * (log_p - q_top)).sum(axis=1) + p_rest * (np.log(p_rest) - np.log(q_rest))
-    return float(kl.mean()), float((q.argmax(axis=1) == ids[:, 0]).mean())
+    return reference_kl(gemma, REFERENCE_DIR / "gemma_kld_gpl3.npz", cache_type)

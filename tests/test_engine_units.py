@@ -100,7 +100,7 @@ def test_q4_0_layer_weights_are_repacked_as_llama_cpp_loads_them():
     which it also reads by rows; the tiny model's output is its tied `token_embd`. q/k/v and
     gate/up, each packed alike, are packed as one stack each, and multiply to the same bits."""
     gguf = GGUFFile.open(MODELS_DIR / "tiny-llama-q4_0.gguf")
-    model = Transformer.from_gguf(gguf, config_from_gguf(gguf))
+    model = Transformer.from_gguf(gguf, config_from_gguf(gguf)).backend
     q4_0 = {name for name, t in gguf.tensors.items() if t.qtype.name == "Q4_0"}
     assert "token_embd.weight" in q4_0 and len(q4_0) == 22
     packed = {f"{n}.weight" for n in model.stacks} | set(model.packed)  # and other types (Q6_K output)
@@ -109,7 +109,7 @@ def test_q4_0_layer_weights_are_repacked_as_llama_cpp_loads_them():
                                                          ("blk.0.ffn_gate", "blk.0.ffn_up")}
     x = np.random.default_rng(2).standard_normal((5, model.config.n_embd)).astype(np.float32)
     names = ("blk.1.attn_q", "blk.1.attn_k", "blk.1.attn_v")
-    for name, stacked in zip(names, model._linears(x, *names), strict=True):
+    for name, stacked in zip(names, model.linears(x, *names), strict=True):
         rows = gguf.tensors[f"{name}.weight"].data.view(np.uint8)
         assert np.array_equal(stacked, matmul(x, rows, QType.Q4_0, packed=pack(rows, QType.Q4_0))), name
-        assert np.array_equal(stacked, model._linear(x, name)), name  # one weight of a stack, alone
+        assert np.array_equal(stacked, model.linear(x, name)), name  # one weight of a stack, alone

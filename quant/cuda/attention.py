@@ -1,0 +1,87 @@
+"""Causal attention over the paged KV cache on the device, with an online softmax: one pass over
+a row's positions, keeping the running maximum, the running sum of exponentials and the
+weighted sum of values (rescaled when the maximum moves). A block of threads per (row, head): the
+threads split the head dimension for each score's dot product (`block_sum`) and for the values.
+
+The cache's layer pools are [cells, n_head_kv, dim] of float16 bits (uint16) or of Q8_0 rows
+(uint8, 34 bytes per 32 values), cell = block * block_size + slot as on the CPU."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import cuda, float32
+
+from llmx.errors import LlmxError
+from llmx.quant.cuda.device import SIMULATED, THREADS, block_sum, device_function, f16_value, f32, i32, launch
+
+PER_THREAD = 256 if SIMULATED else 16  # value dims one thread accumulates: dv <= PER_THREAD x threads
+
+
+@device_function
+def _f16_cell(pool, cell, head, e):
+    bits = i32(pool[cell, head, e])
+    return f16_value(bits & 0xFF, bits >> 8)
+
+
+@device_function
+def _q8_0_cell(pool, cell, head, e):
+    at = 34 * (e // 32)
+    code = i32(pool[cell, head, at + 2 + e % 32])
+    return f16_value(pool[cell, head, at], pool[cell, head, at + 1]) * f32(code - 256 if code >= 128 else code)
+
+
+READERS = {"f16": _f16_cell, "q8_0": _q8_0_cell}
+
+
+@functools.cache
+def _kernel(k_type: str, v_type: str):
+    key, val = READERS[k_type], READERS[v_type]
+
+    @cuda.jit
+    def kernel(q, k_pool, v_pool, tables, row_seq, positions, block_size, window, group, kq_scale, out):
+        scratch = cuda.shared.array(32, float32)
+        acc = cuda.local.array(PER_THREAD, float32)
+        n, n_head, d = q.shape
+        dv = out.shape[2]
+        tid, width = cuda.threadIdx.x, cuda.blockDim.x
+        for job in range(cuda.blockIdx.x, n * n_head, cuda.gridDim.x):
+            t, h = job // n_head, job % n_head
+            kv_head, seq, last = h // group, row_seq[t], positions[t]
+            first = max(0, last - window + 1) if window > 0 else 0
+            for i in range(PER_THREAD):
+                acc[i] = f32(0)
+            running_max, total = -math.inf, f32(0)
+            for p in range(first, last + 1):
+                cell = tables[seq, p // block_size] * block_size + p % block_size
+                part = f32(0)
+                for e in range(tid, d, width):
+                    part += q[t, h, e] * key(k_pool, cell, kv_head, e)
+                score = block_sum(part, scratch) * kq_scale
+                new_max = max(running_max, score)
+                shrink = math.exp(running_max - new_max)  # 0 at the first position
+                weight = math.exp(score - new_max)
+                total = total * shrink + weight
+                for i in range((dv - tid + width - 1) // width):
+                    acc[i] = acc[i] * shrink + weight * val(v_pool, cell, kv_head, tid + i * width)
+                running_max = new_max
+            for i in range((dv - tid + width - 1) // width):
+                out[t, h, tid + i * width] = acc[i] / total
+
+    return kernel
+
+
+def attend(q, k_pool, v_pool, cache_types: tuple[str, str], tables, row_seq, positions, block_size: int,
+           window: int | None, group: int, kq_scale: float, dv: int):
+    """q device float32 [n, n_head, d] -> [n, n_head, dv]. k_pool/v_pool: one layer's pools;
+    tables int32 [n_seqs, blocks], row_seq and positions int64 [n] (device arrays)."""
+    if dv > PER_THREAD * THREADS:
+        raise LlmxError(f"the CUDA attention kernel handles value heads of up to {PER_THREAD * THREADS}, not {dv}")
+    n, n_head, _ = q.shape
+    out = cuda.device_array((n, n_head, dv), np.float32)
+    blocks, threads = launch(n * n_head)
+    _kernel(*cache_types)[blocks, threads](q, k_pool, v_pool, tables, row_seq, positions, block_size, window or 0,
+                                           group, np.float32(kq_scale), out)
+    return out

@@ -1,0 +1,233 @@
+"""The CUDA backend's kernels against numpy references, and a tiny model's forward on the device
+against the CPU backend and llama.cpp. Here they run on numba's CUDA simulator (conftest sets
+NUMBA_ENABLE_CUDASIM=1), where every thread is a Python thread: shapes are small. On a GPU,
+`NUMBA_ENABLE_CUDASIM=0 pytest -m cuda` runs the same tests on the device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import MODELS_DIR, needs_reference
+
+from llmx.engine.kv_cache import KVCache
+from llmx.quant.formats import dequantize, quantize
+from llmx.quant.qtypes import QType
+
+cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install -e '.[dev]')")
+from llmx.quant.cuda import attention, device, elementwise  # noqa: E402
+from llmx.quant.cuda.linear import TILED_MIN_TOKENS, TOKENS, matmul  # noqa: E402
+
+pytestmark = pytest.mark.cuda
+WEIGHT_TYPES = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
+                QType.IQ4_NL, QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K]
+
+
+@pytest.fixture
+def wide_launches(monkeypatch):
+    """Several threads per block and blocks that stride: the shared-memory reductions and the
+    grid-stride loops run as they do on a device (the simulator's default is one thread)."""
+    monkeypatch.setattr(device, "THREADS", 4 if device.SIMULATED else device.THREADS)
+    monkeypatch.setattr(device, "MAX_BLOCKS", 3)
+
+
+def host(x) -> np.ndarray:
+    return x.copy_to_host()
+
+
+def test_half_conversions_round_like_numpy():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(3000) * 10.0 ** rng.integers(-9, 6, 3000)).astype(np.float32)
+    x = np.concatenate([x, np.float32([0.0, -0.0, 65504, 65520, 65519.99, 2.98e-8, 3e-8, np.inf, -np.inf])])
+    with np.errstate(over="ignore"):
+        expected = x.astype(np.float16).view(np.uint16)
+    assert [device.f16_bits(v) for v in x] == expected.tolist()
+    bits = np.arange(0, 65536, 7, dtype=np.uint16)
+    values = np.array([device.f16_value(int(b) & 0xFF, int(b) >> 8) for b in bits], np.float32)
+    reference = bits.view(np.float16).astype(np.float32)
+    finite = np.isfinite(reference)
+    assert np.array_equal(values[finite], reference[finite]) and np.isnan(values[np.isnan(reference)]).all()
+
+
+def check_matmul(qtype: QType, m: int, k: int, n: int, seed: int) -> None:
+    """`matmul` against float64 products of the numpy reference's dequantized weights, with a bias."""
+    rng = np.random.default_rng(seed)
+    raw = quantize(rng.standard_normal((m, k)).astype(np.float32), qtype).reshape(m, -1).view(np.uint8)
+    weights = dequantize(raw, qtype).reshape(m, k).astype(np.float64)
+    bias = rng.standard_normal(m).astype(np.float32)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    out = host(matmul(cuda.to_device(x), cuda.to_device(raw.reshape(-1)), qtype, m, cuda.to_device(bias)))
+    np.testing.assert_allclose(out, x @ weights.T + bias, rtol=1e-5, atol=1e-4 * np.abs(weights).max())
+
+
+@pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda q: q.name)
+def test_matmul_decodes_every_type_as_its_numpy_reference(qtype):
+    """The rows kernel (decoding and small batches): one token, and two groups of tokens."""
+    for n in (1, TOKENS + 2):
+        check_matmul(qtype, 5, 256, n, int(qtype) + n)
+
+
+@pytest.mark.parametrize("qtype", [QType.F16, QType.Q4_0], ids=lambda q: q.name)
+def test_tiled_matmul_for_prompts(qtype):
+    """The tiled kernel (prompts): partial tiles of rows and tokens. (Every type's decoding is
+    checked above; the two kernels share it.)"""
+    check_matmul(qtype, 5, 64, TILED_MIN_TOKENS + 1, int(qtype))
+
+
+def test_matmul_result_does_not_depend_on_the_launch(wide_launches):
+    rng = np.random.default_rng(1)
+    m, k = 7, 64
+    raw = quantize(rng.standard_normal((m, k)).astype(np.float32), QType.Q8_0).reshape(-1).view(np.uint8)
+    weights = dequantize(raw, QType.Q8_0).reshape(m, k).astype(np.float64)
+    for n in (3, TILED_MIN_TOKENS + 1):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        out = host(matmul(cuda.to_device(x), cuda.to_device(raw), QType.Q8_0, m))
+        np.testing.assert_allclose(out, x @ weights.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_K, QType.F16], ids=lambda q: q.name)
+def test_embed_reads_rows_as_dequantize(qtype):
+    rng = np.random.default_rng(2)
+    raw = quantize(rng.standard_normal((6, 256)).astype(np.float32), qtype).reshape(6, -1).view(np.uint8)
+    tokens = np.array([4, 0, 4, 5])
+    out = host(elementwise.embed(cuda.to_device(raw.reshape(-1)), qtype, cuda.to_device(tokens), 256, 2.0))
+    assert np.array_equal(out, dequantize(raw[tokens], qtype).reshape(4, 256) * np.float32(2.0))
+
+
+def test_rms_norm_rope_gates_and_adds(wide_launches):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 2, 16)).astype(np.float32)
+    w = rng.standard_normal(16).astype(np.float32)
+    normed = host(elementwise.rms_norm(cuda.to_device(x), cuda.to_device(w), 1e-6))
+    expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(normed, expected, rtol=1e-5, atol=1e-6)
+
+    angles = rng.uniform(0, 6, (3, 6))  # rope over the first 12 of 16 dims
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    for layout in ("normal", "neox"):
+        got = host(elementwise.rope(cuda.to_device(x), cuda.to_device(cos), cuda.to_device(sin), layout))
+        a, b = (np.arange(0, 12, 2), np.arange(1, 12, 2)) if layout == "normal" else (np.arange(6), np.arange(6, 12))
+        want = x.copy()
+        want[..., a] = x[..., a] * cos[:, None] - x[..., b] * sin[:, None]
+        want[..., b] = x[..., a] * sin[:, None] + x[..., b] * cos[:, None]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    g, u = x.reshape(6, 16), w[None, :].repeat(6, 0)
+    silu = host(elementwise.gate(cuda.to_device(g), cuda.to_device(u), "silu"))
+    np.testing.assert_allclose(silu, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    gelu = host(elementwise.gate(cuda.to_device(g), cuda.to_device(u), "gelu"))
+    tanh = np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))
+    np.testing.assert_allclose(gelu, 0.5 * g * (1 + tanh) * u, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(host(elementwise.add(cuda.to_device(g), cuda.to_device(u))), g + u)
+    assert np.array_equal(host(elementwise.scale(cuda.to_device(g), np.float32(0.5))), g * np.float32(0.5))
+    assert np.array_equal(host(elementwise.rows(cuda.to_device(g), cuda.to_device(np.array([5, 0])))), g[[5, 0]])
+
+
+@pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
+def test_cache_writes_store_the_cpu_caches_bytes(tiny_config, cache_type):
+    """The device pools hold exactly the bytes `KVCache.write` stores on the CPU."""
+    config = tiny_config
+    cache = KVCache(config, 32, cache_type_k=cache_type, cache_type_v=cache_type)
+    rng = np.random.default_rng(4)
+    rows = (rng.standard_normal((5, config.n_head_kv, config.head_dim)) * 3).astype(np.float32)
+    cells = np.array([17, 3, 4, 30, 0])
+    cache.write(1, cells, rows, rows)
+    pool = device_pool(cache)
+    elementwise.write_cache(pool, cuda.to_device(cells), cuda.to_device(rows), cache_type)
+    stored = cache.keys[1].reshape(pool.shape)
+    assert np.array_equal(host(pool)[cells], stored[cells].view(pool.dtype))
+
+
+def device_pool(cache: KVCache):
+    """One layer's pool as `backends.cuda` allocates it: float16 bits as uint16, or Q8_0 bytes."""
+    shape = cache.shapes[0]
+    return cuda.to_device(np.zeros((shape[1] * shape[2], *shape[3:]), cache.keys.dtype).view(
+        np.uint16 if cache.cache_types[0] == "f16" else np.uint8))
+
+
+def as_q8_0(x: np.ndarray) -> np.ndarray:
+    return dequantize(quantize(x.reshape(-1, x.shape[-1]), QType.Q8_0), QType.Q8_0).reshape(x.shape)
+
+
+def reference_attention(q, keys, values, positions, window, group, scale):
+    """float64 softmax attention of each row over its sequence's positions (keys [seq][pos])."""
+    n, n_head, _ = q.shape
+    out = np.zeros((n, n_head, values[0].shape[-1]))
+    for t, (seq, last) in enumerate(positions):
+        first = max(0, last - window + 1) if window else 0
+        for h in range(n_head):
+            k, v = keys[seq][first:last + 1, h // group], values[seq][first:last + 1, h // group]
+            scores = k.astype(np.float64) @ q[t, h] * scale
+            p = np.exp(scores - scores.max())
+            out[t, h] = p / p.sum() @ v
+    return out
+
+
+@pytest.mark.parametrize("cache_type,window", [("f16", 0), ("f16", 5), ("q8_0", 0)])
+def test_paged_attention_matches_softmax(tiny_config, cache_type, window, wide_launches):
+    """Two sequences in shuffled blocks, grouped heads, causal (and a sliding window)."""
+    config = tiny_config
+    group, n_head_kv, d = 2, config.n_head_kv, config.head_dim
+    rng = np.random.default_rng(5)
+    cache = KVCache(config, 64, block_size=4, cache_type_k=cache_type, cache_type_v=cache_type)
+    tables = np.array([[7, 2, 9, 0], [5, 11, 1, 3]], np.int32)
+    lengths = (14, 9)
+    keys = [rng.standard_normal((n, n_head_kv, d)).astype(np.float16).astype(np.float32) for n in lengths]
+    values = [rng.standard_normal((n, n_head_kv, d)).astype(np.float16).astype(np.float32) for n in lengths]
+    pools = [device_pool(cache) for _ in range(2)]
+    for s, n in enumerate(lengths):
+        cells = tables[s][np.arange(n) // 4] * 4 + np.arange(n) % 4
+        for pool, rows in zip(pools, (keys[s], values[s]), strict=True):
+            elementwise.write_cache(pool, cuda.to_device(cells), cuda.to_device(rows), cache_type)
+    if cache_type == "q8_0":  # compare with what the cache holds
+        keys, values = ([as_q8_0(k) for k in keys], [as_q8_0(v) for v in values])
+    rows = [(0, 13), (0, 2), (1, 8), (1, 0)]  # (sequence, position)
+    q = rng.standard_normal((len(rows), n_head_kv * group, d)).astype(np.float32)
+    row_seq, positions = (cuda.to_device(np.array(column)) for column in zip(*rows, strict=True))
+    out = attention.attend(cuda.to_device(q), pools[0], pools[1], (cache_type, cache_type), cuda.to_device(tables),
+                           row_seq, positions, 4, window, group, 0.125, d)
+    expected = reference_attention(q, keys, values, rows, window, group, 0.125)
+    tolerance = 1e-5 if cache_type == "f16" else 2e-2
+    np.testing.assert_allclose(host(out), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    from llmx.engine.archs import config_from_gguf
+    from llmx.formats.gguf_file import GGUFFile
+
+    return config_from_gguf(GGUFFile.open(MODELS_DIR / "tiny-llama-f16.gguf"))
+
+
+def device_logits(stem: str, ids: np.ndarray, device: str, chunks: tuple[int, ...]) -> np.ndarray:
+    """Logits at every position of `ids`, fed in chunks of these sizes (later chunks read the
+    cache the earlier ones wrote)."""
+    import llmx
+
+    model = llmx.load(MODELS_DIR / f"{stem}.gguf", device=device)
+    cache = KVCache(model.config, 16)
+    seq = cache.new_sequence()
+    bounds = np.cumsum((0, *chunks))
+    return np.concatenate([model.transformer.forward(ids[a:b], seq, cache, "all")
+                           for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+
+
+@needs_reference
+@pytest.mark.parametrize("stem,chunks", [("tiny-llama-f16", (2, 1)), ("tiny-gemma3-q8_0", (4,))])
+def test_tiny_model_forward_on_the_device_matches_the_cpu(stem, chunks, reference, tiny_logits):
+    """A whole model on the device: logits match the CPU backend's and llama.cpp's within the tiny
+    models' tolerances (`test_engine_parity`). Llama: a prompt then a decoded token; gemma3 (q/k
+    norms, post-norms, GELU, scaled queries, neox rope): one prompt (the simulator is slow)."""
+    ids = np.array(reference["tiny"][stem]["ids"][:sum(chunks)])
+    logits = {name: device_logits(stem, ids, name, chunks) for name in ("cpu", "cuda")}
+    expected = tiny_logits[stem][:len(ids)]
+    for got in logits.values():
+        err = np.abs(got - expected) / expected.std()
+        assert err.max() <= (0.02 if stem.endswith("f16") else 0.25), err.max()
+    assert (logits["cuda"].argmax(1) == logits["cpu"].argmax(1)).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_logits():
+    from conftest import REFERENCE_DIR
+
+    return np.load(REFERENCE_DIR / "tiny_logits.npz")
