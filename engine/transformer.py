@@ -103,8 +103,9 @@ class Transformer:
         layout = BatchLayout.build(batch, cache)
         tokens = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in batch])
         x = self.backend.embed(tokens)  # [n_tok, n_embd]
+        h = self.backend.rms_norm(x, "blk.0.attn_norm.weight")  # each block's normed input
         for layer in range(self.config.n_layer):
-            x = self._block(layer, x, layout, cache)
+            x, h = self._block(layer, x, h, layout, cache)
         for (seq, _), n in zip(batch, layout.lengths, strict=True):
             cache.commit(seq, n)
         return x, layout
@@ -117,19 +118,18 @@ class Transformer:
         x = b.rms_norm(b.rows(x, rows), "output_norm.weight")
         return b.to_host(b.linear(x, "token_embd" if self.config.tied_output else "output"))
 
-    def _block(self, layer: int, x, layout: BatchLayout, cache: KVCache):
+    def _block(self, layer: int, x, h, layout: BatchLayout, cache: KVCache):
+        """x: the residual stream, h: its attn_norm -> this block's x, and the next block's h
+        (None after the last). Each residual add comes with the norms around it (`add_rms_norm`):
+        one kernel on a GPU."""
         b, c, p = self.backend, self.config, f"blk.{layer}."
-        h = b.rms_norm(x, p + "attn_norm.weight")
         attn = b.linear(self._attention(layer, h, layout, cache), p + "attn_output")
-        if c.post_norms:
-            attn = b.rms_norm(attn, p + "post_attention_norm.weight")
-        x = b.add(x, attn)
-        h = b.rms_norm(x, p + "ffn_norm.weight")
+        post_norm = p + "post_attention_norm.weight" if c.post_norms else None
+        x, h = b.add_rms_norm(x, attn, p + "ffn_norm.weight", post_norm)
         gate, up = b.linears(h, p + "ffn_gate", p + "ffn_up")
         ffn = b.linear(b.activate(gate, up), p + "ffn_down")
-        if c.post_norms:
-            ffn = b.rms_norm(ffn, p + "post_ffw_norm.weight")
-        return b.add(x, ffn)
+        next_norm = f"blk.{layer + 1}.attn_norm.weight" if layer + 1 < c.n_layer else None
+        return b.add_rms_norm(x, ffn, next_norm, p + "post_ffw_norm.weight" if c.post_norms else None)
 
     def _attention(self, layer: int, h, layout: BatchLayout, cache: KVCache):
         b, c, p = self.backend, self.config, f"blk.{layer}."
@@ -137,18 +137,13 @@ class Transformer:
         q, k, v = b.linears(h, p + "attn_q", p + "attn_k", p + "attn_v")
         q, k, v = q.reshape(n, c.n_head, c.head_dim), k.reshape(n, c.n_head_kv, c.head_dim), \
             v.reshape(n, c.n_head_kv, c.head_dim_v)
-        if c.qk_norm:
-            q = b.rms_norm(q, p + "attn_q_norm.weight")
-            k = b.rms_norm(k, p + "attn_k_norm.weight")
         cos, sin = self._rope_tables(layer, layout)
-        q, k = b.rope(q, cos, sin), b.rope(k, cos, sin)
         window = c.sliding_window if c.sliding_layers and c.sliding_layers[layer] else None
         # llama.cpp computes 1/sqrt(head_dim) in float32; gemma3 applies it to q, the others to the scores.
         scale = np.float32(1.0) / np.sqrt(np.float32(c.head_dim))
-        if c.scale_queries:
-            q, kq_scale = b.scale(q, scale), np.float32(1.0)
-        else:
-            kq_scale = scale
+        q_scale, kq_scale = (scale, np.float32(1.0)) if c.scale_queries else (None, scale)
+        q = b.norm_rope(q, p + "attn_q_norm.weight" if c.qk_norm else None, cos, sin, q_scale)
+        k = b.norm_rope(k, p + "attn_k_norm.weight" if c.qk_norm else None, cos, sin)
         b.kv_write(cache, layer, layout, k, v)
         out = b.attend(q, cache, layer, layout, window, kq_scale)  # [n, n_head, head_dim_v]
         return out.reshape(n, c.n_head * c.head_dim_v)

@@ -15,7 +15,7 @@ from llmx.quant.qtypes import QType
 
 cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install -e '.[dev]')")
 from llmx.quant.cuda import attention, device, elementwise  # noqa: E402
-from llmx.quant.cuda.linear import TILED_MIN_TOKENS, TOKENS, matmul  # noqa: E402
+from llmx.quant.cuda.linear import TILED_MIN_TOKENS, TOKENS, DeviceMatrix, matmul  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 WEIGHT_TYPES = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
@@ -55,7 +55,7 @@ def check_matmul(qtype: QType, m: int, k: int, n: int, seed: int) -> None:
     weights = dequantize(raw, qtype).reshape(m, k).astype(np.float64)
     bias = rng.standard_normal(m).astype(np.float32)
     x = rng.standard_normal((n, k)).astype(np.float32)
-    out = host(matmul(cuda.to_device(x), cuda.to_device(raw.reshape(-1)), qtype, m, cuda.to_device(bias)))
+    out = host(matmul(cuda.to_device(x), DeviceMatrix.upload([raw], qtype), cuda.to_device(bias))[0])
     np.testing.assert_allclose(out, x @ weights.T + bias, rtol=1e-5, atol=1e-4 * np.abs(weights).max())
 
 
@@ -76,12 +76,26 @@ def test_tiled_matmul_for_prompts(qtype):
 def test_matmul_result_does_not_depend_on_the_launch(wide_launches):
     rng = np.random.default_rng(1)
     m, k = 7, 64
-    raw = quantize(rng.standard_normal((m, k)).astype(np.float32), QType.Q8_0).reshape(-1).view(np.uint8)
+    raw = quantize(rng.standard_normal((m, k)).astype(np.float32), QType.Q8_0).reshape(m, -1).view(np.uint8)
     weights = dequantize(raw, QType.Q8_0).reshape(m, k).astype(np.float64)
     for n in (3, TILED_MIN_TOKENS + 1):
         x = rng.standard_normal((n, k)).astype(np.float32)
-        out = host(matmul(cuda.to_device(x), cuda.to_device(raw), QType.Q8_0, m))
+        out = host(matmul(cuda.to_device(x), DeviceMatrix.upload([raw], QType.Q8_0))[0])
         np.testing.assert_allclose(out, x @ weights.T, rtol=1e-5, atol=1e-4)
+
+
+def test_stacked_weights_multiply_in_one_launch_into_their_own_outputs(wide_launches):
+    """q/k/v-like weights of different row counts stacked: each output as its weight alone."""
+    rng = np.random.default_rng(6)
+    raws = [quantize(rng.standard_normal((m, 64)).astype(np.float32), QType.Q4_0).reshape(m, -1).view(np.uint8)
+            for m in (6, 2, 3)]
+    for n in (2, TILED_MIN_TOKENS + 1):
+        x = cuda.to_device(rng.standard_normal((n, 64)).astype(np.float32))
+        outs = matmul(x, DeviceMatrix.upload(raws, QType.Q4_0))
+        alone = [host(matmul(x, DeviceMatrix.upload([raw], QType.Q4_0))[0]) for raw in raws]
+        assert [o.shape for o in outs] == [(n, 6), (n, 2), (n, 3)]
+        for out, expected in zip(outs, alone, strict=True):
+            assert np.array_equal(host(out), expected)
 
 
 @pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_K, QType.F16], ids=lambda q: q.name)
@@ -93,7 +107,7 @@ def test_embed_reads_rows_as_dequantize(qtype):
     assert np.array_equal(out, dequantize(raw[tokens], qtype).reshape(4, 256) * np.float32(2.0))
 
 
-def test_rms_norm_rope_gates_and_adds(wide_launches):
+def test_norms_rope_gates_and_residual_adds(wide_launches):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3, 2, 16)).astype(np.float32)
     w = rng.standard_normal(16).astype(np.float32)
@@ -104,12 +118,28 @@ def test_rms_norm_rope_gates_and_adds(wide_launches):
     angles = rng.uniform(0, 6, (3, 6))  # rope over the first 12 of 16 dims
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     for layout in ("normal", "neox"):
-        got = host(elementwise.rope(cuda.to_device(x), cuda.to_device(cos), cuda.to_device(sin), layout))
-        a, b = (np.arange(0, 12, 2), np.arange(1, 12, 2)) if layout == "normal" else (np.arange(6), np.arange(6, 12))
-        want = x.copy()
-        want[..., a] = x[..., a] * cos[:, None] - x[..., b] * sin[:, None]
-        want[..., b] = x[..., a] * sin[:, None] + x[..., b] * cos[:, None]
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        for weight, scale in ((None, 1.0), (w, 0.25)):
+            got = host(elementwise.norm_rope(cuda.to_device(x), None if weight is None else cuda.to_device(weight),
+                                             cuda.to_device(cos), cuda.to_device(sin), layout, scale, 1e-6))
+            y = x if weight is None else expected
+            a, b = (np.arange(0, 12, 2), np.arange(1, 12, 2)) if layout == "normal" else (np.arange(6),
+                                                                                          np.arange(6, 12))
+            want = y.copy()
+            want[..., a] = y[..., a] * cos[:, None] - y[..., b] * sin[:, None]
+            want[..., b] = y[..., a] * sin[:, None] + y[..., b] * cos[:, None]
+            np.testing.assert_allclose(got, want * scale, rtol=1e-5, atol=1e-5)
+
+    flat, other = x.reshape(6, 16), rng.standard_normal((6, 16)).astype(np.float32)
+    for pre in (None, w[::-1].copy()):
+        total, normed = elementwise.add_rms_norm(cuda.to_device(flat), cuda.to_device(other), cuda.to_device(w),
+                                                 None if pre is None else cuda.to_device(pre), 1e-6)
+        y = other if pre is None else other / np.sqrt((other.astype(np.float64) ** 2).mean(-1, keepdims=True)
+                                                      + 1e-6) * pre
+        np.testing.assert_allclose(host(total), flat + y, rtol=1e-5, atol=1e-6)
+        want = (flat + y) / np.sqrt(((flat + y).astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * w
+        np.testing.assert_allclose(host(normed), want, rtol=1e-5, atol=1e-5)
+    total, normed = elementwise.add_rms_norm(cuda.to_device(flat), cuda.to_device(other), None, None, 1e-6)
+    assert normed is None and np.allclose(host(total), flat + other)
 
     g, u = x.reshape(6, 16), w[None, :].repeat(6, 0)
     silu = host(elementwise.gate(cuda.to_device(g), cuda.to_device(u), "silu"))
@@ -117,8 +147,6 @@ def test_rms_norm_rope_gates_and_adds(wide_launches):
     gelu = host(elementwise.gate(cuda.to_device(g), cuda.to_device(u), "gelu"))
     tanh = np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))
     np.testing.assert_allclose(gelu, 0.5 * g * (1 + tanh) * u, rtol=1e-5, atol=1e-6)
-    assert np.array_equal(host(elementwise.add(cuda.to_device(g), cuda.to_device(u))), g + u)
-    assert np.array_equal(host(elementwise.scale(cuda.to_device(g), np.float32(0.5))), g * np.float32(0.5))
     assert np.array_equal(host(elementwise.rows(cuda.to_device(g), cuda.to_device(np.array([5, 0])))), g[[5, 0]])
 
 

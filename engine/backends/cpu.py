@@ -212,15 +212,21 @@ class CpuBackend:
         """RMSNorm over the last axis of x (any leading shape), times the vector `weight`."""
         return rms_norm(x, self._vector(weight), self.config.rms_eps)
 
-    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """x [n, heads, head_dim] rotated by cos, sin float32 [n, rope_dim / 2] (host arrays)."""
-        return apply_rope(x, cos, sin, self.config.rope_layout)
+    def norm_rope(self, x: np.ndarray, norm: str | None, cos: np.ndarray, sin: np.ndarray,
+                  scale: np.float32 | None = None) -> np.ndarray:
+        """x [n, heads, head_dim]: RMSNorm per head (when `norm` names its weight), rotated by cos,
+        sin float32 [n, rope_dim / 2] (host arrays), then times `scale` (when given)."""
+        if norm is not None:
+            x = self.rms_norm(x, norm)
+        x = apply_rope(x, cos, sin, self.config.rope_layout)
+        return x if scale is None else x * scale
 
-    def scale(self, x: np.ndarray, factor: np.float32) -> np.ndarray:
-        return x * factor
-
-    def add(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return x + y
+    def add_rms_norm(self, x: np.ndarray, y: np.ndarray, norm: str | None,
+                     pre_norm: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The residual add: x + y (y RMS-normed first when `pre_norm` names a weight), and that
+        sum RMS-normed with `norm` (None: not wanted)."""
+        total = x + (y if pre_norm is None else self.rms_norm(y, pre_norm))
+        return total, None if norm is None else self.rms_norm(total, norm)
 
     def activate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """The gate's activation (the config's) times the up projection."""

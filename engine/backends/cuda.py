@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
+from llmx.engine.backends.cpu import STACKABLE
 from llmx.engine.config import ModelConfig
 from llmx.engine.kv_cache import KVCache
-from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFTensor
 from llmx.quant.cuda import attention, elementwise
-from llmx.quant.cuda.linear import matmul, supported
+from llmx.quant.cuda.linear import DeviceMatrix, matmul
 
 
 class CudaBackend:
@@ -28,26 +28,42 @@ class CudaBackend:
 
     def __init__(self, config: ModelConfig, tensors: dict[str, GGUFTensor]):
         self.config, self.tensors = config, tensors
-        self.matrices: dict[str, Any] = {}  # weight name -> device uint8, the file's bytes
+        # weight name (without ".weight") -> its DeviceMatrix: q/k/v and gate/up of one type and
+        # row length, without biases, share one (stacked: one launch for the group)
+        self.matrices: dict[str, DeviceMatrix] = {}
         self.vectors: dict[str, Any] = {}  # norm weights and biases -> device float32
+        for layer in range(config.n_layer):
+            for group in STACKABLE:
+                self._upload_group([f"blk.{layer}.{role}" for role in group])
         for name, tensor in tensors.items():
-            if tensor.data.ndim == 2:
-                if not supported(tensor.qtype):
-                    raise LlmxError(f"{name} is {tensor.qtype.name}, which the CUDA backend does not run")
-                self.matrices[name] = cuda.to_device(np.ascontiguousarray(tensor.data.view(np.uint8)).reshape(-1))
-            else:
+            if tensor.data.ndim != 2:
                 self.vectors[name] = cuda.to_device(np.ascontiguousarray(tensor.data, dtype=np.float32))
+            elif name[: -len(".weight")] not in self.matrices:
+                self.matrices[name[: -len(".weight")]] = DeviceMatrix.upload([_rows(tensor)], tensor.qtype)
         self._pools: weakref.WeakKeyDictionary[KVCache, tuple[Any, Any]] = weakref.WeakKeyDictionary()
-        self._layout: tuple[Any, dict[str, Any]] | None = None  # the last forward's layout, uploaded
+        # host array id -> (the array, its device copy): the forward's index arrays and rope tables,
+        # uploaded once for all layers; emptied when a forward starts (`embed`)
+        self._uploads: dict[int, tuple[np.ndarray, Any]] = {}
+
+    def _upload_group(self, names: list[str]) -> None:
+        """Upload the group as one stacked matrix when its weights allow (all present, one type
+        and row length, no bias)."""
+        tensors = [self.tensors.get(f"{name}.weight") for name in names]
+        if any(t is None or t.data.ndim != 2 for t in tensors) or any(f"{n}.bias" in self.tensors for n in names) \
+                or len({(t.qtype, _rows(t).shape[1]) for t in tensors}) != 1:
+            return
+        matrix = DeviceMatrix.upload([_rows(t) for t in tensors], tensors[0].qtype)
+        for name in names:
+            self.matrices[name] = matrix
 
     # -- where things live ----------------------------------------------------------------
 
-    def _uploaded(self, layout) -> dict[str, Any]:
-        """The layout's index arrays on the device, uploaded once per forward (all layers use them)."""
-        if self._layout is None or self._layout[0] is not layout:
-            self._layout = (layout, {name: cuda.to_device(np.ascontiguousarray(getattr(layout, name)))
-                                     for name in ("cells", "row_seq", "positions", "tables")})
-        return self._layout[1]
+    def _uploaded(self, host: np.ndarray):
+        """`host` (an array of the forward's layout, or a rope table) on the device, uploaded on
+        its first use in this forward."""
+        if id(host) not in self._uploads:  # (the host array is kept with it: its id stays its own)
+            self._uploads[id(host)] = (host, cuda.to_device(np.ascontiguousarray(host)))
+        return self._uploads[id(host)][1]
 
     def pools(self, cache: KVCache) -> tuple[Any, Any]:
         """The cache's key and value pools on the device: [n_layer, cells, n_head_kv, dim] of
@@ -65,28 +81,49 @@ class CudaBackend:
     # -- the operations of a forward ------------------------------------------------------
 
     def embed(self, tokens: np.ndarray):
+        self._uploads.clear()  # a forward starts
         table = self.tensors["token_embd.weight"]
-        return elementwise.embed(self.matrices[table.name], table.qtype, cuda.to_device(tokens.astype(np.int64)),
-                                 self.config.n_embd, self.config.embed_scale)
+        return elementwise.embed(self.matrices["token_embd"].raw, table.qtype,
+                                 cuda.to_device(tokens.astype(np.int64)), self.config.n_embd, self.config.embed_scale)
 
     def linear(self, x, name: str):
-        tensor = self.tensors[f"{name}.weight"]
-        return matmul(x, self.matrices[tensor.name], tensor.qtype, tensor.shape[1], self.vectors.get(f"{name}.bias"))
+        matrix = self.matrices[name]
+        if len(matrix.bounds) > 2:  # one weight of a stack, alone: the whole stack, then its part
+            return self.linears(x, *self._stack_names(name))[self._stack_names(name).index(name)]
+        return matmul(x, matrix, self.vectors.get(f"{name}.bias"))[0]
 
     def linears(self, x, *names: str) -> list:
-        return [self.linear(x, name) for name in names]
+        outs: list = []
+        while len(outs) < len(names):
+            name = names[len(outs)]
+            stack = self._stack_names(name)
+            if stack and names[len(outs):len(outs) + len(stack)] == stack:
+                outs += matmul(x, self.matrices[name])
+            else:
+                outs.append(self.linear(x, name))
+        return outs
+
+    def _stack_names(self, name: str) -> tuple[str, ...]:
+        """The names stacked with `name` (with it), or () when it is alone."""
+        matrix = self.matrices[name]
+        if len(matrix.bounds) <= 2:
+            return ()
+        prefix, role = name.rsplit(".", 1)
+        group = next(g for g in STACKABLE if role in g)
+        return tuple(f"{prefix}.{r}" for r in group)
 
     def rms_norm(self, x, weight: str):
         return elementwise.rms_norm(x, self.vectors[weight], self.config.rms_eps)
 
-    def rope(self, x, cos: np.ndarray, sin: np.ndarray):
-        return elementwise.rope(x, cuda.to_device(cos), cuda.to_device(sin), self.config.rope_layout)
+    def norm_rope(self, x, norm: str | None, cos: np.ndarray, sin: np.ndarray, scale: np.float32 | None = None):
+        cos, sin = self._uploaded(cos), self._uploaded(sin)
+        weight = None if norm is None else self.vectors[norm]
+        return elementwise.norm_rope(x, weight, cos, sin, self.config.rope_layout, 1.0 if scale is None else scale,
+                                     self.config.rms_eps)
 
-    def scale(self, x, factor: np.float32):
-        return elementwise.scale(x, factor)
-
-    def add(self, x, y):
-        return elementwise.add(x, y)
+    def add_rms_norm(self, x, y, norm: str | None, pre_norm: str | None = None):
+        return elementwise.add_rms_norm(x, y, None if norm is None else self.vectors[norm],
+                                        None if pre_norm is None else self.vectors[pre_norm], self.config.rms_eps)
 
     def activate(self, gate, up):
         return elementwise.gate(gate, up, self.config.activation)
@@ -95,14 +132,18 @@ class CudaBackend:
         return elementwise.rows(x, cuda.to_device(rows.astype(np.int64)))
 
     def kv_write(self, cache: KVCache, layer: int, layout, k, v) -> None:
-        cells = self._uploaded(layout)["cells"]
+        cells = self._uploaded(layout.cells)
         for pool, rows, kind in zip(self.pools(cache), (k, v), cache.cache_types, strict=True):
             elementwise.write_cache(pool[layer], cells, rows, kind)
 
     def attend(self, q, cache: KVCache, layer: int, layout, window: int | None, kq_scale: np.float32):
         c = self.config
         keys, values = self.pools(cache)
-        on = self._uploaded(layout)
-        return attention.attend(q, keys[layer], values[layer], cache.cache_types, on["tables"], on["row_seq"],
-                                on["positions"], cache.block_size, window, c.n_head // c.n_head_kv, kq_scale,
-                                c.head_dim_v)
+        tables, row_seq, positions = (self._uploaded(a) for a in (layout.tables, layout.row_seq, layout.positions))
+        return attention.attend(q, keys[layer], values[layer], cache.cache_types, tables, row_seq, positions,
+                                cache.block_size, window, c.n_head // c.n_head_kv, kq_scale, c.head_dim_v)
+
+
+def _rows(tensor: GGUFTensor) -> np.ndarray:
+    """uint8 [rows, row bytes]: a matrix's bytes as the file holds them."""
+    return tensor.data.view(np.uint8)

@@ -1,5 +1,6 @@
-"""The elementwise parts of a forward on the device: embedding rows, RMSNorm, rope, gating,
-residual adds, row gathers, and the KV cache's writes (float16 or Q8_0 cells, as `KVCache` on
+"""The elementwise parts of a forward on the device: embedding rows, RMSNorm (alone, fused with
+the residual add around it, or with rope for queries and keys), gating, row gathers, and the KV
+cache's writes (float16 or Q8_0 cells, as `KVCache` on
 the CPU). Every kernel strides over its work, so any launch size gives the same result."""
 
 from __future__ import annotations
@@ -67,46 +68,87 @@ def rms_norm(x, weight, eps: float):
 
 
 @cuda.jit
-def _rope_kernel(x, cos, sin, neox, out):
+def _add_rms_norm_kernel(x, y, pre_weight, weight, eps, total, normed):
+    """Per row: total = x + y (y RMS-normed by pre_weight first, when it has any), and normed =
+    RMSNorm(total) by weight (when it has any). Each thread reads back only what it wrote."""
+    scratch = cuda.shared.array(32, f32)
+    rows, width = x.shape
+    for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
+        factor = f32(1)
+        if pre_weight.size:
+            acc = f32(0)
+            for e in range(cuda.threadIdx.x, width, cuda.blockDim.x):
+                acc += y[r, e] * y[r, e]
+            factor = f32(1) / math.sqrt(block_sum(acc, scratch) / f32(width) + eps)
+        acc = f32(0)
+        for e in range(cuda.threadIdx.x, width, cuda.blockDim.x):
+            value = x[r, e] + (y[r, e] * factor * pre_weight[e] if pre_weight.size else y[r, e])
+            total[r, e] = value
+            acc += value * value
+        if weight.size:
+            factor = f32(1) / math.sqrt(block_sum(acc, scratch) / f32(width) + eps)
+            for e in range(cuda.threadIdx.x, width, cuda.blockDim.x):
+                normed[r, e] = total[r, e] * factor * weight[e]
+
+
+def add_rms_norm(x, y, weight, pre_weight, eps: float):
+    """(x + y, RMSNorm(x + y) by weight), y RMS-normed by pre_weight first; a weight of None leaves
+    its norm out (then the second result is None). One launch for the three ops."""
+    width = x.shape[len(x.shape) - 1]
+    rows = x.size // width
+    total = cuda.device_array((rows, width), np.float32)
+    normed = cuda.device_array((rows, width), np.float32) if weight is not None else _EMPTY()
+    blocks, threads = launch(rows)
+    _add_rms_norm_kernel[blocks, threads](x.reshape(rows, width), y.reshape(rows, width),
+                                          _EMPTY_VECTOR() if pre_weight is None else pre_weight,
+                                          _EMPTY_VECTOR() if weight is None else weight, np.float32(eps), total, normed)
+    return total.reshape(x.shape), normed.reshape(x.shape) if weight is not None else None
+
+
+@functools.cache
+def _EMPTY():
+    return cuda.device_array((0, 0), np.float32)
+
+
+@cuda.jit
+def _norm_rope_kernel(x, weight, cos, sin, neox, scale, eps, out):
+    """Per (token, head) row of x [n, heads, dim]: RMSNorm (when weight has any), the first
+    2 * half dims rotated in pairs, times scale. A thread handles whole pairs."""
+    scratch = cuda.shared.array(32, f32)
     n, heads, dim = x.shape
     half = cos.shape[1]
-    start, stride = _flat()
-    for i in range(start, n * heads * dim, stride):
-        t, h, d = i // (heads * dim), (i // dim) % heads, i % dim
-        if d >= 2 * half:
-            out[t, h, d] = x[t, h, d]
-            continue
-        # pair p of this dimension, and whether it is the pair's first or second member
-        if neox:
-            p, second = d % half, d >= half
-            a, b = x[t, h, p], x[t, h, p + half]
-        else:
-            p, second = d // 2, d % 2 == 1
-            a, b = x[t, h, 2 * p], x[t, h, 2 * p + 1]
-        out[t, h, d] = a * sin[t, p] + b * cos[t, p] if second else a * cos[t, p] - b * sin[t, p]
+    for row in range(cuda.blockIdx.x, n * heads, cuda.gridDim.x):
+        t, h = row // heads, row % heads
+        factor = f32(1)
+        if weight.size:
+            acc = f32(0)
+            for e in range(cuda.threadIdx.x, dim, cuda.blockDim.x):
+                acc += x[t, h, e] * x[t, h, e]
+            factor = f32(1) / math.sqrt(block_sum(acc, scratch) / f32(dim) + eps)
+        for i in range(cuda.threadIdx.x, half, cuda.blockDim.x):
+            ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
+            a, b = x[t, h, ia] * factor, x[t, h, ib] * factor
+            if weight.size:
+                a, b = a * weight[ia], b * weight[ib]
+            out[t, h, ia] = (a * cos[t, i] - b * sin[t, i]) * scale
+            out[t, h, ib] = (a * sin[t, i] + b * cos[t, i]) * scale
+        for e in range(2 * half + cuda.threadIdx.x, dim, cuda.blockDim.x):
+            out[t, h, e] = x[t, h, e] * factor * (weight[e] if weight.size else f32(1)) * scale
 
 
-def rope(x, cos, sin, layout: str):
-    """x device float32 [n, heads, head_dim]; cos, sin device float32 [n, half]: the first 2 *
-    half dims rotated (pairs (2i, 2i+1) for "normal", (i, i + half) for "neox"), the rest kept."""
+def norm_rope(x, weight, cos, sin, layout: str, scale: float, eps: float):
+    """x [n, heads, head_dim]: RMSNorm per head by weight (None: none), rope (cos, sin [n, half];
+    "normal" pairs (2i, 2i+1), "neox" (i, i + half)), times scale: one launch."""
     out = cuda.device_array(x.shape, np.float32)
-    blocks, threads = launch_flat(x.size)
-    _rope_kernel[blocks, threads](x, cos, sin, layout != "normal", out)
+    blocks, threads = launch(x.shape[0] * x.shape[1])
+    _norm_rope_kernel[blocks, threads](x, _EMPTY_VECTOR() if weight is None else weight, cos, sin, layout != "normal",
+                                       np.float32(scale), np.float32(eps), out)
     return out
 
 
-@cuda.jit
-def _scale_kernel(x, factor, out):
-    start, stride = _flat()
-    for i in range(start, x.size, stride):
-        out[i] = x[i] * factor
-
-
-@cuda.jit
-def _add_kernel(x, y, out):
-    start, stride = _flat()
-    for i in range(start, x.size, stride):
-        out[i] = x[i] + y[i]
+@functools.cache
+def _EMPTY_VECTOR():
+    return cuda.device_array(0, np.float32)
 
 
 @cuda.jit
@@ -122,14 +164,6 @@ def _flat_op(kernel, shape, *args):
     blocks, threads = launch_flat(out.size)
     kernel[blocks, threads](*args, out.reshape(-1))
     return out
-
-
-def scale(x, factor: float):
-    return _flat_op(_scale_kernel, x.shape, x.reshape(-1), np.float32(factor))
-
-
-def add(x, y):
-    return _flat_op(_add_kernel, x.shape, x.reshape(-1), y.reshape(-1))
 
 
 def gate(gate, up, kind: str):

@@ -15,6 +15,8 @@ as llama.cpp's CUDA backend or more, and as free in float order as the fidelity 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numba import cuda, float32
@@ -35,15 +37,26 @@ def supported(qtype: QType) -> bool:
     return qtype in VALUE
 
 
+@cuda.jit(device=True)
+def _put(out, bounds, n, t, row, value):
+    """out is flat: segment s (rows bounds[s]..bounds[s+1] of a stacked weight) is its own
+    contiguous [n, rows] matrix starting at n * bounds[s] (one weight: plain [n, m])."""
+    s = 0
+    while row >= bounds[s + 1]:
+        s += 1
+    start = bounds[s]
+    out[n * start + t * (bounds[s + 1] - start) + row - start] = value
+
+
 @functools.cache
 def _rows_kernel(qtype: QType):
     value, qk, bb = VALUE[qtype], block_size(qtype), type_size(qtype)
 
     @cuda.jit
-    def kernel(raw, x, bias, out):
+    def kernel(raw, x, bias, bounds, out):
         """Blocks stride over (row, token group) jobs, threads over the row's k weights."""
         n, k = x.shape
-        m = out.shape[1]
+        m = bounds[bounds.size - 1]
         row_bytes = (k // qk) * bb
         scratch = cuda.shared.array(32, float32)
         acc = cuda.local.array(TOKENS, float32)
@@ -60,7 +73,7 @@ def _rows_kernel(qtype: QType):
             for t in range(tokens):
                 total = block_sum(acc[t], scratch)
                 if cuda.threadIdx.x == 0:
-                    out[t0 + t, row] = total + (bias[row] if bias.size else f32(0))
+                    _put(out, bounds, n, t0 + t, row, total + (bias[row] if bias.size else f32(0)))
 
     return kernel
 
@@ -70,11 +83,11 @@ def _tiles_kernel(qtype: QType):
     value, qk, bb = VALUE[qtype], block_size(qtype), type_size(qtype)
 
     @cuda.jit
-    def kernel(raw, x, bias, out):
+    def kernel(raw, x, bias, bounds, out):
         """Blocks of TILE x TILE threads stride over output tiles; thread (i, j) computes
         out[token t0 + i, row r0 + j] from shared tiles of x and of the decoded weights."""
         n, k = x.shape
-        m = out.shape[1]
+        m = bounds[bounds.size - 1]
         row_bytes = (k // qk) * bb
         w_tile = cuda.shared.array((TILE, TILE + 1), float32)  # [row, depth] (+1: no bank conflicts)
         x_tile = cuda.shared.array((TILE, TILE + 1), float32)  # [token, depth]
@@ -94,28 +107,46 @@ def _tiles_kernel(qtype: QType):
                     acc += x_tile[i, d] * w_tile[j, d]
                 cuda.syncthreads()
             if t0 + i < n and r0 + j < m:
-                out[t0 + i, r0 + j] = acc + (bias[r0 + j] if bias.size else f32(0))
+                _put(out, bounds, n, t0 + i, r0 + j, acc + (bias[r0 + j] if bias.size else f32(0)))
 
     return kernel
 
 
-def matmul(x, raw, qtype: QType, m: int, bias=None, out=None):
-    """x: device float32 [n, k]; raw: device uint8, the [m, k] weight's bytes; bias: device
-    float32 [m] or None. Returns device float32 [n, m] (into `out` when given)."""
-    if not supported(qtype):
-        raise LlmxError(f"the CUDA backend has no kernel for {qtype.name} weights")
+@dataclass(frozen=True)
+class DeviceMatrix:
+    """A weight on the device as the file's bytes; or several weights of one type and row length
+    stacked (their rows one after another), which one launch multiplies (`matmul`)."""
+
+    raw: Any  # device uint8 [rows x row bytes]
+    qtype: QType
+    bounds: tuple[int, ...]  # where each weight's rows start, then the total
+    bounds_on_device: Any  # the same, device int64 (the kernels read it)
+
+    @classmethod
+    def upload(cls, weights: list[np.ndarray], qtype: QType) -> DeviceMatrix:
+        """weights: each uint8 [rows, row bytes] (the file's bytes), of one row length."""
+        if not supported(qtype):
+            raise LlmxError(f"the CUDA backend has no kernel for {qtype.name} weights")
+        bounds = tuple(int(b) for b in np.cumsum([0] + [len(w) for w in weights]))
+        raw = np.concatenate([np.ascontiguousarray(w).reshape(-1) for w in weights])
+        return cls(cuda.to_device(raw), qtype, bounds, cuda.to_device(np.array(bounds, np.int64)))
+
+
+def matmul(x, matrix: DeviceMatrix, bias=None) -> list:
+    """x: device float32 [n, k] times each weight of `matrix` (transposed), plus `bias` (device
+    float32 [m], one weight only) -> a device float32 [n, m_i] per weight, in one launch."""
     n, k = x.shape
-    if k % block_size(qtype):
-        raise LlmxError(f"a {qtype.name} row of {k} values is not whole blocks of {block_size(qtype)}")
-    out = cuda.device_array((n, m), np.float32) if out is None else out
-    bias = _NO_BIAS() if bias is None else bias
+    qk = block_size(matrix.qtype)
+    if k % qk:
+        raise LlmxError(f"a {matrix.qtype.name} row of {k} values is not whole blocks of {qk}")
+    bounds, m = matrix.bounds, matrix.bounds[-1]
+    out = cuda.device_array(n * m, np.float32)
+    args = (matrix.raw, x, _NO_BIAS() if bias is None else bias, matrix.bounds_on_device, out)
     if n >= TILED_MIN_TOKENS:
-        tiles = -(-m // TILE) * -(-n // TILE)
-        _tiles_kernel(qtype)[launch(tiles)[0], (TILE, TILE)](raw, x, bias, out)
+        _tiles_kernel(matrix.qtype)[launch(-(-m // TILE) * -(-n // TILE))[0], (TILE, TILE)](*args)
     else:
-        blocks, threads = launch(m * -(-n // TOKENS))
-        _rows_kernel(qtype)[blocks, threads](raw, x, bias, out)
-    return out
+        _rows_kernel(matrix.qtype)[launch(m * -(-n // TOKENS))](*args)
+    return [out[n * a:n * b].reshape(n, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 @functools.cache
@@ -123,4 +154,4 @@ def _NO_BIAS():
     return cuda.device_array(0, np.float32)
 
 
-__all__ = ["THREADS", "TILED_MIN_TOKENS", "TOKENS", "matmul", "supported"]
+__all__ = ["THREADS", "TILED_MIN_TOKENS", "TOKENS", "DeviceMatrix", "matmul", "supported"]
