@@ -190,9 +190,11 @@ def reference_attention(q, keys, values, positions, window, group, scale):
     return out
 
 
-@pytest.mark.parametrize("cache_type,window", [("f16", 0), ("f16", 5), ("q8_0", 0)])
-def test_paged_attention_matches_softmax(tiny_config, cache_type, window, wide_launches):
-    """Two sequences in shuffled blocks, grouped heads, causal (and a sliding window)."""
+@pytest.mark.parametrize("cache_type,window,span", [("f16", 0, 4), ("f16", 5, 3), ("q8_0", 0, 64)])
+def test_paged_attention_matches_softmax(tiny_config, cache_type, window, span, wide_launches, monkeypatch):
+    """Two sequences in shuffled blocks, grouped heads, causal (and a sliding window); rows longer
+    than `span` positions split over blocks and combined (for 64: never split)."""
+    monkeypatch.setattr(attention, "SPAN", span)
     config = tiny_config
     group, n_head_kv, d = 2, config.n_head_kv, config.head_dim
     rng = np.random.default_rng(5)
@@ -211,8 +213,9 @@ def test_paged_attention_matches_softmax(tiny_config, cache_type, window, wide_l
     rows = [(0, 13), (0, 2), (1, 8), (1, 0)]  # (sequence, position)
     q = rng.standard_normal((len(rows), n_head_kv * group, d)).astype(np.float32)
     row_seq, positions = (cuda.to_device(np.array(column)) for column in zip(*rows, strict=True))
+    longest = min(14, window or 14)
     out = attention.attend(cuda.to_device(q), pools[0], pools[1], (cache_type, cache_type), cuda.to_device(tables),
-                           row_seq, positions, 4, window, group, 0.125, d)
+                           row_seq, positions, 4, window, group, 0.125, d, longest)
     expected = reference_attention(q, keys, values, rows, window, group, 0.125)
     tolerance = 1e-5 if cache_type == "f16" else 2e-2
     np.testing.assert_allclose(host(out), expected, rtol=tolerance, atol=tolerance)
@@ -259,3 +262,20 @@ def tiny_logits():
     from conftest import REFERENCE_DIR
 
     return np.load(REFERENCE_DIR / "tiny_logits.npz")
+
+
+@needs_reference
+def test_the_engine_runs_on_the_device_unchanged(reference):
+    """`llmx.Engine` (scheduler, paged cache, sampler) on a CUDA model: the greedy tokens of the
+    CPU model (two steps: the prompt, then one decoded token)."""
+    import llmx
+
+    prompt = reference["tiny"]["tiny-llama-f16"]["ids"][:3]
+    tokens = {}
+    for name in ("cpu", "cuda"):
+        model = llmx.load(MODELS_DIR / "tiny-llama-f16.gguf", device=name, ctx=64)
+        with llmx.Engine(model, max_seqs=2, kv_cache_tokens=64) as engine:
+            request = engine.submit(prompt, max_tokens=2, temperature=0.0)
+            request.wait()
+            tokens[name] = (request.token_ids, request.finish_reason)
+    assert tokens["cuda"] == tokens["cpu"] and len(tokens["cpu"][0]) == 2

@@ -140,8 +140,10 @@ class CudaBackend:
         c = self.config
         keys, values = self.pools(cache)
         tables, row_seq, positions = (self._uploaded(a) for a in (layout.tables, layout.row_seq, layout.positions))
+        longest = int(layout.positions.max()) + 1  # positions the longest row attends to
         return attention.attend(q, keys[layer], values[layer], cache.cache_types, tables, row_seq, positions,
-                                cache.block_size, window, c.n_head // c.n_head_kv, kq_scale, c.head_dim_v)
+                                cache.block_size, window, c.n_head // c.n_head_kv, kq_scale, c.head_dim_v,
+                                min(longest, window or longest))
 
 
 def _rows(tensor: GGUFTensor) -> np.ndarray:

@@ -23,7 +23,7 @@ from numba import cuda, float32
 
 from llmx.errors import LlmxError
 from llmx.quant.cuda.decode import VALUE
-from llmx.quant.cuda.device import SIMULATED, THREADS, block_sum, f32, launch
+from llmx.quant.cuda.device import SIMULATED, block_sum, f32, launch
 from llmx.quant.qtypes import QType, block_size, type_size
 
 TOKENS = 4  # tokens one read of a weight row serves in `rows`
@@ -154,4 +154,3 @@ def _NO_BIAS():
     return cuda.device_array(0, np.float32)
 
 
-__all__ = ["THREADS", "TILED_MIN_TOKENS", "TOKENS", "DeviceMatrix", "matmul", "supported"]
