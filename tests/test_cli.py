@@ -150,6 +150,21 @@ def test_usage_errors_exit_2():
     assert too_many.returncode == 2 and b"9999 threads" in too_many.stderr and b"Traceback" not in too_many.stderr
 
 
+def test_device_names_without_a_gpu():
+    """No GPU (none visible, no simulator): `-d cuda` is one line saying so (exit 2), `-d auto`
+    runs on the CPU, an unknown device is a usage error."""
+    no_gpu = {"NUMBA_ENABLE_CUDASIM": "0", "CUDA_VISIBLE_DEVICES": ""}
+    model = str(MODELS_DIR / "tiny-llama-q8_0.gguf")
+    cuda = run_llmx("run", model, "hi", "-n", "1", "-d", "cuda", env=no_gpu)
+    lines = cuda.stderr.decode().strip().splitlines()
+    assert cuda.returncode == 2 and len(lines) == 1 and "--device cuda" in lines[0], cuda.stderr
+    auto = run_llmx("run", model, "hi", "-n", "2", "--temp", "0", "-d", "auto", "--no-server", env=no_gpu)
+    on_cpu = run_llmx("run", model, "hi", "-n", "2", "--temp", "0", "--no-server")
+    assert auto.returncode == 0 and auto.stdout == on_cpu.stdout and auto.stdout
+    bogus = run_llmx("bench", model, "-d", "tpu", "-p", "1", "-n", "0")
+    assert bogus.returncode == 2 and b"'tpu' is not one of cpu, cuda, auto" in bogus.stderr
+
+
 def test_version_and_help_import_nothing_heavy():
     assert run_llmx("--version").stdout.decode().strip() == f"llmx {llmx.__version__}"
     probe = (
