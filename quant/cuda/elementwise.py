@@ -16,7 +16,9 @@ from llmx.quant.cuda.device import block_sum, f16_bits, f32, gelu_tanh, i32, lau
 from llmx.quant.qtypes import QType, block_size, type_size
 
 
+@cuda.jit(device=True)
 def _flat():
+    """(this thread's first item, the stride): an elementwise kernel's grid-stride loop."""
     return cuda.grid(1), cuda.gridsize(1)
 
 

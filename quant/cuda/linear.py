@@ -30,6 +30,7 @@ TOKENS = 4  # tokens one read of a weight row serves in `rows`
 # `tiles`: output tile edge (TILE x TILE threads) and the depth of one step over k (small under
 # the simulator, where each thread is a Python thread)
 TILE = 4 if SIMULATED else 16
+TILE_ROW = TILE + 1  # a shared tile's row: one more than TILE, so a column's reads hit distinct banks
 TILED_MIN_TOKENS = 32  # from this many tokens on, `tiles`
 
 
@@ -89,8 +90,8 @@ def _tiles_kernel(qtype: QType):
         n, k = x.shape
         m = bounds[bounds.size - 1]
         row_bytes = (k // qk) * bb
-        w_tile = cuda.shared.array((TILE, TILE + 1), float32)  # [row, depth] (+1: no bank conflicts)
-        x_tile = cuda.shared.array((TILE, TILE + 1), float32)  # [token, depth]
+        w_tile = cuda.shared.array((TILE, TILE_ROW), float32)  # [row, depth]
+        x_tile = cuda.shared.array((TILE, TILE_ROW), float32)  # [token, depth]
         i, j = cuda.threadIdx.y, cuda.threadIdx.x
         tiles_m = (m + TILE - 1) // TILE
         for tile in range(cuda.blockIdx.x, tiles_m * ((n + TILE - 1) // TILE), cuda.gridDim.x):
