@@ -1,6 +1,7 @@
 """Compile every CUDA kernel of `quant/cuda` to PTX, for every weight type and KV cache type,
 with the argument types the backend launches them with: typing errors show here, without a GPU
-(the simulator runs kernels as Python and checks no types). Needs libnvvm (CUDA's toolkit, e.g.
+(the simulator runs kernels as Python and checks no types), and so does float64 arithmetic that
+crept in (a Python float constant in a float32 loop), which fails the kernel too. Needs libnvvm (CUDA's toolkit, e.g.
 CUDA_HOME=/usr/local/cuda-13.0) and NVRTC (`pip install nvidia-cuda-nvrtc`), not a device.
 
 Usage: NUMBA_ENABLE_CUDASIM=0 python scripts/compile_cuda_kernels.py [--cc 8.0]
@@ -61,11 +62,14 @@ def main() -> None:
     failed = 0
     for name, kernel, args in signatures():
         try:
-            cuda.compile_ptx(kernel.py_func, args, cc=cc)
-            print(f"ok      {name}")
+            ptx, _ = cuda.compile_ptx(kernel.py_func, args, cc=cc)
         except Exception as error:  # every kernel's verdict, then the count
             failed += 1
             print(f"FAILED  {name}: {str(error).splitlines()[0]}")
+            continue
+        doubles = ptx.count(".f64")
+        failed += doubles > 0
+        print(f"FAILED  {name}: {doubles} float64 instructions" if doubles else f"ok      {name}")
     print(f"{failed} of the kernels failed to compile" if failed else "every kernel compiles")
     sys.exit(1 if failed else 0)
 

@@ -62,7 +62,7 @@ def _kernel(k_type: str, v_type: str):
             first = max(0, last - window + 1) if window > 0 else 0
             for i in range(PER_THREAD):
                 acc[i] = f32(0)
-            running_max, total = -math.inf, f32(0)
+            running_max, total = f32(-math.inf), f32(0)  # (float32: a Python float would be float64)
             for p in range(first + split * span, min(first + (split + 1) * span, last + 1)):
                 cell = tables[seq, p // block_size] * block_size + p % block_size
                 part = f32(0)
@@ -96,7 +96,7 @@ def _combine(part_max, part_total, part_acc, out):
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, n * n_head * dv, stride):
         t, h, e = i // (n_head * dv), (i // dv) % n_head, i % dv
-        top = -math.inf
+        top = f32(-math.inf)
         for s in range(splits):
             top = max(top, part_max[t, h, s])
         weighted, total = f32(0), f32(0)
