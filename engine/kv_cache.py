@@ -158,8 +158,9 @@ def _pool_shape(config: ModelConfig, n_blocks: int, block_size: int, dim: int, c
 
 
 def _pool(shape: tuple[int, ...], cache_type: str) -> np.ndarray:
-    """One pool, its memory taken now (as vLLM and llama.cpp do): np.zeros alone maps pages on
-    first write, and a server's memory would then creep up block by block to the pool's size."""
+    """One pool, its memory taken at once (as vLLM and llama.cpp do; here at the cache's first
+    use): np.zeros alone maps pages on first write, and a server's memory would then creep up
+    block by block to the pool's size."""
     pool = np.empty(shape, np.uint8 if cache_type == "q8_0" else np.float16)
     pool.fill(0)
     return pool

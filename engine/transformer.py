@@ -56,7 +56,7 @@ class Transformer:
     config: ModelConfig
     tensors: dict[str, GGUFTensor]
     threads: int | None = None
-    isa: Any = None  # a `simd` instruction-set marker (None: the host's best); the CPU backend's
+    isa: Any = None  # the CPU backend's `simd` instruction-set marker (None: the host's best)
     device: str = "cpu"  # "cpu" or "cuda" (`engine.backends`)
     backend: Any = field(init=False)
 

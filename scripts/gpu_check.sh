@@ -7,7 +7,8 @@
 #   2. `pytest -m cuda` on the device (NUMBA_ENABLE_CUDASIM=0: the same tests CI runs on the simulator);
 #   3. gemma's KL divergence against llama.cpp (../shared/reference/gemma_kld_gpl3.npz, or
 #      $LLMX_REFERENCE_DIR) on the GPU: mean <= 1.5 x the reference's own spread, top-1 >= spread - 0.02;
-#   4. `llmx bench -d cuda -p 512 -n 128 -b 1,16,64 -o json`, and the device's bandwidth beside it.
+#   4. `scripts/profile_gpu.py` (launches per token, the per-op split, weights read per second against
+#      the device's copy bandwidth), then `llmx bench -d cuda -p 512 -n 128 -b 1,16,64 -o json`.
 # Results go to $OUT (default ./gpu-check), one file per step. Usage: bash scripts/gpu_check.sh [MODEL]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,23 +60,8 @@ print(f"mean KL {kl:.5f} (bound {bound_kl:.5f}), top-1 {top1:.4f} (bound {bound_
 sys.exit(0 if kl <= bound_kl and top1 >= bound_top1 else 1)
 PY
 
-step "bandwidth" bandwidth.txt python - <<'PY'
-import time
-
-import numpy as np
-from numba import cuda
-
-src = cuda.device_array(1 << 28, np.uint8)  # 256 MiB, copied device to device
-dst = cuda.device_array_like(src)
-dst.copy_to_device(src)
-cuda.synchronize()
-started = time.perf_counter()
-for _ in range(10):
-    dst.copy_to_device(src)
-cuda.synchronize()
-seconds = (time.perf_counter() - started) / 10
-print(f"device copy: {2 * src.nbytes / seconds / 1e9:.0f} GB/s (read + write)")
-PY
+step "profile: launches per token, per-op time, weights' bytes/s against the device's bandwidth" profile.txt \
+    timeout 240 python scripts/profile_gpu.py ${MODEL:+"$MODEL"} --prompt 128 --steps 16
 
 step "llmx bench on the GPU" bench.txt timeout 300 llmx bench ${MODEL:+"$MODEL"} -d cuda -p 512 -n 128 -b 1,16,64 \
     -r 2 -o json

@@ -1,7 +1,7 @@
 """Backends: where a forward pass computes (DESIGN principle 5b).
 
 The `Transformer` calls the same small set of operations on either backend (embed, rms_norm,
-linear/linears, rope, scale, add, activate, kv_write, attend, rows, to_host); "cpu" holds numpy
+linear/linears, norm_rope, add_rms_norm, activate, kv_write, attend, rows, to_host); "cpu" holds numpy
 arrays and runs Numba kernels (`backends.cpu`), "cuda" holds numba.cuda device arrays and runs
 the kernels of `quant.cuda` (`backends.cuda`, imported only when asked for).
 """
