@@ -142,8 +142,8 @@ class Transformer:
         # llama.cpp computes 1/sqrt(head_dim) in float32; gemma3 applies it to q, the others to the scores.
         scale = np.float32(1.0) / np.sqrt(np.float32(c.head_dim))
         q_scale, kq_scale = (scale, np.float32(1.0)) if c.scale_queries else (None, scale)
-        q = b.norm_rope(q, p + "attn_q_norm.weight" if c.qk_norm else None, cos, sin, q_scale)
-        k = b.norm_rope(k, p + "attn_k_norm.weight" if c.qk_norm else None, cos, sin)
+        norms = (p + "attn_q_norm.weight", p + "attn_k_norm.weight") if c.qk_norm else (None, None)
+        q, k = b.norm_rope(q, k, *norms, cos, sin, q_scale)
         b.kv_write(cache, layer, layout, k, v)
         out = b.attend(q, cache, layer, layout, window, kq_scale)  # [n, n_head, head_dim_v]
         return out.reshape(n, c.n_head * c.head_dim_v)

@@ -35,10 +35,10 @@ def signatures():
         yield f"embed {qtype.name}", elementwise._embed_kernel(qtype), (u8, i64, F32, f2)
     yield "rms_norm", elementwise._rms_norm_kernel, (f2, f1, F32, f2)
     yield "add_rms_norm", elementwise._add_rms_norm_kernel, (f2, f2, f1, f1, F32, f2, f2)
-    yield "norm_rope", elementwise._norm_rope_kernel, (f3, f1, f2, f2, types.boolean, F32, F32, f3)
+    yield "norm_rope", elementwise._norm_rope_kernel, (f3, f3, f1, f1, f2, f2, types.boolean, F32, F32, f3, f3)
     yield "gate", elementwise._gate_kernel, (f1, f1, types.boolean, f1)
     yield "rows gather", elementwise._rows_kernel, (f2, i64, f2)
-    yield "write f16", elementwise._write_f16_kernel, (array(types.uint16, 2), i64, f2)
+    yield "write f16", elementwise._write_f16_kernel, (array(types.uint16, 2), array(types.uint16, 2), i64, f2, f2)
     yield "write q8_0", elementwise._write_q8_0_kernel, (array(types.uint8, 3), i64, f3)
     pools = {"f16": array(types.uint16, 3), "q8_0": array(types.uint8, 3)}
     for k_type, k_pool in pools.items():

@@ -117,17 +117,18 @@ def test_norms_rope_gates_and_residual_adds(wide_launches):
 
     angles = rng.uniform(0, 6, (3, 6))  # rope over the first 12 of 16 dims
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    keys = x[:, :1] * 2  # [3, 1, 16]: one KV head
     for layout in ("normal", "neox"):
         for weight, scale in ((None, 1.0), (w, 0.25)):
-            got = host(elementwise.norm_rope(cuda.to_device(x), None if weight is None else cuda.to_device(weight),
-                                             cuda.to_device(cos), cuda.to_device(sin), layout, scale, 1e-6))
-            y = x if weight is None else expected
-            a, b = (np.arange(0, 12, 2), np.arange(1, 12, 2)) if layout == "normal" else (np.arange(6),
-                                                                                          np.arange(6, 12))
-            want = y.copy()
-            want[..., a] = y[..., a] * cos[:, None] - y[..., b] * sin[:, None]
-            want[..., b] = y[..., a] * sin[:, None] + y[..., b] * cos[:, None]
-            np.testing.assert_allclose(got, want * scale, rtol=1e-5, atol=1e-5)
+            on_device = (None, None) if weight is None else (cuda.to_device(weight),
+                                                             cuda.to_device(weight[::-1].copy()))
+            got_q, got_k = elementwise.norm_rope(cuda.to_device(x), cuda.to_device(keys), *on_device,
+                                                 cuda.to_device(cos), cuda.to_device(sin), layout, scale, 1e-6)
+            normed_k = keys if weight is None else keys / np.sqrt(
+                (keys.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * weight[::-1]
+            want_q = rotated(x if weight is None else expected, cos, sin, layout) * scale
+            np.testing.assert_allclose(host(got_q), want_q, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(host(got_k), rotated(normed_k, cos, sin, layout), rtol=1e-5, atol=1e-5)
 
     flat, other = x.reshape(6, 16), rng.standard_normal((6, 16)).astype(np.float32)
     for pre in (None, w[::-1].copy()):
@@ -150,26 +151,38 @@ def test_norms_rope_gates_and_residual_adds(wide_launches):
     assert np.array_equal(host(elementwise.rows(cuda.to_device(g), cuda.to_device(np.array([5, 0])))), g[[5, 0]])
 
 
-@pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
-def test_cache_writes_store_the_cpu_caches_bytes(tiny_config, cache_type):
+def rotated(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> np.ndarray:
+    """numpy rope of x [n, heads, dim] over its first 2 * cos.shape[1] dims."""
+    half = cos.shape[1]
+    a, b = (np.arange(0, 2 * half, 2), np.arange(1, 2 * half, 2)) if layout == "normal" else (
+        np.arange(half), np.arange(half, 2 * half))
+    out = x.copy()
+    out[..., a] = x[..., a] * cos[:, None] - x[..., b] * sin[:, None]
+    out[..., b] = x[..., a] * sin[:, None] + x[..., b] * cos[:, None]
+    return out
+
+
+@pytest.mark.parametrize("cache_types", [("f16", "f16"), ("q8_0", "q8_0"), ("f16", "q8_0")])
+def test_cache_writes_store_the_cpu_caches_bytes(tiny_config, cache_types):
     """The device pools hold exactly the bytes `KVCache.write` stores on the CPU."""
     config = tiny_config
-    cache = KVCache(config, 32, cache_type_k=cache_type, cache_type_v=cache_type)
+    cache = KVCache(config, 32, cache_type_k=cache_types[0], cache_type_v=cache_types[1])
     rng = np.random.default_rng(4)
-    rows = (rng.standard_normal((5, config.n_head_kv, config.head_dim)) * 3).astype(np.float32)
+    k = (rng.standard_normal((5, config.n_head_kv, config.head_dim)) * 3).astype(np.float32)
+    v = (rng.standard_normal((5, config.n_head_kv, config.head_dim_v)) * 0.1).astype(np.float32)
     cells = np.array([17, 3, 4, 30, 0])
-    cache.write(1, cells, rows, rows)
-    pool = device_pool(cache)
-    elementwise.write_cache(pool, cuda.to_device(cells), cuda.to_device(rows), cache_type)
-    stored = cache.keys[1].reshape(pool.shape)
-    assert np.array_equal(host(pool)[cells], stored[cells].view(pool.dtype))
+    cache.write(1, cells, k, v)
+    pools = device_pools(cache)
+    elementwise.write_cache(*pools, cuda.to_device(cells), cuda.to_device(k), cuda.to_device(v), cache_types)
+    for pool, stored in zip(pools, (cache.keys[1], cache.values[1]), strict=True):
+        assert np.array_equal(host(pool)[cells], stored.reshape(pool.shape)[cells].view(pool.dtype))
 
 
-def device_pool(cache: KVCache):
-    """One layer's pool as `backends.cuda` allocates it: float16 bits as uint16, or Q8_0 bytes."""
-    shape = cache.shapes[0]
-    return cuda.to_device(np.zeros((shape[1] * shape[2], *shape[3:]), cache.keys.dtype).view(
-        np.uint16 if cache.cache_types[0] == "f16" else np.uint8))
+def device_pools(cache: KVCache):
+    """One layer's key and value pools as `backends.cuda` allocates them: float16 bits as
+    uint16, or Q8_0 bytes."""
+    return [cuda.to_device(np.zeros((shape[1] * shape[2], *shape[3:]), np.uint16 if kind == "f16" else np.uint8))
+            for shape, kind in zip(cache.shapes, cache.cache_types, strict=True)]
 
 
 def as_q8_0(x: np.ndarray) -> np.ndarray:
@@ -203,11 +216,11 @@ def test_paged_attention_matches_softmax(tiny_config, cache_type, window, span, 
     lengths = (14, 9)
     keys = [rng.standard_normal((n, n_head_kv, d)).astype(np.float16).astype(np.float32) for n in lengths]
     values = [rng.standard_normal((n, n_head_kv, d)).astype(np.float16).astype(np.float32) for n in lengths]
-    pools = [device_pool(cache) for _ in range(2)]
+    pools = device_pools(cache)
     for s, n in enumerate(lengths):
         cells = tables[s][np.arange(n) // 4] * 4 + np.arange(n) % 4
-        for pool, rows in zip(pools, (keys[s], values[s]), strict=True):
-            elementwise.write_cache(pool, cuda.to_device(cells), cuda.to_device(rows), cache_type)
+        elementwise.write_cache(*pools, cuda.to_device(cells), cuda.to_device(keys[s]), cuda.to_device(values[s]),
+                                cache.cache_types)
     if cache_type == "q8_0":  # compare with what the cache holds
         keys, values = ([as_q8_0(k) for k in keys], [as_q8_0(v) for v in values])
     rows = [(0, 13), (0, 2), (1, 8), (1, 0)]  # (sequence, position)

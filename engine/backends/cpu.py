@@ -212,14 +212,17 @@ class CpuBackend:
         """RMSNorm over the last axis of x (any leading shape), times the vector `weight`."""
         return rms_norm(x, self._vector(weight), self.config.rms_eps)
 
-    def norm_rope(self, x: np.ndarray, norm: str | None, cos: np.ndarray, sin: np.ndarray,
-                  scale: np.float32 | None = None) -> np.ndarray:
-        """x [n, heads, head_dim]: RMSNorm per head (when `norm` names its weight), rotated by cos,
-        sin float32 [n, rope_dim / 2] (host arrays), then times `scale` (when given)."""
-        if norm is not None:
-            x = self.rms_norm(x, norm)
-        x = apply_rope(x, cos, sin, self.config.rope_layout)
-        return x if scale is None else x * scale
+    def norm_rope(self, q: np.ndarray, k: np.ndarray, q_norm: str | None, k_norm: str | None, cos: np.ndarray,
+                  sin: np.ndarray, q_scale: np.float32 | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Queries [n, n_head, head_dim] and keys [n, n_head_kv, head_dim]: each RMS-normed per
+        head (when its norm names a weight), rotated by cos, sin float32 [n, rope_dim / 2] (host
+        arrays); the queries then times `q_scale` (when given)."""
+        out = []
+        for x, norm in ((q, q_norm), (k, k_norm)):
+            if norm is not None:
+                x = self.rms_norm(x, norm)
+            out.append(apply_rope(x, cos, sin, self.config.rope_layout))
+        return (out[0] if q_scale is None else out[0] * q_scale), out[1]
 
     def add_rms_norm(self, x: np.ndarray, y: np.ndarray, norm: str | None,
                      pre_norm: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:

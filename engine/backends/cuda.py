@@ -115,11 +115,11 @@ class CudaBackend:
     def rms_norm(self, x, weight: str):
         return elementwise.rms_norm(x, self.vectors[weight], self.config.rms_eps)
 
-    def norm_rope(self, x, norm: str | None, cos: np.ndarray, sin: np.ndarray, scale: np.float32 | None = None):
-        cos, sin = self._uploaded(cos), self._uploaded(sin)
-        weight = None if norm is None else self.vectors[norm]
-        return elementwise.norm_rope(x, weight, cos, sin, self.config.rope_layout, 1.0 if scale is None else scale,
-                                     self.config.rms_eps)
+    def norm_rope(self, q, k, q_norm: str | None, k_norm: str | None, cos: np.ndarray, sin: np.ndarray,
+                  q_scale: np.float32 | None = None):
+        weights = (None if norm is None else self.vectors[norm] for norm in (q_norm, k_norm))
+        return elementwise.norm_rope(q, k, *weights, self._uploaded(cos), self._uploaded(sin), self.config.rope_layout,
+                                     1.0 if q_scale is None else q_scale, self.config.rms_eps)
 
     def add_rms_norm(self, x, y, norm: str | None, pre_norm: str | None = None):
         return elementwise.add_rms_norm(x, y, None if norm is None else self.vectors[norm],
@@ -132,9 +132,8 @@ class CudaBackend:
         return elementwise.rows(x, cuda.to_device(rows.astype(np.int64)))
 
     def kv_write(self, cache: KVCache, layer: int, layout, k, v) -> None:
-        cells = self._uploaded(layout.cells)
-        for pool, rows, kind in zip(self.pools(cache), (k, v), cache.cache_types, strict=True):
-            elementwise.write_cache(pool[layer], cells, rows, kind)
+        keys, values = self.pools(cache)
+        elementwise.write_cache(keys[layer], values[layer], self._uploaded(layout.cells), k, v, cache.cache_types)
 
     def attend(self, q, cache: KVCache, layer: int, layout, window: int | None, kq_scale: np.float32):
         c = self.config

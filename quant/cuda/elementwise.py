@@ -112,40 +112,51 @@ def _EMPTY():
     return cuda.device_array((0, 0), np.float32)
 
 
-@cuda.jit
-def _norm_rope_kernel(x, weight, cos, sin, neox, scale, eps, out):
-    """Per (token, head) row of x [n, heads, dim]: RMSNorm (when weight has any), the first
-    2 * half dims rotated in pairs, times scale. A thread handles whole pairs."""
-    scratch = cuda.shared.array(32, f32)
-    n, heads, dim = x.shape
-    half = cos.shape[1]
-    for row in range(cuda.blockIdx.x, n * heads, cuda.gridDim.x):
-        t, h = row // heads, row % heads
-        factor = f32(1)
+@cuda.jit(device=True)
+def _norm_rope_row(x, weight, cos, sin, neox, scale, eps, out, t, h, scratch):
+    """Row (t, h) of x [n, heads, dim]: RMSNorm (when weight has any), the first 2 * half dims
+    rotated in pairs, times scale. A thread handles whole pairs."""
+    dim, half = x.shape[2], cos.shape[1]
+    factor = f32(1)
+    if weight.size:
+        acc = f32(0)
+        for e in range(cuda.threadIdx.x, dim, cuda.blockDim.x):
+            acc += x[t, h, e] * x[t, h, e]
+        factor = f32(1) / math.sqrt(block_sum(acc, scratch) / f32(dim) + eps)
+    for i in range(cuda.threadIdx.x, half, cuda.blockDim.x):
+        ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
+        a, b = x[t, h, ia] * factor, x[t, h, ib] * factor
         if weight.size:
-            acc = f32(0)
-            for e in range(cuda.threadIdx.x, dim, cuda.blockDim.x):
-                acc += x[t, h, e] * x[t, h, e]
-            factor = f32(1) / math.sqrt(block_sum(acc, scratch) / f32(dim) + eps)
-        for i in range(cuda.threadIdx.x, half, cuda.blockDim.x):
-            ia, ib = (i, i + half) if neox else (2 * i, 2 * i + 1)
-            a, b = x[t, h, ia] * factor, x[t, h, ib] * factor
-            if weight.size:
-                a, b = a * weight[ia], b * weight[ib]
-            out[t, h, ia] = (a * cos[t, i] - b * sin[t, i]) * scale
-            out[t, h, ib] = (a * sin[t, i] + b * cos[t, i]) * scale
-        for e in range(2 * half + cuda.threadIdx.x, dim, cuda.blockDim.x):
-            out[t, h, e] = x[t, h, e] * factor * (weight[e] if weight.size else f32(1)) * scale
+            a, b = a * weight[ia], b * weight[ib]
+        out[t, h, ia] = (a * cos[t, i] - b * sin[t, i]) * scale
+        out[t, h, ib] = (a * sin[t, i] + b * cos[t, i]) * scale
+    for e in range(2 * half + cuda.threadIdx.x, dim, cuda.blockDim.x):
+        out[t, h, e] = x[t, h, e] * factor * (weight[e] if weight.size else f32(1)) * scale
 
 
-def norm_rope(x, weight, cos, sin, layout: str, scale: float, eps: float):
-    """x [n, heads, head_dim]: RMSNorm per head by weight (None: none), rope (cos, sin [n, half];
-    "normal" pairs (2i, 2i+1), "neox" (i, i + half)), times scale: one launch."""
-    out = cuda.device_array(x.shape, np.float32)
-    blocks, threads = launch(x.shape[0] * x.shape[1])
-    _norm_rope_kernel[blocks, threads](x, _EMPTY_VECTOR() if weight is None else weight, cos, sin, layout != "normal",
-                                       np.float32(scale), np.float32(eps), out)
-    return out
+@cuda.jit
+def _norm_rope_kernel(q, k, q_weight, k_weight, cos, sin, neox, q_scale, eps, q_out, k_out):
+    """Blocks stride over the rows (token, head) of q, then those of k."""
+    scratch = cuda.shared.array(32, f32)
+    n, q_heads, k_heads = q.shape[0], q.shape[1], k.shape[1]
+    for row in range(cuda.blockIdx.x, n * (q_heads + k_heads), cuda.gridDim.x):
+        if row < n * q_heads:
+            _norm_rope_row(q, q_weight, cos, sin, neox, q_scale, eps, q_out, row // q_heads, row % q_heads, scratch)
+        else:
+            row -= n * q_heads
+            _norm_rope_row(k, k_weight, cos, sin, neox, f32(1), eps, k_out, row // k_heads, row % k_heads, scratch)
+
+
+def norm_rope(q, k, q_weight, k_weight, cos, sin, layout: str, q_scale: float, eps: float):
+    """Queries [n, n_head, head_dim] and keys [n, n_head_kv, head_dim], in one launch: RMSNorm per
+    head by their weight (None: none), rope (cos, sin [n, half]; "normal" pairs (2i, 2i+1),
+    "neox" (i, i + half)), the queries times q_scale. Returns (queries, keys)."""
+    q_out, k_out = cuda.device_array(q.shape, np.float32), cuda.device_array(k.shape, np.float32)
+    blocks, threads = launch(q.shape[0] * (q.shape[1] + k.shape[1]))
+    _norm_rope_kernel[blocks, threads](q, k, _EMPTY_VECTOR() if q_weight is None else q_weight,
+                                       _EMPTY_VECTOR() if k_weight is None else k_weight, cos, sin,
+                                       layout != "normal", np.float32(q_scale), np.float32(eps), q_out, k_out)
+    return q_out, k_out
 
 
 @functools.cache
@@ -190,12 +201,18 @@ def rows(x, rows):
 
 
 @cuda.jit
-def _write_f16_kernel(pool, cells, rows):
-    """pool uint16 [cells, width]; rows float32 [n, width] -> pool[cells[i]] as float16 bits."""
-    n, width = rows.shape
+def _write_f16_kernel(k_pool, v_pool, cells, k, v):
+    """Pools uint16 [cells, width_k or width_v]; k, v float32 [n, width_k or width_v]: row i of each
+    into its pool's cell cells[i] as float16 bits. Keys and values in one launch."""
+    n, width_k = k.shape
+    width = width_k + v.shape[1]
     start, stride = _flat()
     for i in range(start, n * width, stride):
-        pool[cells[i // width], i % width] = f16_bits(rows[i // width, i % width])
+        t, e = i // width, i % width
+        if e < width_k:
+            k_pool[cells[t], e] = f16_bits(k[t, e])
+        else:
+            v_pool[cells[t], e - width_k] = f16_bits(v[t, e - width_k])
 
 
 @cuda.jit
@@ -219,12 +236,30 @@ def _write_q8_0_kernel(pool, cells, rows):
             cell[34 * b + 2 + j] = u8(code & 0xFF)
 
 
-def write_cache(pool, cells, rows, cache_type: str) -> None:
-    """rows float32 [n, heads, dim] into `cells` (device int64 [n]) of one layer's pool."""
-    if cache_type == "q8_0":
-        blocks, threads = launch_flat(rows.shape[0] * rows.shape[1] * (rows.shape[2] // 32))
-        _write_q8_0_kernel[blocks, threads](pool, cells, rows)
+def write_cache(k_pool, v_pool, cells, k, v, cache_types: tuple[str, str]) -> None:
+    """k, v float32 [n, heads, dim] into `cells` (device int64 [n]) of one layer's pools: one launch
+    for float16 keys and values, one per Q8_0 pool."""
+    if cache_types == ("f16", "f16"):
+        k_flat, v_flat = k.reshape(k.shape[0], k.size // k.shape[0]), v.reshape(v.shape[0], v.size // v.shape[0])
+        blocks, threads = launch_flat(k_flat.size + v_flat.size)
+        _write_f16_kernel[blocks, threads](k_pool.reshape(k_pool.shape[0], k_flat.shape[1]),
+                                           v_pool.reshape(v_pool.shape[0], v_flat.shape[1]), cells, k_flat, v_flat)
         return
-    flat = rows.reshape(rows.shape[0], -1)
-    blocks, threads = launch_flat(flat.size)
-    _write_f16_kernel[blocks, threads](pool.reshape(pool.shape[0], -1), cells, flat)
+    for pool, rows, kind in ((k_pool, k, cache_types[0]), (v_pool, v, cache_types[1])):
+        if kind == "q8_0":
+            blocks, threads = launch_flat(rows.shape[0] * rows.shape[1] * (rows.shape[2] // 32))
+            _write_q8_0_kernel[blocks, threads](pool, cells, rows)
+        else:
+            width = rows.size // rows.shape[0]
+            _write_f16_kernel[launch_flat(rows.size)](pool.reshape(pool.shape[0], width), _EMPTY_POOL(), cells,
+                                                      rows.reshape(rows.shape[0], width), _EMPTY_ROWS())
+
+
+@functools.cache
+def _EMPTY_POOL():
+    return cuda.device_array((0, 0), np.uint16)
+
+
+@functools.cache
+def _EMPTY_ROWS():
+    return cuda.device_array((0, 0), np.float32)
