@@ -292,3 +292,24 @@ def test_the_engine_runs_on_the_device_unchanged(reference):
             request.wait()
             tokens[name] = (request.token_ids, request.finish_reason)
     assert tokens["cuda"] == tokens["cpu"] and len(tokens["cpu"][0]) == 2
+
+
+@needs_reference
+def test_the_backend_stacks_runs_of_one_type_and_multiplies_them_as_alone():
+    """tiny-llama-q3_k_m: attn_q and attn_k are Q3_K, attn_v Q5_K: q+k stacked, v alone (as the
+    CPU backend's runs); qwen2's biased q/k/v are never stacked. Outputs are the weights' alone."""
+    from llmx.engine.archs import config_from_gguf
+    from llmx.engine.backends.cuda import CudaBackend
+    from llmx.formats.gguf_file import GGUFFile
+
+    gguf = GGUFFile.open(MODELS_DIR / "tiny-llama-q3_k_m.gguf")
+    backend = CudaBackend(config_from_gguf(gguf), gguf.tensors)
+    names = ("blk.0.attn_q", "blk.0.attn_k", "blk.0.attn_v")
+    assert backend.stacks["blk.0.attn_q"] == names[:2] and "blk.0.attn_v" not in backend.stacks
+    x = cuda.to_device(np.random.default_rng(7).standard_normal((2, 256)).astype(np.float32))
+    for name, out in zip(names, backend.linears(x, *names), strict=True):
+        tensor = gguf.tensors[f"{name}.weight"]
+        alone = matmul(x, DeviceMatrix.upload([tensor.data.view(np.uint8)], tensor.qtype))[0]
+        assert np.array_equal(host(out), host(alone)), name
+    qwen2 = GGUFFile.open(MODELS_DIR / "tiny-qwen2-q4_k_m.gguf")
+    assert not any("attn" in name for name in CudaBackend(config_from_gguf(qwen2), qwen2.tensors).stacks)

@@ -73,8 +73,9 @@ class CpuBackend:
     def __post_init__(self) -> None:
         for layer in range(self.config.n_layer):
             for group in STACKABLE:
-                for names in self._stackable_runs([f"blk.{layer}.{role}" for role in group]):
-                    self._stack(names)
+                names = [f"blk.{layer}.{role}" for role in group]
+                for run in stackable_runs(self.tensors, names, lambda t: packable(t.qtype, t.data.shape[0])):
+                    self._stack(run)
         for name, tensor in self.tensors.items():
             if name[: -len(".weight")] not in self.stacks and will_pack(name, tensor, self.config):
                 self.packed[name] = self._pack(tensor)
@@ -100,25 +101,7 @@ class CpuBackend:
             packed = self.packed[name] = packed.result()
         return packed
 
-    def _stackable_runs(self, names: list[str]) -> list[list[str]]:
-        """Maximal runs of two or more consecutive weights, each of a type `pack` packs, of one type
-        and row length, without a bias."""
-        def key(name: str):
-            tensor = self.tensors.get(f"{name}.weight")
-            if tensor is None or tensor.data.ndim != 2 or f"{name}.bias" in self.tensors:
-                return None
-            rows = tensor.data.view(np.uint8)
-            return (tensor.qtype, rows.shape[1]) if packable(tensor.qtype, len(rows)) else None
-
-        runs: list[list[str]] = []
-        for name in names:
-            if key(name) is not None and runs and key(runs[-1][-1]) == key(name):
-                runs[-1].append(name)
-            else:
-                runs.append([name])
-        return [run for run in runs if len(run) > 1 and key(run[0]) is not None]
-
-    def _stack(self, names: list[str]) -> None:
+    def _stack(self, names: tuple[str, ...]) -> None:
         tensors = [self.tensors[f"{name}.weight"] for name in names]
         rows = np.concatenate([t.data.view(np.uint8) for t in tensors])
         bounds = tuple(np.cumsum([0] + [t.data.view(np.uint8).shape[0] for t in tensors]).tolist())
@@ -256,6 +239,26 @@ class CpuBackend:
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x
+
+
+def stackable_runs(tensors: dict[str, GGUFTensor], names: list[str],
+                   stackable: Callable[[GGUFTensor], bool]) -> list[tuple[str, ...]]:
+    """Maximal runs of two or more consecutive weights of `names` (without ".weight"), each
+    present, without a bias, `stackable`, and of one type and row length: the weights a backend
+    multiplies as one matrix."""
+    def key(name: str):
+        tensor = tensors.get(f"{name}.weight")
+        if tensor is None or tensor.data.ndim != 2 or f"{name}.bias" in tensors or not stackable(tensor):
+            return None
+        return tensor.qtype, tensor.data.view(np.uint8).shape[1]
+
+    runs: list[list[str]] = []
+    for name in names:
+        if key(name) is not None and runs and key(runs[-1][-1]) == key(name):
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return [tuple(run) for run in runs if len(run) > 1 and key(run[0]) is not None]
 
 
 def will_pack(name: str, tensor: GGUFTensor, config: ModelConfig) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from llmx.engine.backends.cpu import STACKABLE
+from llmx.engine.backends.cpu import STACKABLE, stackable_runs
 from llmx.engine.config import ModelConfig
 from llmx.engine.kv_cache import KVCache
 from llmx.formats.gguf_file import GGUFTensor
@@ -28,13 +28,15 @@ class CudaBackend:
 
     def __init__(self, config: ModelConfig, tensors: dict[str, GGUFTensor]):
         self.config, self.tensors = config, tensors
-        # weight name (without ".weight") -> its DeviceMatrix: q/k/v and gate/up of one type and
-        # row length, without biases, share one (stacked: one launch for the group)
+        # weight name (without ".weight") -> its DeviceMatrix; consecutive weights of q/k/v or
+        # gate/up of one type and row length, without biases, share one (one launch for the run)
         self.matrices: dict[str, DeviceMatrix] = {}
+        self.stacks: dict[str, tuple[str, ...]] = {}  # weight name -> the run it is stacked in
         self.vectors: dict[str, Any] = {}  # norm weights and biases -> device float32
         for layer in range(config.n_layer):
             for group in STACKABLE:
-                self._upload_group([f"blk.{layer}.{role}" for role in group])
+                for run in stackable_runs(tensors, [f"blk.{layer}.{role}" for role in group], lambda t: True):
+                    self._upload_stack(run)
         for name, tensor in tensors.items():
             if tensor.data.ndim != 2:
                 self.vectors[name] = cuda.to_device(np.ascontiguousarray(tensor.data, dtype=np.float32))
@@ -45,16 +47,11 @@ class CudaBackend:
         # uploaded once for all layers; emptied when a forward starts (`embed`)
         self._uploads: dict[int, tuple[np.ndarray, Any]] = {}
 
-    def _upload_group(self, names: list[str]) -> None:
-        """Upload the group as one stacked matrix when its weights allow (all present, one type
-        and row length, no bias)."""
-        tensors = [self.tensors.get(f"{name}.weight") for name in names]
-        if any(t is None or t.data.ndim != 2 for t in tensors) or any(f"{n}.bias" in self.tensors for n in names) \
-                or len({(t.qtype, _rows(t).shape[1]) for t in tensors}) != 1:
-            return
+    def _upload_stack(self, names: tuple[str, ...]) -> None:
+        tensors = [self.tensors[f"{name}.weight"] for name in names]
         matrix = DeviceMatrix.upload([_rows(t) for t in tensors], tensors[0].qtype)
         for name in names:
-            self.matrices[name] = matrix
+            self.matrices[name], self.stacks[name] = matrix, names
 
     # -- where things live ----------------------------------------------------------------
 
@@ -87,30 +84,22 @@ class CudaBackend:
                                  cuda.to_device(tokens.astype(np.int64)), self.config.n_embd, self.config.embed_scale)
 
     def linear(self, x, name: str):
-        matrix = self.matrices[name]
-        if len(matrix.bounds) > 2:  # one weight of a stack, alone: the whole stack, then its part
-            return self.linears(x, *self._stack_names(name))[self._stack_names(name).index(name)]
-        return matmul(x, matrix, self.vectors.get(f"{name}.bias"))[0]
+        run = self.stacks.get(name)
+        if run is not None:  # one weight of a stack, alone: the whole stack, then its part
+            return matmul(x, self.matrices[name])[run.index(name)]
+        return matmul(x, self.matrices[name], self.vectors.get(f"{name}.bias"))[0]
 
     def linears(self, x, *names: str) -> list:
+        """`linear` of one input with several weights; the weights of a stack in one launch."""
         outs: list = []
         while len(outs) < len(names):
             name = names[len(outs)]
-            stack = self._stack_names(name)
-            if stack and names[len(outs):len(outs) + len(stack)] == stack:
+            run = self.stacks.get(name)
+            if run is not None and names[len(outs):len(outs) + len(run)] == run:
                 outs += matmul(x, self.matrices[name])
             else:
                 outs.append(self.linear(x, name))
         return outs
-
-    def _stack_names(self, name: str) -> tuple[str, ...]:
-        """The names stacked with `name` (with it), or () when it is alone."""
-        matrix = self.matrices[name]
-        if len(matrix.bounds) <= 2:
-            return ()
-        prefix, role = name.rsplit(".", 1)
-        group = next(g for g in STACKABLE if role in g)
-        return tuple(f"{prefix}.{r}" for r in group)
 
     def rms_norm(self, x, weight: str):
         return elementwise.rms_norm(x, self.vectors[weight], self.config.rms_eps)
