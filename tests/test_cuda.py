@@ -313,3 +313,17 @@ def test_the_backend_stacks_runs_of_one_type_and_multiplies_them_as_alone():
         assert np.array_equal(host(out), host(alone)), name
     qwen2 = GGUFFile.open(MODELS_DIR / "tiny-qwen2-q4_k_m.gguf")
     assert not any("attn" in name for name in CudaBackend(config_from_gguf(qwen2), qwen2.tensors).stacks)
+
+
+def test_the_arena_hands_the_last_forwards_buffers_out_again():
+    arena = device.Arena()
+    a, b = arena.empty((2, 3)), arena.empty((2, 3))
+    assert a is not b  # within one forward, never the same buffer twice
+    arena.reset()
+    again = {id(arena.empty((2, 3))), id(arena.empty((2, 3)))}
+    third = arena.empty((2, 3))
+    assert again == {id(a), id(b)} and third is not a and third is not b  # a third one is new
+    other = arena.empty((5,))
+    arena.reset()
+    arena.reset()  # a forward that used nothing: the older buffers are let go
+    assert arena.empty((5,)) is not other

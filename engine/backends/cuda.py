@@ -20,6 +20,7 @@ from llmx.engine.config import ModelConfig
 from llmx.engine.kv_cache import KVCache
 from llmx.formats.gguf_file import GGUFTensor
 from llmx.quant.cuda import attention, elementwise
+from llmx.quant.cuda.device import Arena
 from llmx.quant.cuda.linear import DeviceMatrix, matmul
 
 
@@ -46,6 +47,7 @@ class CudaBackend:
         # host array id -> (the array, its device copy): the forward's index arrays and rope tables,
         # uploaded once for all layers; emptied when a forward starts (`embed`)
         self._uploads: dict[int, tuple[np.ndarray, Any]] = {}
+        self.arena = Arena()  # every operation's output, reused forward after forward
 
     def _upload_stack(self, names: tuple[str, ...]) -> None:
         tensors = [self.tensors[f"{name}.weight"] for name in names]
@@ -79,15 +81,17 @@ class CudaBackend:
 
     def embed(self, tokens: np.ndarray):
         self._uploads.clear()  # a forward starts
+        self.arena.reset()
         table = self.tensors["token_embd.weight"]
         return elementwise.embed(self.matrices["token_embd"].raw, table.qtype,
-                                 cuda.to_device(tokens.astype(np.int64)), self.config.n_embd, self.config.embed_scale)
+                                 cuda.to_device(tokens.astype(np.int64)), self.config.n_embd, self.config.embed_scale,
+                                 self.arena)
 
     def linear(self, x, name: str):
         run = self.stacks.get(name)
         if run is not None:  # one weight of a stack, alone: the whole stack, then its part
-            return matmul(x, self.matrices[name])[run.index(name)]
-        return matmul(x, self.matrices[name], self.vectors.get(f"{name}.bias"))[0]
+            return matmul(x, self.matrices[name], arena=self.arena)[run.index(name)]
+        return matmul(x, self.matrices[name], self.vectors.get(f"{name}.bias"), self.arena)[0]
 
     def linears(self, x, *names: str) -> list:
         """`linear` of one input with several weights; the weights of a stack in one launch."""
@@ -96,29 +100,30 @@ class CudaBackend:
             name = names[len(outs)]
             run = self.stacks.get(name)
             if run is not None and names[len(outs):len(outs) + len(run)] == run:
-                outs += matmul(x, self.matrices[name])
+                outs += matmul(x, self.matrices[name], arena=self.arena)
             else:
                 outs.append(self.linear(x, name))
         return outs
 
     def rms_norm(self, x, weight: str):
-        return elementwise.rms_norm(x, self.vectors[weight], self.config.rms_eps)
+        return elementwise.rms_norm(x, self.vectors[weight], self.config.rms_eps, self.arena)
 
     def norm_rope(self, q, k, q_norm: str | None, k_norm: str | None, cos: np.ndarray, sin: np.ndarray,
                   q_scale: np.float32 | None = None):
         weights = (None if norm is None else self.vectors[norm] for norm in (q_norm, k_norm))
         return elementwise.norm_rope(q, k, *weights, self._uploaded(cos), self._uploaded(sin), self.config.rope_layout,
-                                     1.0 if q_scale is None else q_scale, self.config.rms_eps)
+                                     1.0 if q_scale is None else q_scale, self.config.rms_eps, self.arena)
 
     def add_rms_norm(self, x, y, norm: str | None, pre_norm: str | None = None):
         return elementwise.add_rms_norm(x, y, None if norm is None else self.vectors[norm],
-                                        None if pre_norm is None else self.vectors[pre_norm], self.config.rms_eps)
+                                        None if pre_norm is None else self.vectors[pre_norm], self.config.rms_eps,
+                                        self.arena)
 
     def activate(self, gate, up):
-        return elementwise.gate(gate, up, self.config.activation)
+        return elementwise.gate(gate, up, self.config.activation, self.arena)
 
     def rows(self, x, rows: np.ndarray):
-        return elementwise.rows(x, cuda.to_device(rows.astype(np.int64)))
+        return elementwise.rows(x, cuda.to_device(rows.astype(np.int64)), self.arena)
 
     def kv_write(self, cache: KVCache, layer: int, layout, k, v) -> None:
         keys, values = self.pools(cache)
@@ -131,7 +136,7 @@ class CudaBackend:
         longest = int(layout.positions.max()) + 1  # positions the longest row attends to
         return attention.attend(q, keys[layer], values[layer], cache.cache_types, tables, row_seq, positions,
                                 cache.block_size, window, c.n_head // c.n_head_kv, kq_scale, c.head_dim_v,
-                                min(longest, window or longest))
+                                min(longest, window or longest), self.arena)
 
 
 def _rows(tensor: GGUFTensor) -> np.ndarray:

@@ -16,7 +16,18 @@ import numpy as np
 from numba import cuda, float32
 
 from llmx.errors import LlmxError
-from llmx.quant.cuda.device import SIMULATED, block_sum, device_function, f16_value, f32, i32, launch, launch_flat
+from llmx.quant.cuda.device import (
+    SIMULATED,
+    Arena,
+    block_sum,
+    device_function,
+    empty,
+    f16_value,
+    f32,
+    i32,
+    launch,
+    launch_flat,
+)
 
 # positions one block attends to before a row is split over blocks (small under the simulator, so
 # that the tests split)
@@ -108,7 +119,7 @@ def _combine(part_max, part_total, part_acc, out):
 
 
 def attend(q, k_pool, v_pool, cache_types: tuple[str, str], tables, row_seq, positions, block_size: int,
-           window: int | None, group: int, kq_scale: float, dv: int, longest: int):
+           window: int | None, group: int, kq_scale: float, dv: int, longest: int, arena: Arena | None = None):
     """q device float32 [n, n_head, d] -> [n, n_head, dv]. k_pool/v_pool: one layer's pools;
     tables int32 [n_seqs, blocks], row_seq and positions int64 [n] (device arrays); `longest`:
     the most positions a row attends to. Rows longer than SPAN positions are split over blocks
@@ -118,9 +129,9 @@ def attend(q, k_pool, v_pool, cache_types: tuple[str, str], tables, row_seq, pos
     blocks, threads = launch(n * n_head * splits)
     if dv > PER_THREAD * threads:
         raise LlmxError(f"the CUDA attention kernel handles value heads of up to {PER_THREAD * threads}, not {dv}")
-    out = cuda.device_array((n, n_head, dv), np.float32)
-    part_max, part_total = (cuda.device_array((n, n_head, splits), np.float32) for _ in range(2))
-    part_acc = cuda.device_array((n, n_head, splits, dv) if splits > 1 else (0, 0, 0, 0), np.float32)
+    out = empty((n, n_head, dv), arena)
+    part_max, part_total = (empty((n, n_head, splits), arena) for _ in range(2))
+    part_acc = empty((n, n_head, splits, dv) if splits > 1 else (0, 0, 0, 0), arena)
     _kernel(*cache_types)[blocks, threads](q, k_pool, v_pool, tables, row_seq, positions, block_size, window or 0,
                                            group, np.float32(kq_scale), SPAN, out, part_max, part_total, part_acc)
     if splits > 1:

@@ -39,6 +39,37 @@ def device_function(fn):
     return fn if SIMULATED else cuda.jit(device=True)(fn)
 
 
+class Arena:
+    """Device buffers for one forward pass, handed out again by the next (`reset`): a decode
+    step asks for the same shapes every time, so in steady state it allocates nothing (a
+    cuMemAlloc per operation would cost more than most of the kernels). Only the last forward's
+    buffers are kept, so prompts of many lengths do not pile up memory. Nothing allocated here
+    may outlive the forward: results leave through a copy to the host."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list] = {}  # (shape, dtype) -> buffers not in use
+        self._used: list[tuple[tuple, object]] = []  # handed out since the last reset
+
+    def empty(self, shape: tuple[int, ...], dtype=np.float32):
+        key = (tuple(int(d) for d in shape), np.dtype(dtype).str)
+        free = self._free.setdefault(key, [])
+        buffer = free.pop() if free else cuda.device_array(key[0], dtype)
+        self._used.append((key, buffer))
+        return buffer
+
+    def reset(self) -> None:
+        """A forward starts: the buffers the last one used are free again; older ones are let go."""
+        self._free = {}
+        for key, buffer in self._used:
+            self._free.setdefault(key, []).append(buffer)
+        self._used = []
+
+
+def empty(shape: tuple[int, ...], arena: Arena | None = None, dtype=np.float32):
+    """An uninitialized device array, from `arena` when given."""
+    return cuda.device_array(shape, dtype) if arena is None else arena.empty(shape, dtype)
+
+
 def launch(n_jobs: int) -> tuple[int, int]:
     """(blocks, threads) for a kernel whose blocks stride over `n_jobs` independent jobs."""
     return max(1, min(n_jobs, MAX_BLOCKS)), THREADS

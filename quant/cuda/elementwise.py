@@ -12,7 +12,20 @@ import numpy as np
 from numba import cuda, float32
 
 from llmx.quant.cuda.decode import VALUE
-from llmx.quant.cuda.device import block_sum, f16_bits, f32, gelu_tanh, i32, launch, launch_flat, rint, silu, u8
+from llmx.quant.cuda.device import (
+    Arena,
+    block_sum,
+    empty,
+    f16_bits,
+    f32,
+    gelu_tanh,
+    i32,
+    launch,
+    launch_flat,
+    rint,
+    silu,
+    u8,
+)
 from llmx.quant.qtypes import QType, block_size, type_size
 
 
@@ -38,9 +51,9 @@ def _embed_kernel(qtype: QType):
     return kernel
 
 
-def embed(raw, qtype: QType, tokens, width: int, scale: float):
+def embed(raw, qtype: QType, tokens, width: int, scale: float, arena: Arena | None = None):
     """float32 [n, width]: rows `tokens` (device int64 [n]) of the table `raw`, times `scale`."""
-    out = cuda.device_array((tokens.shape[0], width), np.float32)
+    out = empty((tokens.shape[0], width), arena)
     blocks, threads = launch_flat(out.size)
     _embed_kernel(qtype)[blocks, threads](raw, tokens, np.float32(scale), out)
     return out
@@ -59,11 +72,11 @@ def _rms_norm_kernel(x, weight, eps, out):
             out[r, e] = x[r, e] * scale * weight[e]
 
 
-def rms_norm(x, weight, eps: float):
+def rms_norm(x, weight, eps: float, arena: Arena | None = None):
     """RMSNorm over the last axis of device float32 x (any leading shape), times `weight`."""
     width = x.shape[len(x.shape) - 1]  # (the simulator's shapes take no negative index)
     rows = x.reshape(x.size // width, width)
-    out = cuda.device_array(rows.shape, np.float32)
+    out = empty(rows.shape, arena)
     blocks, threads = launch(rows.shape[0])
     _rms_norm_kernel[blocks, threads](rows, weight, np.float32(eps), out)
     return out.reshape(x.shape)
@@ -93,13 +106,13 @@ def _add_rms_norm_kernel(x, y, pre_weight, weight, eps, total, normed):
                 normed[r, e] = total[r, e] * factor * weight[e]
 
 
-def add_rms_norm(x, y, weight, pre_weight, eps: float):
+def add_rms_norm(x, y, weight, pre_weight, eps: float, arena: Arena | None = None):
     """(x + y, RMSNorm(x + y) by weight), y RMS-normed by pre_weight first; a weight of None leaves
     its norm out (then the second result is None). One launch for the three ops."""
     width = x.shape[len(x.shape) - 1]
     rows = x.size // width
-    total = cuda.device_array((rows, width), np.float32)
-    normed = cuda.device_array((rows, width), np.float32) if weight is not None else _EMPTY()
+    total = empty((rows, width), arena)
+    normed = empty((rows, width), arena) if weight is not None else _EMPTY()
     blocks, threads = launch(rows)
     _add_rms_norm_kernel[blocks, threads](x.reshape(rows, width), y.reshape(rows, width),
                                           _EMPTY_VECTOR() if pre_weight is None else pre_weight,
@@ -147,11 +160,12 @@ def _norm_rope_kernel(q, k, q_weight, k_weight, cos, sin, neox, q_scale, eps, q_
             _norm_rope_row(k, k_weight, cos, sin, neox, f32(1), eps, k_out, row // k_heads, row % k_heads, scratch)
 
 
-def norm_rope(q, k, q_weight, k_weight, cos, sin, layout: str, q_scale: float, eps: float):
+def norm_rope(q, k, q_weight, k_weight, cos, sin, layout: str, q_scale: float, eps: float,
+              arena: Arena | None = None):
     """Queries [n, n_head, head_dim] and keys [n, n_head_kv, head_dim], in one launch: RMSNorm per
     head by their weight (None: none), rope (cos, sin [n, half]; "normal" pairs (2i, 2i+1),
     "neox" (i, i + half)), the queries times q_scale. Returns (queries, keys)."""
-    q_out, k_out = cuda.device_array(q.shape, np.float32), cuda.device_array(k.shape, np.float32)
+    q_out, k_out = empty(q.shape, arena), empty(k.shape, arena)
     blocks, threads = launch(q.shape[0] * (q.shape[1] + k.shape[1]))
     _norm_rope_kernel[blocks, threads](q, k, _EMPTY_VECTOR() if q_weight is None else q_weight,
                                        _EMPTY_VECTOR() if k_weight is None else k_weight, cos, sin,
@@ -172,16 +186,16 @@ def _gate_kernel(gate, up, silu_gate, out):
         out[i] = (silu(g) if silu_gate else gelu_tanh(g)) * up[i]
 
 
-def _flat_op(kernel, shape, *args):
-    out = cuda.device_array(shape, np.float32)
+def _flat_op(kernel, shape, arena, *args):
+    out = empty(shape, arena)
     blocks, threads = launch_flat(out.size)
     kernel[blocks, threads](*args, out.reshape(-1))
     return out
 
 
-def gate(gate, up, kind: str):
+def gate(gate, up, kind: str, arena: Arena | None = None):
     """kind(gate) * up elementwise, kind "silu" or "gelu" (tanh approximation)."""
-    return _flat_op(_gate_kernel, gate.shape, gate.reshape(-1), up.reshape(-1), kind == "silu")
+    return _flat_op(_gate_kernel, gate.shape, arena, gate.reshape(-1), up.reshape(-1), kind == "silu")
 
 
 @cuda.jit
@@ -192,9 +206,9 @@ def _rows_kernel(x, rows, out):
         out[i // width, i % width] = x[rows[i // width], i % width]
 
 
-def rows(x, rows):
+def rows(x, rows, arena: Arena | None = None):
     """x [n, width] -> x[rows] (rows: device int64)."""
-    out = cuda.device_array((rows.shape[0], x.shape[1]), np.float32)
+    out = empty((rows.shape[0], x.shape[1]), arena)
     blocks, threads = launch_flat(out.size)
     _rows_kernel[blocks, threads](x, rows, out)
     return out

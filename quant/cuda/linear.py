@@ -23,7 +23,7 @@ from numba import cuda, float32
 
 from llmx.errors import LlmxError
 from llmx.quant.cuda.decode import VALUE
-from llmx.quant.cuda.device import SIMULATED, block_sum, f32, launch
+from llmx.quant.cuda.device import SIMULATED, Arena, block_sum, empty, f32, launch
 from llmx.quant.qtypes import QType, block_size, type_size
 
 TOKENS = 4  # tokens one read of a weight row serves in `rows`
@@ -133,7 +133,7 @@ class DeviceMatrix:
         return cls(cuda.to_device(raw), qtype, bounds, cuda.to_device(np.array(bounds, np.int64)))
 
 
-def matmul(x, matrix: DeviceMatrix, bias=None) -> list:
+def matmul(x, matrix: DeviceMatrix, bias=None, arena: Arena | None = None) -> list:
     """x: device float32 [n, k] times each weight of `matrix` (transposed), plus `bias` (device
     float32 [m], one weight only) -> a device float32 [n, m_i] per weight, in one launch."""
     n, k = x.shape
@@ -141,7 +141,7 @@ def matmul(x, matrix: DeviceMatrix, bias=None) -> list:
     if k % qk:
         raise LlmxError(f"a {matrix.qtype.name} row of {k} values is not whole blocks of {qk}")
     bounds, m = matrix.bounds, matrix.bounds[-1]
-    out = cuda.device_array(n * m, np.float32)
+    out = empty((n * m,), arena)
     args = (matrix.raw, x, _NO_BIAS() if bias is None else bias, matrix.bounds_on_device, out)
     if n >= TILED_MIN_TOKENS:
         _tiles_kernel(matrix.qtype)[launch(-(-m // TILE) * -(-n // TILE))[0], (TILE, TILE)](*args)
