@@ -34,16 +34,30 @@ def host(x) -> np.ndarray:
     return x.copy_to_host()
 
 
+@cuda.jit
+def _halves(x, bits, lo, hi, values):
+    """bits[i] = f16_bits(x[i]); values[i] = f16_value(lo[i], hi[i]) (device functions: run in a kernel)."""
+    for i in range(cuda.grid(1), max(x.size, lo.size), cuda.gridsize(1)):
+        if i < x.size:
+            bits[i] = device.f16_bits(x[i])
+        if i < lo.size:
+            values[i] = device.f16_value(lo[i], hi[i])
+
+
 def test_half_conversions_round_like_numpy():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(3000) * 10.0 ** rng.integers(-9, 6, 3000)).astype(np.float32)
     x = np.concatenate([x, np.float32([0.0, -0.0, 65504, 65520, 65519.99, 2.98e-8, 3e-8, np.inf, -np.inf])])
     with np.errstate(over="ignore"):
         expected = x.astype(np.float16).view(np.uint16)
-    assert [device.f16_bits(v) for v in x] == expected.tolist()
-    bits = np.arange(0, 65536, 7, dtype=np.uint16)
-    values = np.array([device.f16_value(int(b) & 0xFF, int(b) >> 8) for b in bits], np.float32)
-    reference = bits.view(np.float16).astype(np.float32)
+    halves = np.arange(0, 65536, 7, dtype=np.uint16)
+    got_bits, values = cuda.device_array(x.size, np.uint16), cuda.device_array(halves.size, np.float32)
+    lo, hi = (halves & 0xFF).astype(np.uint8), (halves >> 8).astype(np.uint8)
+    _halves[device.launch_flat(halves.size)](cuda.to_device(x), got_bits, cuda.to_device(lo), cuda.to_device(hi),
+                                             values)
+    assert np.array_equal(host(got_bits), expected)
+    values = host(values)
+    reference = halves.view(np.float16).astype(np.float32)
     finite = np.isfinite(reference)
     assert np.array_equal(values[finite], reference[finite]) and np.isnan(values[np.isnan(reference)]).all()
 
