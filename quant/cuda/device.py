@@ -10,6 +10,7 @@ grid, or a tiny one under the simulator (each simulated thread costs real Python
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -63,6 +64,13 @@ class Arena:
         for key, buffer in self._used:
             self._free.setdefault(key, []).append(buffer)
         self._used = []
+
+
+@functools.cache
+def absent(ndim: int = 1, dtype=np.float32):
+    """A zero-size device array standing for an optional argument a kernel leaves out (kernels
+    test `.size`): one per rank and type, shared."""
+    return cuda.device_array((0,) * ndim, dtype)
 
 
 def empty(shape: tuple[int, ...], arena: Arena | None = None, dtype=np.float32):

@@ -14,6 +14,7 @@ from numba import cuda, float32
 from llmx.quant.cuda.decode import VALUE
 from llmx.quant.cuda.device import (
     Arena,
+    absent,
     block_sum,
     empty,
     f16_bits,
@@ -112,17 +113,13 @@ def add_rms_norm(x, y, weight, pre_weight, eps: float, arena: Arena | None = Non
     width = x.shape[len(x.shape) - 1]
     rows = x.size // width
     total = empty((rows, width), arena)
-    normed = empty((rows, width), arena) if weight is not None else _EMPTY()
+    normed = empty((rows, width), arena) if weight is not None else absent(2)
     blocks, threads = launch(rows)
     _add_rms_norm_kernel[blocks, threads](x.reshape(rows, width), y.reshape(rows, width),
-                                          _EMPTY_VECTOR() if pre_weight is None else pre_weight,
-                                          _EMPTY_VECTOR() if weight is None else weight, np.float32(eps), total, normed)
+                                          absent() if pre_weight is None else pre_weight,
+                                          absent() if weight is None else weight, np.float32(eps), total, normed)
     return total.reshape(x.shape), normed.reshape(x.shape) if weight is not None else None
 
-
-@functools.cache
-def _EMPTY():
-    return cuda.device_array((0, 0), np.float32)
 
 
 @cuda.jit(device=True)
@@ -167,15 +164,11 @@ def norm_rope(q, k, q_weight, k_weight, cos, sin, layout: str, q_scale: float, e
     "neox" (i, i + half)), the queries times q_scale. Returns (queries, keys)."""
     q_out, k_out = empty(q.shape, arena), empty(k.shape, arena)
     blocks, threads = launch(q.shape[0] * (q.shape[1] + k.shape[1]))
-    _norm_rope_kernel[blocks, threads](q, k, _EMPTY_VECTOR() if q_weight is None else q_weight,
-                                       _EMPTY_VECTOR() if k_weight is None else k_weight, cos, sin,
+    _norm_rope_kernel[blocks, threads](q, k, absent() if q_weight is None else q_weight,
+                                       absent() if k_weight is None else k_weight, cos, sin,
                                        layout != "normal", np.float32(q_scale), np.float32(eps), q_out, k_out)
     return q_out, k_out
 
-
-@functools.cache
-def _EMPTY_VECTOR():
-    return cuda.device_array(0, np.float32)
 
 
 @cuda.jit
@@ -265,15 +258,7 @@ def write_cache(k_pool, v_pool, cells, k, v, cache_types: tuple[str, str]) -> No
             _write_q8_0_kernel[blocks, threads](pool, cells, rows)
         else:
             width = rows.size // rows.shape[0]
-            _write_f16_kernel[launch_flat(rows.size)](pool.reshape(pool.shape[0], width), _EMPTY_POOL(), cells,
-                                                      rows.reshape(rows.shape[0], width), _EMPTY_ROWS())
+            _write_f16_kernel[launch_flat(rows.size)](pool.reshape(pool.shape[0], width), absent(2, np.uint16),
+                                                      cells, rows.reshape(rows.shape[0], width), absent(2))
 
 
-@functools.cache
-def _EMPTY_POOL():
-    return cuda.device_array((0, 0), np.uint16)
-
-
-@functools.cache
-def _EMPTY_ROWS():
-    return cuda.device_array((0, 0), np.float32)

@@ -23,7 +23,7 @@ from numba import cuda, float32
 
 from llmx.errors import LlmxError
 from llmx.quant.cuda.decode import VALUE
-from llmx.quant.cuda.device import SIMULATED, Arena, block_sum, empty, f32, launch
+from llmx.quant.cuda.device import SIMULATED, Arena, absent, block_sum, empty, f32, launch
 from llmx.quant.qtypes import QType, block_size, type_size
 
 TOKENS = 4  # tokens one read of a weight row serves in `rows`
@@ -142,16 +142,12 @@ def matmul(x, matrix: DeviceMatrix, bias=None, arena: Arena | None = None) -> li
         raise LlmxError(f"a {matrix.qtype.name} row of {k} values is not whole blocks of {qk}")
     bounds, m = matrix.bounds, matrix.bounds[-1]
     out = empty((n * m,), arena)
-    args = (matrix.raw, x, _NO_BIAS() if bias is None else bias, matrix.bounds_on_device, out)
+    args = (matrix.raw, x, absent() if bias is None else bias, matrix.bounds_on_device, out)
     if n >= TILED_MIN_TOKENS:
         _tiles_kernel(matrix.qtype)[launch(-(-m // TILE) * -(-n // TILE))[0], (TILE, TILE)](*args)
     else:
         _rows_kernel(matrix.qtype)[launch(m * -(-n // TOKENS))](*args)
     return [out[n * a:n * b].reshape(n, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
-
-@functools.cache
-def _NO_BIAS():
-    return cuda.device_array(0, np.float32)
 
 
