@@ -1192,26 +1192,35 @@ def dot16_u8i8_acc(typingctx, isa, acc, u, s):
     avx2, vnni = _is_avx2(isa), _is_vnni(isa)
     sig = I32x16(isa, I32x16, I8x64, I8x64)
 
+    def half_dot(builder, u_h, s_h):
+        return _avx2_dot_unsigned(builder, u_h, s_h) if avx2 else _portable_dot(builder, u_h, s_h, True)
+
     def codegen(context, builder, signature, args):
         _, total, u_v, s_v = args
-        if vnni and has_avx512_pairs():
-            words = [builder.bitcast(u_v, _V16I32), builder.bitcast(s_v, _V16I32)]
-            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
-        halves = []
-        for h in range(2):
-            bytes_h, lanes_h = range(32 * h, 32 * h + 32), range(8 * h, 8 * h + 8)
-            u_h, s_h = _shuffle(builder, u_v, bytes_h), _shuffle(builder, s_v, bytes_h)
-            t_h = _shuffle(builder, total, lanes_h)
-            if vnni:
-                words = [builder.bitcast(u_h, _V8I32), builder.bitcast(s_h, _V8I32)]
-                halves.append(_call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [t_h, *words]))
-            else:
-                dot = _avx2_dot_unsigned(builder, u_h, s_h) if avx2 else _portable_dot(builder, u_h, s_h, True)
-                halves.append(builder.add(t_h, dot))
-        mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
-        return builder.shuffle_vector(halves[0], halves[1], mask)
+        return _dot16(builder, vnni, total, u_v, s_v, half_dot)
 
     return sig, codegen
+
+
+def _dot16(builder, vnni, total, u_v, s_v, half_dot):
+    """total (16 int32 lanes) + the dots of unsigned bytes u_v with signed bytes s_v, 4 bytes per
+    lane: one 512-bit `vpdpbusd` where AVX-512 has it, a 256-bit one per half on AVX-VNNI, else
+    `half_dot(builder, u_h, s_h)` (8 lanes' dots) per 256-bit half."""
+    if vnni and has_avx512_pairs():
+        words = [builder.bitcast(u_v, _V16I32), builder.bitcast(s_v, _V16I32)]
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
+    halves = []
+    for h in range(2):
+        bytes_h = range(32 * h, 32 * h + 32)
+        u_h, s_h = _shuffle(builder, u_v, bytes_h), _shuffle(builder, s_v, bytes_h)
+        t_h = _shuffle(builder, total, range(8 * h, 8 * h + 8))
+        if vnni:
+            words = [builder.bitcast(u_h, _V8I32), builder.bitcast(s_h, _V8I32)]
+            halves.append(_call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [t_h, *words]))
+        else:
+            halves.append(builder.add(t_h, half_dot(builder, u_h, s_h)))
+    mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
+    return builder.shuffle_vector(halves[0], halves[1], mask)
 
 
 @intrinsic
@@ -1590,27 +1599,16 @@ def dot16_q8_acc(typingctx, isa, acc, w, x):
     avx2, vnni = _is_avx2(isa), _is_vnni(isa)
     sig = I32x16(isa, I32x16, I8x64, I8x64)
 
+    def half_dot(builder, x_h, w_h):  # (on VNNI `_dot16` takes x as the unsigned operand)
+        if not avx2:
+            return _portable_dot(builder, w_h, x_h, a_unsigned=False)
+        abs_w = _call(builder, "llvm.abs.v32i8", _V32I8, [w_h, ir.Constant(ir.IntType(1), 0)])
+        signed_x = _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [x_h, w_h])
+        return _avx2_dot_unsigned(builder, abs_w, signed_x)
+
     def codegen(context, builder, signature, args):
         _, total, w_v, x_v = args
-        if vnni and has_avx512_pairs():
-            words = [builder.bitcast(x_v, _V16I32), builder.bitcast(w_v, _V16I32)]
-            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
-        halves = []
-        for h in range(2):
-            bytes_h = range(32 * h, 32 * h + 32)
-            w_h, x_h = _shuffle(builder, w_v, bytes_h), _shuffle(builder, x_v, bytes_h)
-            t_h = _shuffle(builder, total, range(8 * h, 8 * h + 8))
-            if vnni:
-                words = [builder.bitcast(x_h, _V8I32), builder.bitcast(w_h, _V8I32)]
-                halves.append(_call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [t_h, *words]))
-            elif avx2:
-                abs_w = _call(builder, "llvm.abs.v32i8", _V32I8, [w_h, ir.Constant(ir.IntType(1), 0)])
-                signed_x = _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [x_h, w_h])
-                halves.append(builder.add(t_h, _avx2_dot_unsigned(builder, abs_w, signed_x)))
-            else:
-                halves.append(builder.add(t_h, _portable_dot(builder, w_h, x_h, a_unsigned=False)))
-        mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
-        return builder.shuffle_vector(halves[0], halves[1], mask)
+        return _dot16(builder, vnni, total, x_v, w_v, half_dot)
 
     return sig, codegen
 
