@@ -8,10 +8,11 @@ It computes what llama.cpp's CPU graph computes without flash attention, in the 
 - softmax: scores * kq_scale, masked (causal; sliding-window layers keep the last `window`
   positions), max subtracted, ggml's AVX2 vector exp, sums of 8 in float then in double,
   multiplied by float(1 / sum);
-- probabilities rounded to float16, times V in the same two orders (lanes run over KV cells).
-Products of two float16 values are exact in float32, so only the order of additions matters,
-and that is what this file reproduces. On gemma-3 a last-bit change in one layer moves the
-logits by ~0.1, so the order is worth keeping.
+- probabilities rounded to float16, times V: a prompt row in tinyBLAS's order (lanes run over KV
+  cells); a decoded row key by key, in registers (ggml's 32 lanes in memory cost a third of a
+  decode step's attention, and the fidelity bound is statistical: ../shared/reference/README.md).
+Products of two float16 values are exact in float32, so only the order of additions matters.
+Each row's order comes from its role (prompt or decoded), never from the batch around it.
 """
 
 from __future__ import annotations
@@ -152,9 +153,13 @@ def _tree_32(raw, at, stride):
 
 @njit(cache=True, nogil=True)
 def reduce_lanes(acc, out, t, h):
-    """out[t, h, i] = sum8_tree(acc[:, i]) (acc [8, dv]) or sum32_ggml(acc[:, i]) (acc [32, dv]),
-    eight outputs per vector add: the same additions per output, rows read contiguously."""
+    """out[t, h, i] = sum8_tree(acc[:, i]) (acc [8, dv]), sum32_ggml(acc[:, i]) (acc [32, dv]) or
+    acc[0, i] (acc [1, dv]), eight outputs per vector add: the same additions per output, rows read
+    contiguously."""
     n_lanes, dv = acc.shape
+    if n_lanes == 1:
+        out[t, h] = acc[0]
+        return
     raw, stride = acc.reshape(-1).view(np.uint8), 4 * dv
     out_raw = out.reshape(-1).view(np.uint8)
     out_at = 4 * (t * out.shape[1] + h) * dv
@@ -167,6 +172,7 @@ def reduce_lanes(acc, out, t, h):
 
 
 _EXP_CONSTANTS = (_SHIFT, _LOG2E, _LN2_HI, _LN2_LO, _C1, _C2, _C3, _C4, _C5)
+KEYS_AHEAD = 8  # how far ahead a decoded row's keys are prefetched (`_decode_heads_4`)
 PAD = 8  # scores arrays run this far past `last`: softmax reads and writes whole groups of 8
 
 
@@ -231,35 +237,107 @@ def _add_scaled_rows_4(r0, r1, r2, r3, p0, p1, p2, p3, pool, v_at, dv):
         r3[i] += p3 * v
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _key_step_4(p_raw, row_bytes, j, v, a0, a1, a2, a3):
+    """a_g + p[g, j] * v for the four heads (probabilities: rows `row_bytes` apart in p_raw)."""
+    at = 4 * j
+    return (S.fmadd_f32x8(a0, S.splat_f32x8(S.load_f32(p_raw, at)), v),
+            S.fmadd_f32x8(a1, S.splat_f32x8(S.load_f32(p_raw, at + row_bytes)), v),
+            S.fmadd_f32x8(a2, S.splat_f32x8(S.load_f32(p_raw, at + 2 * row_bytes)), v),
+            S.fmadd_f32x8(a3, S.splat_f32x8(S.load_f32(p_raw, at + 3 * row_bytes)), v))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _values_in_order_4(scores, v_pool, v_at, first, last, dv, out_raw, out_at):
+    """out[g, i] = the sum over keys j = first..last, in that order, of p[g, j] * v_j[i] (each
+    product exact, so one FMA per key: `_add_scaled_row`'s order with one lane), for the quad's
+    four heads (rows of `scores`), into out_raw from byte out_at, heads 4 * dv bytes apart. Eight
+    accumulators hold 16 outputs of the four heads while the keys go by: no sums in memory.
+    v_at: each key's value row, in bytes."""
+    p_raw, row_bytes, head_bytes = scores.reshape(-1).view(np.uint8), 4 * scores.shape[1], 4 * dv
+    dv8 = dv - dv % 8
+    for i in range(0, dv8, 16):
+        pair = i + 16 <= dv8
+        z = S.zero_f32x8()
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z
+        for j in range(first, last + 1):
+            at = v_at[j] + 2 * i
+            a0, a1, a2, a3 = _key_step_4(p_raw, row_bytes, j, S.load_f16x8(v_pool, at), a0, a1, a2, a3)
+            if pair:
+                b0, b1, b2, b3 = _key_step_4(p_raw, row_bytes, j, S.load_f16x8(v_pool, at + 16), b0, b1, b2, b3)
+        at = out_at + 4 * i
+        S.store_f32x8(out_raw, at, a0)
+        S.store_f32x8(out_raw, at + head_bytes, a1)
+        S.store_f32x8(out_raw, at + 2 * head_bytes, a2)
+        S.store_f32x8(out_raw, at + 3 * head_bytes, a3)
+        if pair:
+            S.store_f32x8(out_raw, at + 32, b0)
+            S.store_f32x8(out_raw, at + head_bytes + 32, b1)
+            S.store_f32x8(out_raw, at + 2 * head_bytes + 32, b2)
+            S.store_f32x8(out_raw, at + 3 * head_bytes + 32, b3)
+    for i in range(dv8, dv):
+        for g in range(4):
+            total = np.float32(0)
+            for j in range(first, last + 1):
+                total += scores[g, j] * S.load_f16(v_pool, v_at[j] + 2 * i)
+            S.store_f32(out_raw, out_at + g * head_bytes + 4 * i, total)
+
+
 @njit(cache=True, nogil=True)
 def _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h0, n_head, d, dv,
-                    first, last, kq_scale, ggml, out):
-    """Query heads h0..h0+3 of row t, which share kv_head, with each K and V vector converted once:
-    the same arithmetic as four `_attend_head` calls, in the batched (tinyBLAS) order, or with
-    `ggml` in ggml_vec_dot_f16's (d a multiple of 32)."""
+                    first, last, kq_scale, out):
+    """Query heads h0..h0+3 of row t, which share kv_head, in the batched (tinyBLAS) order, with
+    each K and V vector converted once: the same arithmetic as four `_attend_head` calls."""
     scores = np.empty((4, last + 1 + PAD), np.float32)
     q_at = 4 * (t * n_head + h0) * d
     for j in range(first, last + 1):
         k_at = 2 * d * _cell(table, j, block_size, n_head_kv, kv_head)
-        if ggml:
-            s0, s1, s2, s3 = _dot_ggml_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
-        else:
-            s0, s1, s2, s3 = _dot_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
+        s0, s1, s2, s3 = _dot_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
         scores[0, j], scores[1, j], scores[2, j], scores[3, j] = s0 * kq_scale, s1 * kq_scale, s2 * kq_scale, \
             s3 * kq_scale
     for g in range(4):
         softmax_f16(scores[g], first, last)
-    n_lanes = 32 if ggml else 8
-    acc = np.zeros((4, n_lanes, dv), np.float32)  # [head, lane j % n_lanes, dv]
+    acc = np.zeros((4, 8, dv), np.float32)  # [head, lane j % 8, dv]
     for j in range(first, last + 1):
         p0, p1, p2, p3 = scores[0, j], scores[1, j], scores[2, j], scores[3, j]
         if p0 == 0 and p1 == 0 and p2 == 0 and p3 == 0:
             continue  # (a zero probability adds +-0 to a sum that is never -0: no change)
         v_at = 2 * dv * _cell(table, j, block_size, n_head_kv, kv_head)
-        lane = j % n_lanes
+        lane = j % 8
         _add_scaled_rows_4(acc[0, lane], acc[1, lane], acc[2, lane], acc[3, lane], p0, p1, p2, p3, v_pool, v_at, dv)
     for g in range(4):
         reduce_lanes(acc[g], out, t, h0 + g)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_row(pool, at, n_bytes):
+    for line in range(0, n_bytes, 64):
+        S.prefetch(pool, at + line)
+
+
+@njit(cache=True, nogil=True)
+def _decode_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h0, n_head, d, dv,
+                    first, last, kq_scale, out):
+    """A decoded row's query heads h0..h0+3, which share kv_head (d a multiple of 32): q.k in
+    ggml_vec_dot_f16's order, the V product key by key (`_values_in_order_4`). While the scores
+    are computed, the keys a few positions on and this key's values are prefetched: the cache is
+    cold after the weights have streamed through."""
+    scores = np.empty((4, last + 1 + PAD), np.float32)
+    v_at = np.empty(last + 1, np.int64)
+    q_at = 4 * (t * n_head + h0) * d
+    for j in range(first, last + 1):
+        ahead = min(j + KEYS_AHEAD, last)
+        _prefetch_row(k_pool, 2 * d * _cell(table, ahead, block_size, n_head_kv, kv_head), 2 * d)
+        v_at[j] = 2 * dv * _cell(table, j, block_size, n_head_kv, kv_head)
+        _prefetch_row(v_pool, v_at[j], 2 * dv)
+        k_at = 2 * d * _cell(table, j, block_size, n_head_kv, kv_head)
+        s0, s1, s2, s3 = _dot_ggml_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
+        scores[0, j], scores[1, j], scores[2, j], scores[3, j] = s0 * kq_scale, s1 * kq_scale, s2 * kq_scale, \
+            s3 * kq_scale
+    for g in range(4):
+        softmax_f16(scores[g], first, last)
+    _values_in_order_4(scores, v_pool, v_at, first, last, dv, out.reshape(-1).view(np.uint8),
+                       4 * (t * n_head + h0) * dv)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -445,7 +523,7 @@ def _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, 
 @njit(cache=True, nogil=True, parallel=True)
 def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, row_tiled, q2,
                   cells, out):
-    """q float32 [n, n_head, d] (float16-exact values); k_pool/v_pool one layer's cache as bytes of
+    """q float32 [n, n_head, d] (rounded to float16 here); k_pool/v_pool one layer's cache as bytes of
     float16 [n_blocks, block_size, n_head_kv, d or dv]; tables int32 [n_seqs, blocks] the block ids
     of each sequence, row_seq int64 [n] the sequence of each query row; positions int64 [n];
     out float32 [n, n_head, dv]. `row_tiled` uint8 [n]: the row takes tinyBLAS's order (else
@@ -454,7 +532,7 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
     n, n_head, d = q.shape
     dv = out.shape[2]
     n_head_kv = n_head // group
-    q_flat = q.reshape(-1)
+    q_flat = _rounded_to_f16(q.reshape(n, n_head * d)).reshape(-1)
     # A tiled row whose heads share a KV head four at a time takes one item per four heads; the
     # items a row does not need are empty, so every row has n_head items.
     quads = group // 4 if d % 8 == 0 and dv % 4 == 0 else 0
@@ -466,7 +544,7 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
         t = r // 2 if r % 2 == 0 else n - 1 - r // 2
         tiled = row_tiled[t] != 0
         k_tiled = tiled and d % 8 == 0
-        v_lanes = 8 if tiled and dv % 4 == 0 else 32  # tinyBLAS needs rows % 4 == 0
+        v_lanes = 8 if tiled and dv % 4 == 0 else 1  # tinyBLAS needs rows % 4 == 0
         row_quads = quads if tiled else quads_ggml
         if rest >= n_head_kv * row_quads + (n_head - 4 * n_head_kv * row_quads):
             continue
@@ -475,8 +553,8 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
         first = max(0, last - window + 1) if window > 0 else 0
         if rest < n_head_kv * row_quads and not tiled:
             h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
-            _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
-                            first, last, kq_scale, True, out)
+            _decode_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
+                            first, last, kq_scale, out)
         elif rest < n_head_kv * row_quads and q2.size > 0:
             h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
             _attend_heads_4_wide(q2, k_pool, v_pool, cells[row_seq[t]], h0 // group, t, h0, n_head, d, dv, first, last,
@@ -484,7 +562,7 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
         elif rest < n_head_kv * row_quads:  # quad rest % quads of KV head rest // quads
             h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
             _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
-                            first, last, kq_scale, False, out)
+                            first, last, kq_scale, out)
         else:  # the heads no quad covers, one at a time
             h = _uncovered_head(rest - n_head_kv * row_quads, group, row_quads)
             _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h // group, t, h, n_head, d, dv,
@@ -508,19 +586,29 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
     (one bool, or one per row) picks the ggml kernel whose float order a row follows: tinyBLAS's
     (llama.cpp's for prompts) or ggml_vec_dot_f16's (for one decoded token)."""
     n, n_head, d = q.shape
-    q16 = round_to_f16(np.ascontiguousarray(q, dtype=np.float32).reshape(n, n_head * d)).reshape(n, n_head, d)
+    q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty((n, n_head, values.shape[-1]), np.float32)
     tables, row_seq, positions = np.ascontiguousarray(tables, dtype=np.int32), np.asarray(row_seq, np.int64), \
-        positions.astype(np.int64)
-    row_tiled = np.ascontiguousarray(np.broadcast_to(np.asarray(tiled, np.uint8), (n,)))
+        np.asarray(positions, np.int64)
+    row_tiled = np.full(n, tiled, np.uint8) if np.ndim(tiled) == 0 else np.asarray(tiled, np.uint8)
     if row_tiled.any() and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and wide \
             and S.has_avx512_pairs():
-        q2 = _head_pairs(q16)
+        q2 = _head_pairs(round_to_f16(q.reshape(n, n_head * d)).reshape(n, n_head, d))
         cells = _cells(tables, row_seq, positions, keys.shape[1], keys.shape[2])
     else:
         q2, cells = np.empty(0, np.float32), np.empty((0, 0), np.int64)
-    attend_kernel(q16, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq,
+    attend_kernel(q, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq,
                   keys.shape[1], positions, window or 0, group, np.float32(kq_scale), row_tiled, q2, cells, out)
+    return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rounded_to_f16(q):
+    """q float32 [n, m] through float16, as ggml converts the f32 side of an F16 matmul."""
+    out = np.empty_like(q)
+    for t in prange(q.shape[0]):
+        for i in range(q.shape[1]):
+            out[t, i] = S.round_f16(q[t, i])
     return out
 
 
