@@ -115,6 +115,109 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _add_norm_row(x, y, pre, norm, eps, total, normed, r, frames, left):
+    """total[r] = x[r] + y[r] (y[r] RMS-normed with `pre` first, unless `pre` is empty); normed[r]
+    = total[r] RMS-normed with `norm` (unless empty). The same bits as `rms_norm` and numpy's +."""
+    if pre.size:
+        _rms_norm_row(y, pre, eps, total, r, frames, left)
+        for i in range(x.shape[1]):
+            total[r, i] = x[r, i] + total[r, i]
+    else:
+        for i in range(x.shape[1]):
+            total[r, i] = x[r, i] + y[r, i]
+    if norm.size:
+        _rms_norm_row(total, norm, eps, normed, r, frames, left)
+
+
+@njit(cache=True, nogil=True)
+def _add_norm_rows(x, y, pre, norm, eps, total, normed):
+    frames, left = np.empty((3, 64), np.int64), np.empty(64, np.float64)
+    for r in range(x.shape[0]):
+        _add_norm_row(x, y, pre, norm, eps, total, normed, r, frames, left)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _add_norm_rows_parallel(x, y, pre, norm, eps, total, normed):
+    rows = x.shape[0]
+    chunks = min(rows, 64)
+    for c in prange(chunks):
+        frames, left = np.empty((3, 64), np.int64), np.empty(64, np.float64)
+        for r in range(c * rows // chunks, (c + 1) * rows // chunks):
+            _add_norm_row(x, y, pre, norm, eps, total, normed, r, frames, left)
+
+
+_NONE = np.empty(0, np.float32)
+
+
+def add_rms_norm(x: np.ndarray, y: np.ndarray, norm: np.ndarray | None, pre_norm: np.ndarray | None,
+                 eps: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """x + y (y RMS-normed with `pre_norm` first, when given) and that sum RMS-normed with `norm`
+    (None: not wanted), float32 [n, k] each, in one kernel call: `x + rms_norm(y, pre_norm, eps)`,
+    then `rms_norm(total, norm, eps)`, bit for bit."""
+    x, y = np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.float32)
+    total = np.empty_like(x)
+    normed = np.empty_like(x) if norm is not None else _NONE.reshape(0, 1)
+    kernel = _add_norm_rows_parallel if len(x) >= PARALLEL_ROWS else _add_norm_rows
+    kernel(x, y, _NONE if pre_norm is None else pre_norm, _NONE if norm is None else norm, float(eps), total, normed)
+    return total, normed if norm is not None else None
+
+
+@njit(cache=True, nogil=True)
+def _norm_rope_row(x, norm, cos, sin, scale, normed, out, t, neox, eps, frames, left):
+    """Row t of x [n, heads, dim]: each head RMS-normed with `norm` (unless empty) into normed
+    (the same shape), rotated into out, then times `scale` (unless 1)."""
+    heads = x.shape[1]
+    source = x
+    if norm.size:
+        flat_x, flat_normed = x.reshape(-1, x.shape[2]), normed.reshape(-1, x.shape[2])
+        for h in range(heads):
+            _rms_norm_row(flat_x, norm, eps, flat_normed, t * heads + h, frames, left)
+        source = normed
+    _rope_row(source, cos, sin, out, t, neox)
+    if scale != 1:
+        for h in range(heads):
+            for i in range(x.shape[2]):
+                out[t, h, i] = out[t, h, i] * scale
+
+
+@njit(cache=True, nogil=True)
+def _norm_rope_rows(q, k, q_norm, k_norm, cos, sin, q_scale, scratch_q, scratch_k, q_out, k_out, neox, eps, lo, hi):
+    frames, left = np.empty((3, 64), np.int64), np.empty(64, np.float64)
+    for t in range(lo, hi):
+        _norm_rope_row(q, q_norm, cos, sin, q_scale, scratch_q, q_out, t, neox, eps, frames, left)
+        _norm_rope_row(k, k_norm, cos, sin, np.float32(1), scratch_k, k_out, t, neox, eps, frames, left)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _norm_rope_rows_parallel(q, k, q_norm, k_norm, cos, sin, q_scale, scratch_q, scratch_k, q_out, k_out, neox, eps):
+    rows = q.shape[0]
+    chunks = min(rows, 64)
+    for c in prange(chunks):
+        _norm_rope_rows(q, k, q_norm, k_norm, cos, sin, q_scale, scratch_q, scratch_k, q_out, k_out, neox, eps,
+                        c * rows // chunks, (c + 1) * rows // chunks)
+
+
+def norm_rope(q: np.ndarray, k: np.ndarray, q_norm: np.ndarray | None, k_norm: np.ndarray | None, cos: np.ndarray,
+              sin: np.ndarray, q_scale: np.float32 | None, layout: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Queries [n, n_head, dim] and keys [n, n_head_kv, dim]: each head RMS-normed (when its norm
+    is given), then `apply_rope`, then the queries times `q_scale` (when given), in one kernel call;
+    the same bits as those steps one by one."""
+    q, k = np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(k, dtype=np.float32)
+    q_out, k_out = np.empty_like(q), np.empty_like(k)
+    scratch_q = np.empty_like(q) if q_norm is not None else q
+    scratch_k = np.empty_like(k) if k_norm is not None else k
+    args = (q, k, _NONE if q_norm is None else q_norm, _NONE if k_norm is None else k_norm,
+            np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32),
+            np.float32(1 if q_scale is None else q_scale), scratch_q, scratch_k, q_out, k_out, layout != "normal",
+            float(eps))
+    if len(q) >= PARALLEL_ROWS:
+        _norm_rope_rows_parallel(*args)
+    else:
+        _norm_rope_rows(*args, 0, len(q))
+    return q_out, k_out
+
+
+@njit(cache=True, nogil=True)
 def _rope_row(x, cos, sin, out, t, neox):
     """Row t of x [n, heads, head_dim]: the first 2 * half dims rotated, the rest copied."""
     half = cos.shape[1]

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from llmx.engine.elementwise import apply_rope, gelu_tanh_f16, rms_norm
+from llmx.engine.elementwise import add_rms_norm, apply_rope, gelu_tanh_f16, norm_rope, rms_norm
 
 
 def numpy_rms_norm(x, weight, eps):
@@ -55,6 +55,42 @@ def test_rms_norm_same_bits_as_numpy(shape):
     weight = rng.standard_normal(shape[-1]).astype(np.float32)
     for eps in (1e-6, 1e-5):
         assert np.array_equal(rms_norm(x, weight, eps), numpy_rms_norm(x, weight, eps))
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])  # 40 rows: split over threads
+@pytest.mark.parametrize("pre", [False, True])
+@pytest.mark.parametrize("post", [False, True])
+def test_fused_residual_add_and_norms_same_bits_as_numpy(n, pre, post):
+    rng = np.random.default_rng(n * 4 + 2 * pre + post)
+    x, y = ((rng.standard_normal((n, 640)) * 3).astype(np.float32) for _ in range(2))
+    pre_w, post_w = (rng.standard_normal(640).astype(np.float32) for _ in range(2))
+    total, normed = add_rms_norm(x, y, post_w if post else None, pre_w if pre else None, 1e-6)
+    expected = x + (numpy_rms_norm(y, pre_w, 1e-6) if pre else y)
+    assert np.array_equal(total, expected)
+    if post:
+        assert np.array_equal(normed, numpy_rms_norm(expected, post_w, 1e-6))
+    else:
+        assert normed is None
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+@pytest.mark.parametrize("normed", [False, True])
+@pytest.mark.parametrize("layout", ["normal", "neox"])
+def test_fused_head_norms_rope_and_query_scale_same_bits_as_numpy(n, normed, layout):
+    rng = np.random.default_rng(n * 4 + normed)
+    q, k = (rng.standard_normal((n, 4, 64)) * 5).astype(np.float32), (rng.standard_normal((n, 1, 64)) * 5).astype(
+        np.float32)
+    q_w, k_w = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    theta = rng.uniform(0, 100, (n, 24))  # 48 of 64 dims rotated
+    cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    scale = np.float32(0.0625)
+    for q_scale in (None, scale):
+        got_q, got_k = norm_rope(q, k, q_w if normed else None, k_w if normed else None, cos, sin, q_scale, layout,
+                                 1e-6)
+        want_q = numpy_rope(numpy_rms_norm(q, q_w, 1e-6) if normed else q, cos, sin, layout)
+        want_k = numpy_rope(numpy_rms_norm(k, k_w, 1e-6) if normed else k, cos, sin, layout)
+        assert np.array_equal(got_q, want_q if q_scale is None else want_q * q_scale)
+        assert np.array_equal(got_k, want_k)
 
 
 def test_gelu_same_bits_as_numpy():

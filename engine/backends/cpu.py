@@ -19,7 +19,7 @@ import numpy as np
 
 from llmx.engine.attention import attend_paged
 from llmx.engine.config import ModelConfig
-from llmx.engine.elementwise import apply_rope, gelu_tanh_f16, rms_norm
+from llmx.engine.elementwise import add_rms_norm, gelu_tanh_f16, norm_rope, rms_norm
 from llmx.engine.kv_cache import KVCache
 from llmx.errors import LlmxError
 from llmx.formats.gguf_file import GGUFTensor
@@ -199,20 +199,17 @@ class CpuBackend:
                   sin: np.ndarray, q_scale: np.float32 | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Queries [n, n_head, head_dim] and keys [n, n_head_kv, head_dim]: each RMS-normed per
         head (when its norm names a weight), rotated by cos, sin float32 [n, rope_dim / 2] (host
-        arrays); the queries then times `q_scale` (when given)."""
-        out = []
-        for x, norm in ((q, q_norm), (k, k_norm)):
-            if norm is not None:
-                x = self.rms_norm(x, norm)
-            out.append(apply_rope(x, cos, sin, self.config.rope_layout))
-        return (out[0] if q_scale is None else out[0] * q_scale), out[1]
+        arrays); the queries then times `q_scale` (when given). One kernel call."""
+        return norm_rope(q, k, None if q_norm is None else self._vector(q_norm),
+                         None if k_norm is None else self._vector(k_norm), cos, sin, q_scale, self.config.rope_layout,
+                         self.config.rms_eps)
 
     def add_rms_norm(self, x: np.ndarray, y: np.ndarray, norm: str | None,
                      pre_norm: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The residual add: x + y (y RMS-normed first when `pre_norm` names a weight), and that
-        sum RMS-normed with `norm` (None: not wanted)."""
-        total = x + (y if pre_norm is None else self.rms_norm(y, pre_norm))
-        return total, None if norm is None else self.rms_norm(total, norm)
+        sum RMS-normed with `norm` (None: not wanted). One kernel call."""
+        return add_rms_norm(x, y, None if norm is None else self._vector(norm),
+                            None if pre_norm is None else self._vector(pre_norm), self.config.rms_eps)
 
     def activate(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         """The gate's activation (the config's) times the up projection."""
