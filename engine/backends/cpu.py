@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 
 from llmx.engine.attention import attend_paged
@@ -137,14 +138,13 @@ class CpuBackend:
         stack = self.stacks.get(name)
         if stack is not None:  # alone (the compile helper asks so): the whole stack, then its part
             return self._stacked(x, stack, quantized)[stack.names.index(name)]
-        out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, threads=self.threads, isa=self.isa,
+        out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, isa=self.isa,
                      quantized=quantized, packed=self._packed(tensor.name))
         bias = self.tensors.get(f"{name}.bias")
         return out if bias is None else out + bias.data.astype(np.float32)
 
     def _stacked(self, x: np.ndarray, stack: Stack, quantized: tuple | None) -> list[np.ndarray]:
-        out = matmul_packed(x, stack.packed, stack.qtype, stack.bounds[-1], threads=self.threads, isa=self.isa,
-                            quantized=quantized)
+        out = matmul_packed(x, stack.packed, stack.qtype, stack.bounds[-1], isa=self.isa, quantized=quantized)
         return stack.split(out)
 
     def linears(self, x: np.ndarray, *names: str) -> list[np.ndarray]:
@@ -179,6 +179,8 @@ class CpuBackend:
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """float32 [n_tok, n_embd]: the embedding rows of `tokens`, times the config's scale."""
+        if self.threads is not None:  # once per forward, for every kernel in it (`linear` passes none)
+            numba.set_num_threads(self.threads)
         table = self._tensor("token_embd.weight")
         packed = self._packed(table.name)
         if packed is None:

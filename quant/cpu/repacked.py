@@ -103,14 +103,22 @@ def _pack_q8_0(w, m, nb, out32, out16):
 def q8_0_rows(wp: np.ndarray, rows: np.ndarray, nb: int) -> np.ndarray:
     """Rows of a packed Q8_0 matrix back in the stored layout, uint8 [len(rows), nb * 34] (a tied
     embedding table is read by rows from its packed copy)."""
-    records = wp.reshape(-1, nb, Q8_0_PACKED_BYTES)[rows // GROUP_ROWS]  # [n, nb, 544]
-    lane = (rows % GROUP_ROWS)[:, None, None]
-    codes = records[..., :512].view(np.uint32).reshape(len(rows), nb, 8, GROUP_ROWS)  # [n, b, v, r]
-    scales = records[..., 512:].view(np.uint16).reshape(len(rows), nb, GROUP_ROWS)  # [n, b, r]
-    out = np.empty((len(rows), nb, Q8_0_BLOCK_BYTES), np.uint8)
-    out[..., 2:].view(np.uint32)[...] = np.take_along_axis(codes, lane[..., None], axis=3)[..., 0]
-    out[..., :2].view(np.uint16)[..., 0] = np.take_along_axis(scales, lane, axis=2)[..., 0]
-    return out.reshape(len(rows), -1)
+    out = np.empty((len(rows), nb * Q8_0_BLOCK_BYTES), np.uint8)
+    _q8_0_rows(wp, np.asarray(rows, np.int64), nb, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _q8_0_rows(wp, rows, nb, out):
+    """One kernel call: a decode step embeds one token, and numpy's gathers took ~20 us for it."""
+    for i in range(len(rows)):
+        g, r = rows[i] // GROUP_ROWS, rows[i] % GROUP_ROWS
+        for b in range(nb):
+            record, dst = (g * nb + b) * Q8_0_PACKED_BYTES, b * Q8_0_BLOCK_BYTES
+            out[i, dst], out[i, dst + 1] = wp[record + 512 + 2 * r], wp[record + 513 + 2 * r]
+            for v in range(8):
+                for j in range(4):
+                    out[i, dst + 2 + 4 * v + j] = wp[record + 64 * v + 4 * r + j]
 
 
 def _every_fourth_bit(x: np.ndarray) -> np.ndarray:
