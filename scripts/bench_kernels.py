@@ -9,14 +9,20 @@ Weights are prepared as the model prepares a weight matrix at load (`linear.pack
 Q4_K and Q6_K packed 16 rows per vector).
 The batches of one (type, shape, threads) are timed in turns, so that their ratio sees one machine state.
 
+`--isa avx2` runs the AVX2 kernels on an AVX-512 host, compiled for an AVX2-only CPU (the script
+starts itself again with `bench_engine.AVX2_ONLY`), as an AVX2 laptop runs them.
+
 Usage: python scripts/bench_kernels.py [--types Q8_0,Q4_K] [--shapes 4096x4096] [--batches 1,16]
-                                       [--threads 1,2] [--isa host|portable] [--json]
+                                       [--threads 1,2] [--isa host|avx2|portable] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 
 import numba
@@ -59,7 +65,7 @@ def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> tuple[float, float]
     distances. The kernels prefetch, so `best` is the bar they are measured against."""
     numba.set_num_threads(threads)
     raw = np.ones(nbytes, np.uint8)
-    isa = simd.host_isa()
+    isa = simd.AVX2 if simd.host_isa() is simd.VNNI else simd.host_isa()  # (the sum needs no VNNI)
     seconds = {}
     for distance in (0, 2048, 4096, 8192):
         _stream_sum(raw, distance, isa)
@@ -102,7 +108,7 @@ def time_batches(xs: dict, w, qtype, threads, isa, packed=None, min_seconds=0.3,
 
 def run(args) -> list[dict]:
     rng = np.random.default_rng(0)
-    isa = simd.PORTABLE if args.isa == "portable" else simd.host_isa()
+    isa = simd.host_isa() if args.isa == "host" else simd.isa_named(args.isa)
     bandwidth = {t: read_bandwidth(t) for t in args.threads}
     rows = []
     for name in args.types:
@@ -148,10 +154,14 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(ALL_SHAPES))
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--isa", choices=["host", "portable"], default="host",
+    parser.add_argument("--isa", choices=["host", "avx2", "portable"], default="host",
                         help="host: the best kernels this CPU runs")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
+        from bench_engine import AVX2_ONLY
+
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **AVX2_ONLY}))
     args.types = args.types.split(",")
     args.shapes = args.shapes.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
