@@ -163,14 +163,14 @@ class CpuBackend:
             name = names[len(outs)]
             qtype = self._tensor(f"{name}.weight").qtype
             kind = activation_quantizer(qtype)
-            if kind is not None and kind not in quantized:
-                quantized[kind] = quantize_activations(x, qtype)
+            if kind is not None and kind not in quantized and not self.is_packed(name):
+                quantized[kind] = quantize_activations(x, qtype)  # (a packed weight's call quantizes x itself)
             stack = self.stacks.get(name)
             if stack is not None and names[len(outs):len(outs) + len(stack.names)] == stack.names:
                 if self.observe_matmul is not None:
                     for member in stack.names:
                         self.observe_matmul(f"{member}.weight", x)
-                outs += self._stacked(x, stack, quantized.get(kind))
+                outs += self._stacked(x, stack, None)
             else:
                 outs.append(self.linear(x, name, quantized.get(kind)))
         return outs
