@@ -591,12 +591,12 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
     tables, row_seq, positions = np.ascontiguousarray(tables, dtype=np.int32), np.asarray(row_seq, np.int64), \
         np.asarray(positions, np.int64)
     row_tiled = np.full(n, tiled, np.uint8) if np.ndim(tiled) == 0 else np.asarray(tiled, np.uint8)
-    if row_tiled.any() and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and wide \
-            and S.has_avx512_pairs():
+    if wide and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and S.has_avx512_pairs() \
+            and row_tiled.any():
         q2 = _head_pairs(round_to_f16(q.reshape(n, n_head * d)).reshape(n, n_head, d))
         cells = _cells(tables, row_seq, positions, keys.shape[1], keys.shape[2])
     else:
-        q2, cells = np.empty(0, np.float32), np.empty((0, 0), np.int64)
+        q2, cells = _NO_PAIRS, _NO_CELLS
     attend_kernel(q, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq,
                   keys.shape[1], positions, window or 0, group, np.float32(kq_scale), row_tiled, q2, cells, out)
     return out
@@ -610,6 +610,9 @@ def _rounded_to_f16(q):
         for i in range(q.shape[1]):
             out[t, i] = S.round_f16(q[t, i])
     return out
+
+
+_NO_PAIRS, _NO_CELLS = np.empty(0, np.float32), np.empty((0, 0), np.int64)  # (the quads' AVX-512 path not taken)
 
 
 def _cells(tables: np.ndarray, row_seq: np.ndarray, positions: np.ndarray, block_size: int, n_head_kv: int):

@@ -35,7 +35,7 @@ class BatchLayout:
     cells: np.ndarray  # int64 [n]: flat cache cell of each row
     row_seq: np.ndarray  # int64 [n]: index of each row's sequence
     tables: np.ndarray  # int32 [n_seqs, blocks]
-    prompt_rows: np.ndarray  # bool [n]: rows in their prompt's float order (`kv_cache.prompt_order`)
+    prompt_rows: np.ndarray  # uint8 [n]: 1 for rows in their prompt's float order (`kv_cache.prompt_order`)
     # rope's cos/sin per rope base, computed by the first layer that needs them
     rope_tables: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -48,7 +48,43 @@ class BatchLayout:
                    row_seq=np.repeat(np.arange(len(seqs)), [len(p) for p in positions]),
                    tables=cache.block_tables(seqs),
                    prompt_rows=np.concatenate([prompt_order(p, s.prompt_length) for s, p in zip(seqs, positions,
-                                                                                                strict=True)]))
+                                                                                                strict=True)]).view(np.uint8))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One block's weight names and constants, worked out once: a decode step runs 18 blocks of
+    gemma, and building names and scales in every call was a visible share of its Python time."""
+
+    qkv: tuple[str, str, str]
+    attn_output: str
+    qk_norms: tuple[str | None, str | None]
+    rope_base: float
+    window: int | None
+    q_scale: np.float32 | None
+    kq_scale: np.float32
+    ffn_norm: str
+    post_attention_norm: str | None
+    gate_up: tuple[str, str]
+    ffn_down: str
+    post_ffw_norm: str | None
+    next_norm: str | None  # the next block's attn_norm (None after the last)
+
+    @classmethod
+    def of(cls, c: ModelConfig, layer: int) -> LayerPlan:
+        p = f"blk.{layer}."
+        sliding = bool(c.sliding_layers and c.sliding_layers[layer])
+        # llama.cpp computes 1/sqrt(head_dim) in float32; gemma3 applies it to q, the others to the scores.
+        scale = np.float32(1.0) / np.sqrt(np.float32(c.head_dim))
+        return cls(qkv=(p + "attn_q", p + "attn_k", p + "attn_v"), attn_output=p + "attn_output",
+                   qk_norms=(p + "attn_q_norm.weight", p + "attn_k_norm.weight") if c.qk_norm else (None, None),
+                   rope_base=c.rope_base_local if sliding and c.rope_base_local else c.rope_base,
+                   window=c.sliding_window if sliding else None,
+                   q_scale=scale if c.scale_queries else None, kq_scale=np.float32(1.0) if c.scale_queries else scale,
+                   ffn_norm=p + "ffn_norm.weight", post_attention_norm=p + "post_attention_norm.weight" if c.post_norms
+                   else None, gate_up=(p + "ffn_gate", p + "ffn_up"), ffn_down=p + "ffn_down",
+                   post_ffw_norm=p + "post_ffw_norm.weight" if c.post_norms else None,
+                   next_norm=f"blk.{layer + 1}.attn_norm.weight" if layer + 1 < c.n_layer else None)
 
 
 @dataclass
@@ -59,10 +95,12 @@ class Transformer:
     isa: Any = None  # the CPU backend's `simd` instruction-set marker (None: the host's best)
     device: str = "cpu"  # "cpu" or "cuda" (`engine.backends`)
     backend: Any = field(init=False)
+    layers: list[LayerPlan] = field(init=False)
 
     def __post_init__(self) -> None:
         check_weights(self.config, self.tensors)
         self.backend = make_backend(self.device, self.config, self.tensors, self.threads, self.isa)
+        self.layers = [LayerPlan.of(self.config, layer) for layer in range(self.config.n_layer)]
 
     @staticmethod
     def packed_weights(config: ModelConfig, tensors: dict[str, GGUFTensor]) -> set[str]:
@@ -122,40 +160,31 @@ class Transformer:
         """x: the residual stream, h: its attn_norm -> this block's x, and the next block's h
         (None after the last). Each residual add comes with the norms around it (`add_rms_norm`):
         one kernel on a GPU."""
-        b, c, p = self.backend, self.config, f"blk.{layer}."
-        attn = b.linear(self._attention(layer, h, layout, cache), p + "attn_output")
-        post_norm = p + "post_attention_norm.weight" if c.post_norms else None
-        x, h = b.add_rms_norm(x, attn, p + "ffn_norm.weight", post_norm)
-        gate, up = b.linears(h, p + "ffn_gate", p + "ffn_up")
-        ffn = b.linear(b.activate(gate, up), p + "ffn_down")
-        next_norm = f"blk.{layer + 1}.attn_norm.weight" if layer + 1 < c.n_layer else None
-        return b.add_rms_norm(x, ffn, next_norm, p + "post_ffw_norm.weight" if c.post_norms else None)
+        b, plan = self.backend, self.layers[layer]
+        attn = b.linear(self._attention(layer, plan, h, layout, cache), plan.attn_output)
+        x, h = b.add_rms_norm(x, attn, plan.ffn_norm, plan.post_attention_norm)
+        gate, up = b.linears(h, *plan.gate_up)
+        ffn = b.linear(b.activate(gate, up), plan.ffn_down)
+        return b.add_rms_norm(x, ffn, plan.next_norm, plan.post_ffw_norm)
 
-    def _attention(self, layer: int, h, layout: BatchLayout, cache: KVCache):
-        b, c, p = self.backend, self.config, f"blk.{layer}."
+    def _attention(self, layer: int, plan: LayerPlan, h, layout: BatchLayout, cache: KVCache):
+        b, c = self.backend, self.config
         n = h.shape[0]
-        q, k, v = b.linears(h, p + "attn_q", p + "attn_k", p + "attn_v")
+        q, k, v = b.linears(h, *plan.qkv)
         q, k, v = q.reshape(n, c.n_head, c.head_dim), k.reshape(n, c.n_head_kv, c.head_dim), \
             v.reshape(n, c.n_head_kv, c.head_dim_v)
-        cos, sin = self._rope_tables(layer, layout)
-        window = c.sliding_window if c.sliding_layers and c.sliding_layers[layer] else None
-        # llama.cpp computes 1/sqrt(head_dim) in float32; gemma3 applies it to q, the others to the scores.
-        scale = np.float32(1.0) / np.sqrt(np.float32(c.head_dim))
-        q_scale, kq_scale = (scale, np.float32(1.0)) if c.scale_queries else (None, scale)
-        norms = (p + "attn_q_norm.weight", p + "attn_k_norm.weight") if c.qk_norm else (None, None)
-        q, k = b.norm_rope(q, k, *norms, cos, sin, q_scale)
+        cos, sin = self._rope_tables(plan.rope_base, layout)
+        q, k = b.norm_rope(q, k, *plan.qk_norms, cos, sin, plan.q_scale)
         b.kv_write(cache, layer, layout, k, v)
-        out = b.attend(q, cache, layer, layout, window, kq_scale)  # [n, n_head, head_dim_v]
+        out = b.attend(q, cache, layer, layout, plan.window, plan.kq_scale)  # [n, n_head, head_dim_v]
         return out.reshape(n, c.n_head * c.head_dim_v)
 
-    def _rope_tables(self, layer: int, layout: BatchLayout) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin float32 [n, rope_dim / 2] of this layer's rope base, shared by its layers."""
-        c = self.config
-        local = bool(c.sliding_layers and c.sliding_layers[layer] and c.rope_base_local)
-        base = c.rope_base_local if local else c.rope_base
-        if base not in layout.rope_tables:
-            layout.rope_tables[base] = self._rope(base, layout.positions)
-        return layout.rope_tables[base]
+    def _rope_tables(self, base: float, layout: BatchLayout) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin float32 [n, rope_dim / 2] of rope base `base`, shared by the layers using it."""
+        tables = layout.rope_tables.get(base)
+        if tables is None:
+            tables = layout.rope_tables[base] = self._rope(base, layout.positions)
+        return tables
 
     def _rope(self, base: float, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         c = self.config

@@ -70,6 +70,8 @@ class CpuBackend:
     # the helper has them in the cache: `await_kernels(n_rows, weight name)`.
     stub_matmuls: bool = field(init=False, default=False)
     await_kernels: Callable[[int, str], None] | None = field(init=False, default=None)
+    _plans: dict = field(init=False, default_factory=dict)  # names -> `linears`' steps for them
+    _vectors: dict = field(init=False, default_factory=dict)  # name -> float32 weights (`_vector`)
 
     def __post_init__(self) -> None:
         for layer in range(self.config.n_layer):
@@ -121,7 +123,11 @@ class CpuBackend:
         return tensor
 
     def _vector(self, name: str) -> np.ndarray:
-        return self._tensor(name).data.astype(np.float32, copy=False)
+        """A norm's (or bias's) weights as float32, converted once."""
+        vector = self._vectors.get(name)
+        if vector is None:
+            vector = self._vectors[name] = np.ascontiguousarray(self._tensor(name).data, dtype=np.float32)
+        return vector
 
     # -- matmuls ------------------------------------------------------------------------
 
@@ -140,8 +146,8 @@ class CpuBackend:
             return self._stacked(x, stack, quantized)[stack.names.index(name)]
         out = matmul(x, tensor.data.view(np.uint8), tensor.qtype, isa=self.isa,
                      quantized=quantized, packed=self._packed(tensor.name))
-        bias = self.tensors.get(f"{name}.bias")
-        return out if bias is None else out + bias.data.astype(np.float32)
+        bias = f"{name}.bias"
+        return out + self._vector(bias) if bias in self.tensors else out
 
     def _stacked(self, x: np.ndarray, stack: Stack, quantized: tuple | None) -> list[np.ndarray]:
         out = matmul_packed(x, stack.packed, stack.qtype, stack.bounds[-1], isa=self.isa, quantized=quantized)
@@ -159,21 +165,38 @@ class CpuBackend:
             return [self.linear(x, name) for name in names]
         quantized: dict = {}
         outs: list[np.ndarray] = []
-        while len(outs) < len(names):
-            name = names[len(outs)]
-            qtype = self._tensor(f"{name}.weight").qtype
-            kind = activation_quantizer(qtype)
-            if kind is not None and kind not in quantized and not self.is_packed(name):
-                quantized[kind] = quantize_activations(x, qtype)  # (a packed weight's call quantizes x itself)
-            stack = self.stacks.get(name)
-            if stack is not None and names[len(outs):len(outs) + len(stack.names)] == stack.names:
+        for step in self._linears_plan(names):
+            if isinstance(step, Stack):
                 if self.observe_matmul is not None:
-                    for member in stack.names:
+                    for member in step.names:
                         self.observe_matmul(f"{member}.weight", x)
-                outs += self._stacked(x, stack, None)
-            else:
-                outs.append(self.linear(x, name, quantized.get(kind)))
+                outs += self._stacked(x, step, None)
+                continue
+            name, qtype = step
+            kind = activation_quantizer(qtype) if qtype is not None else None
+            if kind is not None and kind not in quantized:
+                quantized[kind] = quantize_activations(x, qtype)
+            outs.append(self.linear(x, name, quantized.get(kind)))
         return outs
+
+    def _linears_plan(self, names: tuple[str, ...]) -> list[Stack | tuple[str, QType | None]]:
+        """`linears`' steps for `names`, worked out once: each stack whose weights come in a row,
+        or a weight alone with its type when x is quantized before its call (None: packed, its
+        call quantizes x itself)."""
+        plan = self._plans.get(names)
+        if plan is None:
+            plan, at = [], 0
+            while at < len(names):
+                stack = self.stacks.get(names[at])
+                if stack is not None and names[at:at + len(stack.names)] == stack.names:
+                    plan.append(stack)
+                    at += len(stack.names)
+                    continue
+                packed = self.is_packed(names[at])
+                plan.append((names[at], None if packed else self._tensor(f"{names[at]}.weight").qtype))
+                at += 1
+            self._plans[names] = plan
+        return plan
 
     # -- the other operations of a forward ------------------------------------------------
 

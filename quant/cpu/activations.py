@@ -56,7 +56,7 @@ def quantize_q8_0(x):
     return codes, scales
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")  # as in a prange: 1 / 0 is inf, not an error
 def quantize_q8_0_serial(x):
     """`quantize_q8_0` on the calling thread: for a decode step's few rows a parallel region
     costs more than the work."""
@@ -112,7 +112,7 @@ def quantize_q8_k(x):
     return codes, scales, sums
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")  # as in a prange: 1 / 0 is inf, not an error
 def quantize_q8_k_serial(x):
     """`quantize_q8_k` on the calling thread (see `quantize_q8_0_serial`)."""
     n, k = x.shape
