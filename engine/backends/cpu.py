@@ -170,19 +170,21 @@ class CpuBackend:
                 if self.observe_matmul is not None:
                     for member in step.names:
                         self.observe_matmul(f"{member}.weight", x)
-                outs += self._stacked(x, step, None)
+                kind = activation_quantizer(step.qtype)
+                if kind is not None and kind not in quantized:
+                    quantized[kind] = quantize_activations(x, step.qtype)
+                outs += self._stacked(x, step, quantized.get(kind))
                 continue
             name, qtype = step
-            kind = activation_quantizer(qtype) if qtype is not None else None
+            kind = activation_quantizer(qtype)
             if kind is not None and kind not in quantized:
                 quantized[kind] = quantize_activations(x, qtype)
             outs.append(self.linear(x, name, quantized.get(kind)))
         return outs
 
-    def _linears_plan(self, names: tuple[str, ...]) -> list[Stack | tuple[str, QType | None]]:
+    def _linears_plan(self, names: tuple[str, ...]) -> list[Stack | tuple[str, QType]]:
         """`linears`' steps for `names`, worked out once: each stack whose weights come in a row,
-        or a weight alone with its type when x is quantized before its call (None: packed, its
-        call quantizes x itself)."""
+        or a weight alone with its type."""
         plan = self._plans.get(names)
         if plan is None:
             plan, at = [], 0
@@ -192,8 +194,7 @@ class CpuBackend:
                     plan.append(stack)
                     at += len(stack.names)
                     continue
-                packed = self.is_packed(names[at])
-                plan.append((names[at], None if packed else self._tensor(f"{names[at]}.weight").qtype))
+                plan.append((names[at], self._tensor(f"{names[at]}.weight").qtype))
                 at += 1
             self._plans[names] = plan
         return plan

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit
 
 from llmx.quant.cpu import activations, kmatmul, kpacked, lanematmul, pairmatmul, repacked
 from llmx.quant.cpu import matmul as kernels
@@ -183,23 +182,14 @@ def _paired_k(qtype: QType, codes: np.ndarray, scales: np.ndarray, sums16: np.nd
 
 def matmul_packed(x: np.ndarray, packed: np.ndarray, qtype: QType, m: int, threads: int | None = None, isa=None,
                   quantized: tuple | None = None) -> np.ndarray:
-    """`matmul` of x float32 [n_tok, k] with the m rows that `pack` made `packed` of -> [n_tok, m].
-    Without `quantized`, x is quantized inside the kernel's call (`_FROM_F32`): one call from
-    Python instead of two, which is a good part of a small matrix's time at one token."""
+    """`matmul` of x float32 [n_tok, k] with the m rows that `pack` made `packed` of -> [n_tok, m]."""
     if threads is not None:
         numba.set_num_threads(threads)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    isa = host_isa() if isa is None else isa
-    if quantized is None:
-        out = np.empty((len(x), m), np.float32)
-        if qtype == QType.Q8_0:  # on VNNI the activations as unsigned x + 128 (see `simd.dot16_q8_acc`)
-            _packed_q8_0_from_f32(x, packed, m, out, isa, np.asarray(isa).dtype == VNNI.dtype)
-        else:
-            _FROM_F32[qtype](x, packed, m, out, isa)
-        return out
-    codes, scales, *sums = quantized
+    codes, scales, *sums = quantize_activations(x, qtype) if quantized is None else quantized
     n_tok, k = codes.shape
     out = np.empty((n_tok, m), np.float32)
+    isa = host_isa() if isa is None else isa
     if qtype == QType.Q8_0:  # on VNNI the activations as unsigned x + 128 (see `simd.dot16_q8_acc`)
         xq = codes.view(np.uint8) ^ np.uint8(0x80) if np.asarray(isa).dtype == VNNI.dtype else codes
         repacked.repacked_q8_0(xq.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
@@ -209,56 +199,3 @@ def matmul_packed(x: np.ndarray, packed: np.ndarray, qtype: QType, m: int, threa
     else:
         _PACKED_KERNELS[qtype](codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
     return out
-
-
-# -- quantize and multiply in one call ------------------------------------------------------------
-SERIAL_QUANTIZE_ROWS = 16  # fewer rows are quantized on the calling thread: a parallel region costs more
-
-
-@njit(cache=True, nogil=True)
-def _q8_0_activations(x):
-    return activations.quantize_q8_0_serial(x) if len(x) < SERIAL_QUANTIZE_ROWS else activations.quantize_q8_0(x)
-
-
-@njit(cache=True, nogil=True)
-def _q8_k_activations(x):
-    return activations.quantize_q8_k_serial(x) if len(x) < SERIAL_QUANTIZE_ROWS else activations.quantize_q8_k(x)
-
-
-@njit(cache=True, nogil=True)
-def _packed_q8_0_from_f32(x, wp, m, out, isa, unsigned):
-    codes, scales = _q8_0_activations(x)
-    xq = codes.view(np.uint8)
-    if unsigned:
-        xq = xq ^ np.uint8(0x80)
-    repacked.repacked_q8_0(xq.reshape(-1), scales.reshape(-1), wp, x.shape[1] // 32, m, len(x), out, isa)
-
-
-@njit(cache=True, nogil=True)
-def _packed_q4_0_from_f32(x, wp, m, out, isa):
-    codes, scales = _q8_0_activations(x)
-    repacked.repacked_q4_0(codes.reshape(-1), scales.reshape(-1), wp, x.shape[1] // 32, m, len(x), out, isa)
-
-
-@njit(cache=True, nogil=True)
-def _packed_q5_0_from_f32(x, wp, m, out, isa):
-    codes, scales = _q8_0_activations(x)
-    repacked.repacked_q5_0(codes.reshape(-1), scales.reshape(-1), wp, x.shape[1] // 32, m, len(x), out, isa)
-
-
-@njit(cache=True, nogil=True)
-def _packed_q4_k_from_f32(x, wp, m, out, isa):
-    codes, scales, sums = _q8_k_activations(x)
-    kpacked.packed_q4_k(codes.reshape(-1), scales.reshape(-1), sums.reshape(-1), wp, x.shape[1] // 256, m, len(x),
-                        out, isa)
-
-
-@njit(cache=True, nogil=True)
-def _packed_q6_k_from_f32(x, wp, m, out, isa):
-    codes, scales, sums = _q8_k_activations(x)
-    kpacked.packed_q6_k(codes.reshape(-1), scales.reshape(-1), sums.reshape(-1), wp, x.shape[1] // 256, m, len(x),
-                        out, isa)
-
-
-_FROM_F32 = {QType.Q4_0: _packed_q4_0_from_f32, QType.Q5_0: _packed_q5_0_from_f32, QType.Q4_K: _packed_q4_k_from_f32,
-             QType.Q6_K: _packed_q6_k_from_f32}
