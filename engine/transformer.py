@@ -76,14 +76,15 @@ class LayerPlan:
         sliding = bool(c.sliding_layers and c.sliding_layers[layer])
         # llama.cpp computes 1/sqrt(head_dim) in float32; gemma3 applies it to q, the others to the scores.
         scale = np.float32(1.0) / np.sqrt(np.float32(c.head_dim))
+        post_norms = (p + "post_attention_norm.weight", p + "post_ffw_norm.weight") if c.post_norms else (None, None)
         return cls(qkv=(p + "attn_q", p + "attn_k", p + "attn_v"), attn_output=p + "attn_output",
                    qk_norms=(p + "attn_q_norm.weight", p + "attn_k_norm.weight") if c.qk_norm else (None, None),
                    rope_base=c.rope_base_local if sliding and c.rope_base_local else c.rope_base,
                    window=c.sliding_window if sliding else None,
-                   q_scale=scale if c.scale_queries else None, kq_scale=np.float32(1.0) if c.scale_queries else scale,
-                   ffn_norm=p + "ffn_norm.weight", post_attention_norm=p + "post_attention_norm.weight" if c.post_norms
-                   else None, gate_up=(p + "ffn_gate", p + "ffn_up"), ffn_down=p + "ffn_down",
-                   post_ffw_norm=p + "post_ffw_norm.weight" if c.post_norms else None,
+                   q_scale=scale if c.scale_queries else None,
+                   kq_scale=np.float32(1.0) if c.scale_queries else scale,
+                   ffn_norm=p + "ffn_norm.weight", post_attention_norm=post_norms[0],
+                   gate_up=(p + "ffn_gate", p + "ffn_up"), ffn_down=p + "ffn_down", post_ffw_norm=post_norms[1],
                    next_norm=f"blk.{layer + 1}.attn_norm.weight" if layer + 1 < c.n_layer else None)
 
 

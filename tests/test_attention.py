@@ -197,8 +197,9 @@ def test_heads_sharing_a_kv_head_four_at_a_time_equal_each_head_alone(group, win
 
 @pytest.mark.parametrize("wide", [True, False])
 def test_each_row_keeps_its_own_float_order_whatever_runs_beside_it(wide):
-    """Rows carry their own order (prompt rows tinyBLAS's, decoded rows ggml's): a row's bits are
-    the same alone as in any batch, and the same on the 256-bit (AVX2) path as on the wide one."""
+    """Rows carry their own order (prompt rows tinyBLAS's; decoded rows ggml_vec_dot_f16's q.k and
+    the V product key by key): a row's bits are the same alone as in any batch, and the same on
+    the 256-bit (AVX2) path as on the wide one."""
     n_kv, n_head_kv, group, d, block_size = 40, 1, 4, 64, 8
     k, v = f16_exact((n_kv, n_head_kv, d)), f16_exact((n_kv, n_head_kv, d))
     q = rng.standard_normal((7, group, d)).astype(np.float32)
