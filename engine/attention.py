@@ -22,6 +22,7 @@ from numba import njit, prange
 
 from llmx.quant.cpu import simd as S
 from llmx.quant.cpu.activations import round_to_f16
+from llmx.quant.cpu.repacked import prefetch
 
 # ggml_v_expf (AVX2): exp(x) = 2^n * (1 + p(b)) with n = round(x / ln 2), b = x - n ln 2;
 # `simd.ggml_expf_f32x8` computes it on 8 lanes from these constants.
@@ -309,12 +310,6 @@ def _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_hea
         reduce_lanes(acc[g], out, t, h0 + g)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _prefetch_row(pool, at, n_bytes):
-    for line in range(0, n_bytes, 64):
-        S.prefetch(pool, at + line)
-
-
 @njit(cache=True, nogil=True)
 def _decode_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h0, n_head, d, dv,
                     first, last, kq_scale, out):
@@ -327,9 +322,9 @@ def _decode_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_hea
     q_at = 4 * (t * n_head + h0) * d
     for j in range(first, last + 1):
         ahead = min(j + KEYS_AHEAD, last)
-        _prefetch_row(k_pool, 2 * d * _cell(table, ahead, block_size, n_head_kv, kv_head), 2 * d)
+        prefetch(k_pool, 2 * d * _cell(table, ahead, block_size, n_head_kv, kv_head), 2 * d)
         v_at[j] = 2 * dv * _cell(table, j, block_size, n_head_kv, kv_head)
-        _prefetch_row(v_pool, v_at[j], 2 * dv)
+        prefetch(v_pool, v_at[j], 2 * dv)
         k_at = 2 * d * _cell(table, j, block_size, n_head_kv, kv_head)
         s0, s1, s2, s3 = _dot_ggml_heads_4(q_flat, q_at, 4 * d, k_pool, k_at, d)
         scores[0, j], scores[1, j], scores[2, j], scores[3, j] = s0 * kq_scale, s1 * kq_scale, s2 * kq_scale, \
@@ -532,7 +527,7 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
     n, n_head, d = q.shape
     dv = out.shape[2]
     n_head_kv = n_head // group
-    q_flat = _rounded_to_f16(q.reshape(n, n_head * d)).reshape(-1)
+    q_flat = round_to_f16(q.reshape(n, n_head * d)).reshape(-1)
     # A tiled row whose heads share a KV head four at a time takes one item per four heads; the
     # items a row does not need are empty, so every row has n_head items.
     quads = group // 4 if d % 8 == 0 and dv % 4 == 0 else 0
@@ -599,16 +594,6 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
         q2, cells = _NO_PAIRS, _NO_CELLS
     attend_kernel(q, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq,
                   keys.shape[1], positions, window or 0, group, np.float32(kq_scale), row_tiled, q2, cells, out)
-    return out
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _rounded_to_f16(q):
-    """q float32 [n, m] through float16, as ggml converts the f32 side of an F16 matmul."""
-    out = np.empty_like(q)
-    for t in prange(q.shape[0]):
-        for i in range(q.shape[1]):
-            out[t, i] = S.round_f16(q[t, i])
     return out
 
 
