@@ -515,15 +515,30 @@ def _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, 
     reduce_lanes(acc, out, t, h)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, row_tiled, q2,
-                  cells, out):
-    """q float32 [n, n_head, d] (rounded to float16 here); k_pool/v_pool one layer's cache as bytes of
-    float16 [n_blocks, block_size, n_head_kv, d or dv]; tables int32 [n_seqs, blocks] the block ids
-    of each sequence, row_seq int64 [n] the sequence of each query row; positions int64 [n];
-    out float32 [n, n_head, dv]. `row_tiled` uint8 [n]: the row takes tinyBLAS's order (else
-    ggml_vec_dot_f16's). q2 and cells (see `_attend_heads_4_wide`): the quads' AVX-512 path, taken
-    when q2 is not empty."""
+@njit(cache=True, nogil=True, inline="always")
+def _prompt_quad_tiled(q_flat, q2, cells, k_pool, v_pool, table, seq, block_size, n_head_kv, kv_head, t, h0, n_head,
+                       d, dv, first, last, kq_scale, out):
+    _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h0, n_head, d, dv, first, last,
+                    kq_scale, out)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prompt_quad_wide(q_flat, q2, cells, k_pool, v_pool, table, seq, block_size, n_head_kv, kv_head, t, h0, n_head,
+                      d, dv, first, last, kq_scale, out):
+    _attend_heads_4_wide(q2, k_pool, v_pool, cells[seq], kv_head, t, h0, n_head, d, dv, first, last, kq_scale, out)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _no_single_heads(q_flat, k_pool, v_pool, table, block_size, n_head_kv, kv_head, t, h, n_head, d, dv, first, last,
+                     kq_scale, k_tiled, v_lanes, out):
+    """A model whose heads the quads all cover has none to do one at a time."""
+
+
+@njit(cache=True, nogil=True, inline="always")  # takes functions: inlined, so that they are constants
+def _attend_rows(prompt_quad, single_head, q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group,
+                 kq_scale, row_tiled, q2, cells, out):
+    """Every attention kernel's loop (see `attend_kernel`): `prompt_quad` takes a tiled row's
+    quads of heads, `single_head` the heads no quad covers."""
     n, n_head, d = q.shape
     dv = out.shape[2]
     n_head_kv = n_head // group
@@ -543,25 +558,63 @@ def attend_kernel(q, k_pool, v_pool, tables, row_seq, block_size, positions, win
         row_quads = quads if tiled else quads_ggml
         if rest >= n_head_kv * row_quads + (n_head - 4 * n_head_kv * row_quads):
             continue
-        table = tables[row_seq[t]]
+        seq = row_seq[t]
+        table = tables[seq]
         last = positions[t]
         first = max(0, last - window + 1) if window > 0 else 0
-        if rest < n_head_kv * row_quads and not tiled:
+        if rest < n_head_kv * row_quads:  # quad rest % quads of KV head rest // quads
             h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
-            _decode_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
-                            first, last, kq_scale, out)
-        elif rest < n_head_kv * row_quads and q2.size > 0:
-            h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
-            _attend_heads_4_wide(q2, k_pool, v_pool, cells[row_seq[t]], h0 // group, t, h0, n_head, d, dv, first, last,
-                                 kq_scale, out)
-        elif rest < n_head_kv * row_quads:  # quad rest % quads of KV head rest // quads
-            h0 = (rest // row_quads) * group + 4 * (rest % row_quads)
-            _attend_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d, dv,
-                            first, last, kq_scale, out)
+            if tiled:
+                prompt_quad(q_flat, q2, cells, k_pool, v_pool, table, seq, block_size, n_head_kv, h0 // group, t, h0,
+                            n_head, d, dv, first, last, kq_scale, out)
+            else:
+                _decode_heads_4(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h0 // group, t, h0, n_head, d,
+                                dv, first, last, kq_scale, out)
         else:  # the heads no quad covers, one at a time
             h = _uncovered_head(rest - n_head_kv * row_quads, group, row_quads)
-            _attend_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h // group, t, h, n_head, d, dv,
-                         first, last, kq_scale, k_tiled, v_lanes, out)
+            single_head(q_flat, k_pool, v_pool, table, block_size, n_head_kv, h // group, t, h, n_head, d, dv,
+                        first, last, kq_scale, k_tiled, v_lanes, out)
+
+
+# attend_kernel's variants, each compiled the first time a model needs it: a first run compiles
+# only its model's (gemma on AVX-512: wide quads, no single heads), 5 s less than all of them.
+@njit(cache=True, nogil=True, parallel=True)
+def attend_tiled(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, row_tiled, q2,
+                 cells, out):
+    _attend_rows(_prompt_quad_tiled, _no_single_heads, q, k_pool, v_pool, tables, row_seq, block_size, positions,
+                 window, group, kq_scale, row_tiled, q2, cells, out)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def attend_wide(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, row_tiled, q2,
+                cells, out):
+    _attend_rows(_prompt_quad_wide, _no_single_heads, q, k_pool, v_pool, tables, row_seq, block_size, positions,
+                 window, group, kq_scale, row_tiled, q2, cells, out)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def attend_tiled_single(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, row_tiled,
+                        q2, cells, out):
+    _attend_rows(_prompt_quad_tiled, _attend_head, q, k_pool, v_pool, tables, row_seq, block_size, positions,
+                 window, group, kq_scale, row_tiled, q2, cells, out)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def attend_wide_single(q, k_pool, v_pool, tables, row_seq, block_size, positions, window, group, kq_scale, row_tiled,
+                       q2, cells, out):
+    _attend_rows(_prompt_quad_wide, _attend_head, q, k_pool, v_pool, tables, row_seq, block_size, positions,
+                 window, group, kq_scale, row_tiled, q2, cells, out)
+
+
+def attend_kernel(wide: bool, single_heads: bool):
+    """The kernel for q float32 [n, n_head, d] (rounded to float16 there); k_pool/v_pool one
+    layer's cache as bytes of float16 [n_blocks, block_size, n_head_kv, d or dv]; tables int32
+    [n_seqs, blocks] the block ids of each sequence, row_seq int64 [n] the sequence of each query
+    row; positions int64 [n]; out float32 [n, n_head, dv]. `row_tiled` uint8 [n]: the row takes
+    tinyBLAS's order (else ggml_vec_dot_f16's). `wide`: tiled rows' quads of heads take the
+    AVX-512 path (q2 and cells, see `_attend_heads_4_wide`); `single_heads`: some heads are in no
+    quad (a KV group not a multiple of 4, or odd head sizes)."""
+    return ((attend_tiled, attend_tiled_single), (attend_wide, attend_wide_single))[wide][single_heads]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -586,18 +639,27 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
     tables, row_seq, positions = np.ascontiguousarray(tables, dtype=np.int32), np.asarray(row_seq, np.int64), \
         np.asarray(positions, np.int64)
     row_tiled = np.full(n, tiled, np.uint8) if np.ndim(tiled) == 0 else np.asarray(tiled, np.uint8)
-    if wide and group % 4 == 0 and d % 8 == 0 and values.shape[-1] % 16 == 0 and S.has_avx512_pairs() \
-            and row_tiled.any():
+    dv = values.shape[-1]
+    wide = wide and group % 4 == 0 and d % 8 == 0 and dv % 16 == 0 and S.has_avx512_pairs()
+    if wide and row_tiled.any():
         q2 = _head_pairs(round_to_f16(q.reshape(n, n_head * d)).reshape(n, n_head, d))
         cells = _cells(tables, row_seq, positions, keys.shape[1], keys.shape[2])
     else:
         q2, cells = _NO_PAIRS, _NO_CELLS
-    attend_kernel(q, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq,
-                  keys.shape[1], positions, window or 0, group, np.float32(kq_scale), row_tiled, q2, cells, out)
+    kernel = attend_kernel(wide, _has_single_heads(group, d, dv))
+    kernel(q, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq, keys.shape[1],
+           positions, window or 0, group, np.float32(kq_scale), row_tiled, q2, cells, out)
     return out
 
 
 _NO_PAIRS, _NO_CELLS = np.empty(0, np.float32), np.empty((0, 0), np.int64)  # (the quads' AVX-512 path not taken)
+
+
+def _has_single_heads(group: int, d: int, dv: int) -> bool:
+    """Whether some heads are in no quad, for tiled or decoded rows (`_attend_rows`' quads)."""
+    tiled_covered = group % 4 == 0 and d % 8 == 0 and dv % 4 == 0
+    decoded_covered = group % 4 == 0 and d % 32 == 0
+    return not (tiled_covered and decoded_covered)
 
 
 def _cells(tables: np.ndarray, row_seq: np.ndarray, positions: np.ndarray, block_size: int, n_head_kv: int):

@@ -229,7 +229,8 @@ def _store(out, t, r0, m, acc, spill):
         S.store_f32x16(out, 4 * (t * m + r0), acc)
     else:
         S.store_f32x16(spill, 0, acc)
-        out[t * m + r0:t * m + m] = spill[:m - r0]
+        for i in range(m - r0):  # (a slice assignment compiles numba's shape checks: 1.4 s)
+            out[t * m + r0 + i] = spill[i]
 
 
 @njit(inline="always")  # takes a function: inlined, so that it is a constant
