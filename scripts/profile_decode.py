@@ -4,6 +4,8 @@ Wraps the Transformer's pieces (each matmul by tensor role and weight type, atte
 rope, activations, cache writes) with timers, prefills a prompt, then decodes N tokens one at a
 time and prints each op's share. What is not inside a wrapped op is "python/other". With
 --batch B, B sequences (each with the prompt) decode together, as `llmx bench -b B` runs them.
+With --prefill N, each step is instead one N-token prompt of a new sequence (what a server's
+prefill steps and llama-bench's pp run).
 
 `--isa avx2` runs the AVX2 kernels on an AVX-512 host, compiled for an AVX2-only CPU (the script
 starts itself again with `bench_engine.AVX2_ONLY`), as an AVX2 laptop runs them.
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--isa", choices=["avx2", "vnni", "portable"], default=None)
+    parser.add_argument("--prefill", type=int, default=0, help="profile N-token prompts instead of decoding")
     args = parser.parse_args()
     if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
         from bench_engine import AVX2_ONLY
@@ -97,6 +100,14 @@ def main() -> None:
         tokens = rng.integers(0, model.config.n_vocab, args.batch)
         model.transformer.forward_batch([(s, tokens[i:i + 1]) for i, s in enumerate(seqs)], cache, "last")
 
+    if args.prefill:
+        def step() -> None:  # noqa: F811 (a prompt step instead)
+            seq = cache.new_sequence()
+            model.transformer.forward(rng.integers(0, model.config.n_vocab, args.prefill), seq, cache, "last")
+            cache.release(seq)
+
+        cache = kv_cache.KVCache(model.config, -(-args.prefill // kv_cache.BLOCK_SIZE) * kv_cache.BLOCK_SIZE)
+
     step()  # loads the decode shapes' kernels, which the prompt did not use, outside the timing
     instrument()
     started = time.perf_counter()
@@ -104,8 +115,12 @@ def main() -> None:
         step()
     step = (time.perf_counter() - started) / args.steps
     total = sum(TIMES.values()) / args.steps
-    print(f"{path.name}, {args.threads} threads, context {args.prompt}, {args.batch} sequence(s): "
-          f"{1e3 * step:.2f} ms per decode step ({args.batch / step:.1f} t/s)\n")
+    if args.prefill:
+        print(f"{path.name}, {args.threads} threads, {args.prefill}-token prompt: {1e3 * step:.2f} ms per prompt "
+              f"({args.prefill / step:.1f} t/s)\n")
+    else:
+        print(f"{path.name}, {args.threads} threads, context {args.prompt}, {args.batch} sequence(s): "
+              f"{1e3 * step:.2f} ms per decode step ({args.batch / step:.1f} t/s)\n")
     print(f"{'op':40s} {'ms/step':>8s} {'share':>7s}")
     rows = sorted(TIMES.items(), key=lambda kv: -kv[1]) + [("python/other", (step - total) * args.steps)]
     for name, seconds in rows:
