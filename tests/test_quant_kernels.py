@@ -146,7 +146,7 @@ def test_repacked_q4_0_takes_llama_cpps_repacked_float_order_bit_for_bit(isa):
 @pytest.mark.parametrize("isa", list(ISAS), ids=str)
 @pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
 def test_packed_weights_match_emulation_and_each_token_alone(qtype, isa):
-    """Q8_0 (signed codes: x + 128 on VNNI, vpsignb on AVX2), Q5_0 packed with bit planes for the
+    """Q8_0 (signed codes: made unsigned by + 128 on VNNI, vpsignb on AVX2), Q5_0 packed with bit planes for the
     fifth bits, Q4_K and Q6_K with their scales unpacked: each
     output within float32 rounding of the float64 emulation, and the same bits for a token in a
     tile of four as alone (batch invariance). 37 and 40 rows leave the last group of 16 part full."""
@@ -163,6 +163,19 @@ def test_packed_weights_match_emulation_and_each_token_alone(qtype, isa):
                 alone = [matmul(x[t:t + 1], w, qtype, threads=threads, isa=ISAS[isa], packed=packed)
                          for t in range(n_tok)]
                 assert np.array_equal(out, np.concatenate(alone)), (m, n_tok, threads)
+
+
+def test_packed_q8_0_gives_the_same_bits_on_every_isa():
+    """The Q8_0 kernels' block dots are exact integers on every ISA (VNNI dots the weights + 128 and
+    takes 128 x the activations' sums back) and their float steps are the same, so a tied output
+    layer's logits do not depend on the instruction set."""
+    rng = np.random.default_rng(10)
+    w = quantize(rng.standard_normal((40, K)).astype(np.float32), QType.Q8_0)
+    packed = linear.pack(w, QType.Q8_0)
+    for n_tok in (1, 6):
+        x = rng.standard_normal((n_tok, K)).astype(np.float32) * 3
+        outs = [matmul(x, w, QType.Q8_0, isa=isa, packed=packed) for isa in ISAS.values()]
+        assert all(np.array_equal(outs[0], out) for out in outs[1:]), n_tok
 
 
 def test_only_q4_0_as_llama_cpp_repacks_it_and_q8_0_q5_0_q4_k_q6_k_are_packed(weights):

@@ -190,9 +190,9 @@ def matmul_packed(x: np.ndarray, packed: np.ndarray, qtype: QType, m: int, threa
     n_tok, k = codes.shape
     out = np.empty((n_tok, m), np.float32)
     isa = host_isa() if isa is None else isa
-    if qtype == QType.Q8_0:  # on VNNI the activations as unsigned x + 128 (see `simd.dot16_q8_acc`)
-        xq = codes.view(np.uint8) ^ np.uint8(0x80) if np.asarray(isa).dtype == VNNI.dtype else codes
-        repacked.repacked_q8_0(xq.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
+    if qtype == QType.Q8_0:
+        kernel = repacked.repacked_q8_0_vnni if np.asarray(isa).dtype == VNNI.dtype else repacked.repacked_q8_0
+        kernel(codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
     elif qtype in _PACKED_K_KERNELS:  # Q8_K activations: one scale per 256 values, sums per 16
         _PACKED_K_KERNELS[qtype](codes.reshape(-1), scales.reshape(-1), sums[0].reshape(-1), packed, k // 256, m,
                                  n_tok, out, isa)

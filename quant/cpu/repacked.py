@@ -326,7 +326,7 @@ def repacked_q5_0(xq, xd, wp, nb, m, n_tok, out, isa):
     xs = _block_starts(xq, nb, n_tok, 16)
     walk_groups(_q5_0_tile_4, _q5_0_tile_1, Q5_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
-# -- Q8_0: signed codes (see `simd.dot16_q8_acc`) --------------------------------------------------
+# -- Q8_0: signed codes (AVX2 and portable: `simd.dot16_q8_acc`; VNNI: `repacked_q8_0_vnni`) ---------
 
 
 @njit
@@ -337,11 +337,11 @@ def _q8_codes(wp, at):
 
 
 @njit
-def _q8_step(isa, c, start, dw, xq, xd, i, acc):
-    """acc + float(the 16 rows' dots with activation block i, from `start`) x (dw x dx)."""
+def _q8_step(isa, c, dw, xq, xd, i, acc):
+    """acc + float(the 16 rows' dots with activation block i) x (dw x dx)."""
     at = 32 * i
     x = S.splat_u32_i8x64
-    dot = S.dot16_q8_acc(isa, start, c[0], x(xq, at))
+    dot = S.dot16_q8_acc(isa, S.zero_i32x16(), c[0], x(xq, at))
     dot = S.dot16_q8_acc(isa, dot, c[1], x(xq, at + 4))
     dot = S.dot16_q8_acc(isa, dot, c[2], x(xq, at + 8))
     dot = S.dot16_q8_acc(isa, dot, c[3], x(xq, at + 12))
@@ -359,12 +359,11 @@ def _q8_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):  # xs: unus
         at = g_at + b * Q8_0_PACKED_BYTES
         prefetch(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
         c = _q8_codes(wp, at)
-        start = S.q8_offsets(isa, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7])
         dw = S.load_f16_f32x16(wp, at + 512)
-        a0 = _q8_step(isa, c, start, dw, xq, xd, t * nb + b, a0)
-        a1 = _q8_step(isa, c, start, dw, xq, xd, (t + 1) * nb + b, a1)
-        a2 = _q8_step(isa, c, start, dw, xq, xd, (t + 2) * nb + b, a2)
-        a3 = _q8_step(isa, c, start, dw, xq, xd, (t + 3) * nb + b, a3)
+        a0 = _q8_step(isa, c, dw, xq, xd, t * nb + b, a0)
+        a1 = _q8_step(isa, c, dw, xq, xd, (t + 1) * nb + b, a1)
+        a2 = _q8_step(isa, c, dw, xq, xd, (t + 2) * nb + b, a2)
+        a3 = _q8_step(isa, c, dw, xq, xd, (t + 3) * nb + b, a3)
     _store(out, t, r0, m, a0, spill)
     _store(out, t + 1, r0, m, a1, spill)
     _store(out, t + 2, r0, m, a2, spill)
@@ -378,12 +377,57 @@ def _q8_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):  # xs: unus
         at = g_at + b * Q8_0_PACKED_BYTES
         prefetch(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
         c = _q8_codes(wp, at)
-        start = S.q8_offsets(isa, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7])
-        acc = _q8_step(isa, c, start, S.load_f16_f32x16(wp, at + 512), xq, xd, t * nb + b, acc)
+        acc = _q8_step(isa, c, S.load_f16_f32x16(wp, at + 512), xq, xd, t * nb + b, acc)
+    _store(out, t, r0, m, acc, spill)
+
+
+@njit
+def _q8_codes_unsigned(wp, at):
+    """A block's 8 code vectors as code + 128 (`_codes_q4_0`'s shape, 0..255): dotted as unsigned,
+    with the activations' sums taking the 128 back, as Q4_0 and Q5_0 take their 8 and 16 back."""
+    c = _q8_codes(wp, at)
+    f = S.flip_sign_i8x64
+    return f(c[0]), f(c[1]), f(c[2]), f(c[3]), f(c[4]), f(c[5]), f(c[6]), f(c[7])
+
+
+@njit
+def _q8_vnni_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    a0 = a1 = a2 = a3 = S.zero_f32x16()
+    for b in range(nb):
+        at = g_at + b * Q8_0_PACKED_BYTES
+        prefetch(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
+        c = _q8_codes_unsigned(wp, at)
+        dw = S.load_f16_f32x16(wp, at + 512)
+        a0 = _step(isa, c, dw, xq, xd, xs, t * nb + b, a0)
+        a1 = _step(isa, c, dw, xq, xd, xs, (t + 1) * nb + b, a1)
+        a2 = _step(isa, c, dw, xq, xd, xs, (t + 2) * nb + b, a2)
+        a3 = _step(isa, c, dw, xq, xd, xs, (t + 3) * nb + b, a3)
+    _store(out, t, r0, m, a0, spill)
+    _store(out, t + 1, r0, m, a1, spill)
+    _store(out, t + 2, r0, m, a2, spill)
+    _store(out, t + 3, r0, m, a3, spill)
+
+
+@njit
+def _q8_vnni_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    acc = S.zero_f32x16()
+    for b in range(nb):
+        at = g_at + b * Q8_0_PACKED_BYTES
+        prefetch(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
+        acc = _step(isa, _q8_codes_unsigned(wp, at), S.load_f16_f32x16(wp, at + 512), xq, xd, xs, t * nb + b, acc)
     _store(out, t, r0, m, acc, spill)
 
 
 @njit(cache=True, nogil=True, parallel=True)
+def repacked_q8_0_vnni(xq, xd, wp, nb, m, n_tok, out, isa):
+    """`repacked_q8_0` on VNNI: xq the signed activation codes; each weight code vector made
+    unsigned by one xor, where the sums that take the activations' +128 back cost 8 `vpdpbusd`
+    per block (the same integers, so the same bits: a quarter fewer dots at four tokens)."""
+    xs = _block_starts(xq, nb, n_tok, 128)
+    walk_groups(_q8_vnni_tile_4, _q8_vnni_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+
+
+@njit(cache=True, nogil=True, parallel=True)
 def repacked_q8_0(xq, xd, wp, nb, m, n_tok, out, isa):
-    """xq: the activation codes, or on VNNI the codes + 128 as unsigned bytes (`dot16_q8_acc`)."""
+    """xq: the activation codes; AVX2 or portable `isa` (VNNI: `repacked_q8_0_vnni`)."""
     walk_groups(_q8_tile_4, _q8_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, np.empty(0, np.int32), out)

@@ -1258,6 +1258,15 @@ def or_i8x64(typingctx, a, b):
     return I8x64(I8x64, I8x64), codegen
 
 
+@intrinsic
+def flip_sign_i8x64(typingctx, v):
+    """v ^ 0x80 per byte: signed codes -128..127 as the unsigned 0..255 of code + 128."""
+    def codegen(context, builder, signature, args):
+        return builder.xor(args[0], _const_vec(_V64I8, -128))
+
+    return I8x64(I8x64), codegen
+
+
 def _dot16x4(summed: int):
     """`dot16x4_u8i8_acc`, adding `summed` vpmaddubsw results as int16 before each vpmaddwd on AVX2."""
     @intrinsic
@@ -1593,13 +1602,13 @@ def load_pair_i8_i32x16(typingctx, array, byte_offset, which):
 @intrinsic
 def dot16_q8_acc(typingctx, isa, acc, w, x):
     """acc + the 16 rows' dots of signed weight bytes w with 4 activation bytes splat in x (16
-    lanes of 4 values). VNNI: x holds the activations + 128 as unsigned bytes (`vpdpbusd`; the
-    caller starts acc at -128 x the weights' sums, `q8_offsets`); AVX2: |w| times x with w's sign
-    (`vpsignb`, `vpmaddubsw`, `vpmaddwd`); portable: plain vector IR."""
-    avx2, vnni = _is_avx2(isa), _is_vnni(isa)
+    lanes of 4 values). AVX2 (VNNI hosts too): |w| times x with w's sign (`vpsignb`,
+    `vpmaddubsw`, `vpmaddwd`); portable: plain vector IR. (VNNI's `vpdpbusd` needs one operand
+    unsigned: `repacked.repacked_q8_0_vnni` flips the weights' signs instead.)"""
+    avx2 = _is_avx2(isa)
     sig = I32x16(isa, I32x16, I8x64, I8x64)
 
-    def half_dot(builder, x_h, w_h):  # (on VNNI `_dot16` takes x as the unsigned operand)
+    def half_dot(builder, x_h, w_h):
         if not avx2:
             return _portable_dot(builder, w_h, x_h, a_unsigned=False)
         abs_w = _call(builder, "llvm.abs.v32i8", _V32I8, [w_h, ir.Constant(ir.IntType(1), 0)])
@@ -1608,39 +1617,6 @@ def dot16_q8_acc(typingctx, isa, acc, w, x):
 
     def codegen(context, builder, signature, args):
         _, total, w_v, x_v = args
-        return _dot16(builder, vnni, total, x_v, w_v, half_dot)
-
-    return sig, codegen
-
-
-@intrinsic
-def q8_offsets(typingctx, isa, c0, c1, c2, c3, c4, c5, c6, c7):
-    """Where `dot16_q8_acc`'s sums over one block (the 8 code vectors) start: on VNNI -128 x each
-    row's code sum, taking back the +128 of the unsigned activations; zero elsewhere."""
-    vnni = _is_vnni(isa)
-    sig = I32x16(isa, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64, I8x64)
-
-    def codegen(context, builder, signature, args):
-        zero = _const_vec(_V16I32, 0)
-        if not vnni:
-            return zero
-        high_bit = _const_vec(_V64I8, -128)  # 0x80: 128 as the unsigned operand
-        halves = []
-        for h in range(2 if not has_avx512_pairs() else 1):
-            total = zero if has_avx512_pairs() else _const_vec(_V8I32, 0)
-            for c in args[1:]:
-                if has_avx512_pairs():
-                    words = [builder.bitcast(high_bit, _V16I32), builder.bitcast(c, _V16I32)]
-                    total = _call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32, [total, *words])
-                else:
-                    bytes_h = range(32 * h, 32 * h + 32)
-                    words = [builder.bitcast(_shuffle(builder, high_bit, bytes_h), _V8I32),
-                             builder.bitcast(_shuffle(builder, c, bytes_h), _V8I32)]
-                    total = _call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [total, *words])
-            halves.append(total)
-        if len(halves) == 2:
-            mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
-            halves = [builder.shuffle_vector(halves[0], halves[1], mask)]
-        return builder.neg(halves[0])
+        return _dot16(builder, False, total, x_v, w_v, half_dot)
 
     return sig, codegen
