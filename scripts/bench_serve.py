@@ -1,7 +1,7 @@
 """`llmx serve` against llama.cpp's `llama-server` under the same load, in one run.
 
 Each server runs alone (started, measured, stopped), on the same model and thread count, on
-loopback. For each concurrency C, C client threads each send --requests streaming
+loopback. For each concurrency C, C clients (one asyncio loop) each send --requests streaming
 /v1/completions requests one after the other: a prompt of --prompt random token ids (BOS first;
 the same prompts for both servers, a different one per request so no cache helps), exactly --gen
 tokens at temperature 0 (`ignore_eos`, which both servers take). Reported per server and C:
@@ -23,12 +23,12 @@ Usage: python scripts/bench_serve.py [MODEL] [--concurrency 1,4,16] [--prompt 12
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -59,12 +59,12 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def one_request(url: str, prompt: list[int], n_gen: int) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], n_gen: int) -> dict:
     body = {"prompt": prompt, "max_tokens": n_gen, "temperature": 0, "ignore_eos": True, "stream": True}
     started = time.perf_counter()
     times = []
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
-        for line in r.iter_lines():
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        async for line in r.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 event = json.loads(line[6:])
                 if any(c.get("text") for c in event.get("choices", [])):
@@ -72,26 +72,35 @@ def one_request(url: str, prompt: list[int], n_gen: int) -> dict:
     return {"ttft": times[0] - started if times else float("nan"), "gaps": np.diff(times).tolist(), "tokens": n_gen}
 
 
-def load(url: str, prompts: list[list[list[int]]], n_gen: int) -> dict:
+async def _clients(url: str, prompts: list[list[list[int]]], n_gen: int) -> list[dict]:
+    """One asyncio loop for all clients, as vLLM's benchmark_serving: on a 2-core machine the
+    client's own CPU time is taken from the server it measures, and a thread per client cost
+    more of it (each streamed line woke a thread and took the GIL)."""
     results: list[dict] = []
+    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+    async with httpx.AsyncClient(limits=limits) as client:
+        async def serial(own: list[list[int]]) -> None:
+            for prompt in own:
+                results.append(await one_request(client, url, prompt, n_gen))
 
-    def client(own: list[list[int]]) -> None:
-        for prompt in own:
-            results.append(one_request(url, prompt, n_gen))
+        await asyncio.gather(*(serial(own) for own in prompts))
+    return results
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(own,)) for own in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+
+def request(url: str, prompt: list[int], n_gen: int) -> dict:
+    return asyncio.run(_clients(url, [[prompt]], n_gen))[0]
+
+
+def load(url: str, prompts: list[list[list[int]]], n_gen: int) -> dict:
+    started, cpu = time.perf_counter(), time.process_time()
+    results = asyncio.run(_clients(url, prompts, n_gen))
+    wall, client_cpu = time.perf_counter() - started, time.process_time() - cpu
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
     return {"tokens_per_s": sum(r["tokens"] for r in results) / wall,
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
             "itl_p50_s": float(np.percentile(gaps, 50)) if gaps else 0.0,
-            "itl_p99_s": float(np.percentile(gaps, 99)) if gaps else 0.0}
+            "itl_p99_s": float(np.percentile(gaps, 99)) if gaps else 0.0, "client_cpu_s": client_cpu}
 
 
 def measure(name: str, command: list[str], url: str, args: argparse.Namespace, prompts: dict,
@@ -100,7 +109,7 @@ def measure(name: str, command: list[str], url: str, args: argparse.Namespace, p
                             env={**os.environ, "LD_LIBRARY_PATH": str(Path(command[0]).parent), **(env or {})})
     try:
         wait_ready(url, proc)
-        one_request(url, prompts["warm"], 4)  # untimed: compile/load
+        request(url, prompts["warm"], 4)  # untimed: compile/load
         return [{"server": name, "concurrency": c, **load(url, prompts[c], args.gen)} for c in args.levels]
     finally:
         proc.terminate()
@@ -162,11 +171,12 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     print(f"{path.name}, {args.threads} threads, prompt {args.prompt}, gen {args.gen}, {args.requests} requests/client")
-    print("| server | clients | aggregate t/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| server | clients | aggregate t/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms | client CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['server']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | "
-              f"{r['ttft_p99_s']:.2f} | {1e3 * r['itl_p50_s']:.1f} | {1e3 * r['itl_p99_s']:.1f} |")
+              f"{r['ttft_p99_s']:.2f} | {1e3 * r['itl_p50_s']:.1f} | {1e3 * r['itl_p99_s']:.1f} | "
+              f"{r['client_cpu_s']:.2f} |")
     for c in args.levels:
         a, b = (next(r for r in rows if r["server"] == s and r["concurrency"] == c) for s in ("llmx serve",
                                                                                           "llama-server"))
