@@ -172,9 +172,15 @@ def test_packed_q8_0_gives_the_same_bits_on_every_isa():
     rng = np.random.default_rng(10)
     w = quantize(rng.standard_normal((40, K)).astype(np.float32), QType.Q8_0)
     packed = linear.pack(w, QType.Q8_0)
-    for n_tok in (1, 6):
+    for n_tok in (1, 6, 13):
         x = rng.standard_normal((n_tok, K)).astype(np.float32) * 3
         outs = [matmul(x, w, QType.Q8_0, isa=isa, packed=packed) for isa in ISAS.values()]
+        if "vnni" in ISAS:  # AVX-VNNI's kernel (tiles of four), which AVX-512 hosts pass over for tiles of eight
+            codes, scales = activations.quantize_q8_0(x)
+            out = np.empty((n_tok, len(w)), np.float32)
+            repacked.repacked_q8_0_vnni(codes.reshape(-1), scales.reshape(-1), packed, K // 32, len(w), n_tok, out,
+                                        ISAS["vnni"])
+            outs.append(out)
         assert all(np.array_equal(outs[0], out) for out in outs[1:]), n_tok
 
 

@@ -190,12 +190,19 @@ def matmul_packed(x: np.ndarray, packed: np.ndarray, qtype: QType, m: int, threa
     n_tok, k = codes.shape
     out = np.empty((n_tok, m), np.float32)
     isa = host_isa() if isa is None else isa
-    if qtype == QType.Q8_0:
-        kernel = repacked.repacked_q8_0_vnni if np.asarray(isa).dtype == VNNI.dtype else repacked.repacked_q8_0
-        kernel(codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
-    elif qtype in _PACKED_K_KERNELS:  # Q8_K activations: one scale per 256 values, sums per 16
+    if qtype in _PACKED_K_KERNELS:  # Q8_K activations: one scale per 256 values, sums per 16
         _PACKED_K_KERNELS[qtype](codes.reshape(-1), scales.reshape(-1), sums[0].reshape(-1), packed, k // 256, m,
                                  n_tok, out, isa)
     else:
-        _PACKED_KERNELS[qtype](codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
+        _packed_kernel(qtype, isa)(codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
     return out
+
+
+def _packed_kernel(qtype: QType, isa):
+    """Q8_0/Q4_0/Q5_0's packed kernel for `isa`: on VNNI Q8_0 dots its weights as unsigned
+    (`repacked_q8_0_vnni`), in tiles of eight tokens with AVX-512's 32 registers."""
+    if qtype != QType.Q8_0:
+        return _PACKED_KERNELS[qtype]
+    if np.asarray(isa).dtype != VNNI.dtype:
+        return repacked.repacked_q8_0
+    return repacked.repacked_q8_0_vnni_wide if has_avx512_pairs() else repacked.repacked_q8_0_vnni

@@ -295,6 +295,30 @@ def walk_groups(tile_4, tile_1, record_bytes, isa, wp, nb, m, n_tok, xq, xd, xs,
                 t += 1
 
 
+@njit(inline="always")  # takes functions: inlined, so that they are constants
+def walk_groups_8(tile_8, tile_4, tile_1, record_bytes, isa, wp, nb, m, n_tok, xq, xd, xs, out):
+    """`walk_groups` with tiles of eight tokens first (AVX-512's 32 registers hold them): each
+    block's codes loaded once for eight tokens. A token's steps are the same in every tile.
+    Only Q8_0 takes it: Q5_0's prompts (`scripts/profile_decode.py --prefill 512`) were no faster."""
+    n_groups = -(-m // GROUP_ROWS)
+    n_chunks = min(CHUNKS, n_groups)
+    flat_out = out.reshape(-1)
+    for chunk in prange(n_chunks):
+        spill = np.empty(GROUP_ROWS, np.float32)
+        for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
+            g_at = g * nb * record_bytes
+            t = 0
+            while t + 8 <= n_tok:
+                tile_8(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
+                t += 8
+            if t + 4 <= n_tok:
+                tile_4(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
+                t += 4
+            while t < n_tok:
+                tile_1(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
+                t += 1
+
+
 @njit(inline="always")
 def _q4_0_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     _tile_4(isa, _codes_q4_0, Q4_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
@@ -409,6 +433,27 @@ def _q8_vnni_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 
 
 @njit
+def _q8_vnni_tile_8(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = S.zero_f32x16()
+    for b in range(nb):
+        at = g_at + b * Q8_0_PACKED_BYTES
+        prefetch(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
+        c = _q8_codes_unsigned(wp, at)
+        dw = S.load_f16_f32x16(wp, at + 512)
+        i = t * nb + b
+        a0 = _step(isa, c, dw, xq, xd, xs, i, a0)
+        a1 = _step(isa, c, dw, xq, xd, xs, i + nb, a1)
+        a2 = _step(isa, c, dw, xq, xd, xs, i + 2 * nb, a2)
+        a3 = _step(isa, c, dw, xq, xd, xs, i + 3 * nb, a3)
+        a4 = _step(isa, c, dw, xq, xd, xs, i + 4 * nb, a4)
+        a5 = _step(isa, c, dw, xq, xd, xs, i + 5 * nb, a5)
+        a6 = _step(isa, c, dw, xq, xd, xs, i + 6 * nb, a6)
+        a7 = _step(isa, c, dw, xq, xd, xs, i + 7 * nb, a7)
+    for k, acc in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
+        _store(out, t + k, r0, m, acc, spill)
+
+
+@njit
 def _q8_vnni_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     acc = S.zero_f32x16()
     for b in range(nb):
@@ -425,6 +470,14 @@ def repacked_q8_0_vnni(xq, xd, wp, nb, m, n_tok, out, isa):
     per block (the same integers, so the same bits: a quarter fewer dots at four tokens)."""
     xs = _block_starts(xq, nb, n_tok, 128)
     walk_groups(_q8_vnni_tile_4, _q8_vnni_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def repacked_q8_0_vnni_wide(xq, xd, wp, nb, m, n_tok, out, isa):
+    """`repacked_q8_0_vnni` in tiles of eight tokens (AVX-512); the same bits."""
+    xs = _block_starts(xq, nb, n_tok, 128)
+    walk_groups_8(_q8_vnni_tile_8, _q8_vnni_tile_4, _q8_vnni_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd,
+                  xs, out)
 
 
 @njit(cache=True, nogil=True, parallel=True)
