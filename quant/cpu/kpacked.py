@@ -185,7 +185,7 @@ def _tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 
 @njit(cache=True, nogil=True, parallel=True)
 def packed_q4_k(xq, xd, xs, wp, nb, m, n_tok, out, isa):
-    walk_groups(_tile_4, _tile_1, Q4_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+    walk_groups(None, _tile_4, _tile_1, Q4_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
 # -- Q6_K ----------------------------------------------------------------------------------------
 
@@ -279,4 +279,4 @@ def _q6_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 
 @njit(cache=True, nogil=True, parallel=True)
 def packed_q6_k(xq, xd, xs, wp, nb, m, n_tok, out, isa):
-    walk_groups(_q6_tile_4, _q6_tile_1, Q6_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+    walk_groups(None, _q6_tile_4, _q6_tile_1, Q6_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)

@@ -234,12 +234,13 @@ def _store(out, t, r0, m, acc, spill):
 
 
 @njit(inline="always")  # takes a function: inlined, so that it is a constant
-def _tile_4(isa, codes, block_bytes, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    """16 rows x tokens t..t+3: each block's codes unpacked once for four tokens."""
+def _tile_4(isa, codes, block_bytes, ahead, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    """16 rows x tokens t..t+3: each block's codes unpacked once for four tokens; each block
+    prefetches the one `ahead` bytes on."""
     a0 = a1 = a2 = a3 = S.zero_f32x16()
     for b in range(nb):
         at = g_at + b * block_bytes
-        prefetch(wp, at + AHEAD * nb * block_bytes, block_bytes)
+        prefetch(wp, at + ahead, block_bytes)
         c = codes(wp, at)
         dw = S.load_f16_f32x16(wp, at + block_bytes - 32)
         a0 = _step(isa, c, dw, xq, xd, xs, t * nb + b, a0)
@@ -253,13 +254,35 @@ def _tile_4(isa, codes, block_bytes, wp, g_at, nb, xq, xd, xs, t, out, r0, m, sp
 
 
 @njit(inline="always")  # takes a function: inlined, so that it is a constant
-def _tile_1(isa, codes, block_bytes, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+def _tile_1(isa, codes, block_bytes, ahead, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     acc = S.zero_f32x16()
     for b in range(nb):
         at = g_at + b * block_bytes
-        prefetch(wp, at + AHEAD * nb * block_bytes, block_bytes)
+        prefetch(wp, at + ahead, block_bytes)
         acc = _step(isa, codes(wp, at), S.load_f16_f32x16(wp, at + block_bytes - 32), xq, xd, xs, t * nb + b, acc)
     _store(out, t, r0, m, acc, spill)
+
+
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
+def _tile_8(isa, codes, block_bytes, ahead, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    """`_tile_4` for tokens t..t+7 (AVX-512's 32 registers hold its sums: `walk_groups`)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = S.zero_f32x16()
+    for b in range(nb):
+        at = g_at + b * block_bytes
+        prefetch(wp, at + ahead, block_bytes)
+        c = codes(wp, at)
+        dw = S.load_f16_f32x16(wp, at + block_bytes - 32)
+        i = t * nb + b
+        a0 = _step(isa, c, dw, xq, xd, xs, i, a0)
+        a1 = _step(isa, c, dw, xq, xd, xs, i + nb, a1)
+        a2 = _step(isa, c, dw, xq, xd, xs, i + 2 * nb, a2)
+        a3 = _step(isa, c, dw, xq, xd, xs, i + 3 * nb, a3)
+        a4 = _step(isa, c, dw, xq, xd, xs, i + 4 * nb, a4)
+        a5 = _step(isa, c, dw, xq, xd, xs, i + 5 * nb, a5)
+        a6 = _step(isa, c, dw, xq, xd, xs, i + 6 * nb, a6)
+        a7 = _step(isa, c, dw, xq, xd, xs, i + 7 * nb, a7)
+    for k, acc in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
+        _store(out, t + k, r0, m, acc, spill)
 
 
 @njit
@@ -275,10 +298,15 @@ def _block_starts(xq, nb, n_tok, offset):
 
 
 @njit(inline="always")  # takes functions: inlined, so that they are constants
-def walk_groups(tile_4, tile_1, record_bytes, isa, wp, nb, m, n_tok, xq, xd, xs, out):
+def walk_groups(tile_8, tile_4, tile_1, record_bytes, isa, wp, nb, m, n_tok, xq, xd, xs, out):
     """Every packed kernel's loop: row groups split into CHUNKS parallel shares, each group's
-    tokens in tiles of four, then one by one. A tile is called as tile(isa, wp, group's first
-    byte, nb, xq, xd, xs, first token, out flat, first row, m, spill)."""
+    tokens in tiles of eight (`tile_8`; None for none), then four, then one by one. A tile is
+    called as tile(isa, wp, group's first byte, nb, xq, xd, xs, first token, out flat, first
+    row, m, spill), and takes the same steps for a token as every other tile.
+
+    Tiles of eight need AVX-512's 32 registers and pay where a block's codes cost as much as
+    its dots: Q8_0 on VNNI takes them (batch-16 output matmul 8.3 -> 7.4-8.2 ms), Q5_0's
+    prompts were no faster with them (`scripts/profile_decode.py --prefill 512`)."""
     n_groups = -(-m // GROUP_ROWS)
     n_chunks = min(CHUNKS, n_groups)
     flat_out = out.reshape(-1)
@@ -287,31 +315,11 @@ def walk_groups(tile_4, tile_1, record_bytes, isa, wp, nb, m, n_tok, xq, xd, xs,
         for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
             g_at = g * nb * record_bytes
             t = 0
+            if tile_8 is not None:  # (a None argument: Numba prunes this branch)
+                while t + 8 <= n_tok:
+                    tile_8(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
+                    t += 8
             while t + 4 <= n_tok:
-                tile_4(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
-                t += 4
-            while t < n_tok:
-                tile_1(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
-                t += 1
-
-
-@njit(inline="always")  # takes functions: inlined, so that they are constants
-def walk_groups_8(tile_8, tile_4, tile_1, record_bytes, isa, wp, nb, m, n_tok, xq, xd, xs, out):
-    """`walk_groups` with tiles of eight tokens first (AVX-512's 32 registers hold them): each
-    block's codes loaded once for eight tokens. A token's steps are the same in every tile.
-    Only Q8_0 takes it: Q5_0's prompts (`scripts/profile_decode.py --prefill 512`) were no faster."""
-    n_groups = -(-m // GROUP_ROWS)
-    n_chunks = min(CHUNKS, n_groups)
-    flat_out = out.reshape(-1)
-    for chunk in prange(n_chunks):
-        spill = np.empty(GROUP_ROWS, np.float32)
-        for g in range(chunk * n_groups // n_chunks, (chunk + 1) * n_groups // n_chunks):
-            g_at = g * nb * record_bytes
-            t = 0
-            while t + 8 <= n_tok:
-                tile_8(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
-                t += 8
-            if t + 4 <= n_tok:
                 tile_4(isa, wp, g_at, nb, xq, xd, xs, t, flat_out, g * GROUP_ROWS, m, spill)
                 t += 4
             while t < n_tok:
@@ -321,34 +329,38 @@ def walk_groups_8(tile_8, tile_4, tile_1, record_bytes, isa, wp, nb, m, n_tok, x
 
 @njit(inline="always")
 def _q4_0_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    _tile_4(isa, _codes_q4_0, Q4_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
+    _tile_4(isa, _codes_q4_0, Q4_0_PACKED_BYTES, AHEAD * nb * Q4_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out,
+            r0, m, spill)
 
 
 @njit(inline="always")
 def _q4_0_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    _tile_1(isa, _codes_q4_0, Q4_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
+    _tile_1(isa, _codes_q4_0, Q4_0_PACKED_BYTES, AHEAD * nb * Q4_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out,
+            r0, m, spill)
 
 
 @njit(inline="always")
 def _q5_0_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    _tile_4(isa, _codes_q5_0, Q5_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
+    _tile_4(isa, _codes_q5_0, Q5_0_PACKED_BYTES, AHEAD * nb * Q5_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out,
+            r0, m, spill)
 
 
 @njit(inline="always")
 def _q5_0_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    _tile_1(isa, _codes_q5_0, Q5_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
+    _tile_1(isa, _codes_q5_0, Q5_0_PACKED_BYTES, AHEAD * nb * Q5_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out,
+            r0, m, spill)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def repacked_q4_0(xq, xd, wp, nb, m, n_tok, out, isa):
     xs = _block_starts(xq, nb, n_tok, 8)
-    walk_groups(_q4_0_tile_4, _q4_0_tile_1, Q4_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+    walk_groups(None, _q4_0_tile_4, _q4_0_tile_1, Q4_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def repacked_q5_0(xq, xd, wp, nb, m, n_tok, out, isa):
     xs = _block_starts(xq, nb, n_tok, 16)
-    walk_groups(_q5_0_tile_4, _q5_0_tile_1, Q5_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+    walk_groups(None, _q5_0_tile_4, _q5_0_tile_1, Q5_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
 # -- Q8_0: signed codes (AVX2 and portable: `simd.dot16_q8_acc`; VNNI: `repacked_q8_0_vnni`) ---------
 
@@ -414,53 +426,22 @@ def _q8_codes_unsigned(wp, at):
     return f(c[0]), f(c[1]), f(c[2]), f(c[3]), f(c[4]), f(c[5]), f(c[6]), f(c[7])
 
 
-@njit
-def _q8_vnni_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    a0 = a1 = a2 = a3 = S.zero_f32x16()
-    for b in range(nb):
-        at = g_at + b * Q8_0_PACKED_BYTES
-        prefetch(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
-        c = _q8_codes_unsigned(wp, at)
-        dw = S.load_f16_f32x16(wp, at + 512)
-        a0 = _step(isa, c, dw, xq, xd, xs, t * nb + b, a0)
-        a1 = _step(isa, c, dw, xq, xd, xs, (t + 1) * nb + b, a1)
-        a2 = _step(isa, c, dw, xq, xd, xs, (t + 2) * nb + b, a2)
-        a3 = _step(isa, c, dw, xq, xd, xs, (t + 3) * nb + b, a3)
-    _store(out, t, r0, m, a0, spill)
-    _store(out, t + 1, r0, m, a1, spill)
-    _store(out, t + 2, r0, m, a2, spill)
-    _store(out, t + 3, r0, m, a3, spill)
-
-
-@njit
+@njit(inline="always")
 def _q8_vnni_tile_8(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = S.zero_f32x16()
-    for b in range(nb):
-        at = g_at + b * Q8_0_PACKED_BYTES
-        prefetch(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
-        c = _q8_codes_unsigned(wp, at)
-        dw = S.load_f16_f32x16(wp, at + 512)
-        i = t * nb + b
-        a0 = _step(isa, c, dw, xq, xd, xs, i, a0)
-        a1 = _step(isa, c, dw, xq, xd, xs, i + nb, a1)
-        a2 = _step(isa, c, dw, xq, xd, xs, i + 2 * nb, a2)
-        a3 = _step(isa, c, dw, xq, xd, xs, i + 3 * nb, a3)
-        a4 = _step(isa, c, dw, xq, xd, xs, i + 4 * nb, a4)
-        a5 = _step(isa, c, dw, xq, xd, xs, i + 5 * nb, a5)
-        a6 = _step(isa, c, dw, xq, xd, xs, i + 6 * nb, a6)
-        a7 = _step(isa, c, dw, xq, xd, xs, i + 7 * nb, a7)
-    for k, acc in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
-        _store(out, t + k, r0, m, acc, spill)
+    _tile_8(isa, _q8_codes_unsigned, Q8_0_PACKED_BYTES, Q8_0_AHEAD_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m,
+            spill)
 
 
-@njit
+@njit(inline="always")
+def _q8_vnni_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    _tile_4(isa, _q8_codes_unsigned, Q8_0_PACKED_BYTES, Q8_0_AHEAD_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m,
+            spill)
+
+
+@njit(inline="always")
 def _q8_vnni_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    acc = S.zero_f32x16()
-    for b in range(nb):
-        at = g_at + b * Q8_0_PACKED_BYTES
-        prefetch(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
-        acc = _step(isa, _q8_codes_unsigned(wp, at), S.load_f16_f32x16(wp, at + 512), xq, xd, xs, t * nb + b, acc)
-    _store(out, t, r0, m, acc, spill)
+    _tile_1(isa, _q8_codes_unsigned, Q8_0_PACKED_BYTES, Q8_0_AHEAD_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m,
+            spill)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -469,18 +450,19 @@ def repacked_q8_0_vnni(xq, xd, wp, nb, m, n_tok, out, isa):
     unsigned by one xor, where the sums that take the activations' +128 back cost 8 `vpdpbusd`
     per block (the same integers, so the same bits: a quarter fewer dots at four tokens)."""
     xs = _block_starts(xq, nb, n_tok, 128)
-    walk_groups(_q8_vnni_tile_4, _q8_vnni_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+    walk_groups(None, _q8_vnni_tile_4, _q8_vnni_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def repacked_q8_0_vnni_wide(xq, xd, wp, nb, m, n_tok, out, isa):
     """`repacked_q8_0_vnni` in tiles of eight tokens (AVX-512); the same bits."""
     xs = _block_starts(xq, nb, n_tok, 128)
-    walk_groups_8(_q8_vnni_tile_8, _q8_vnni_tile_4, _q8_vnni_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd,
-                  xs, out)
+    walk_groups(_q8_vnni_tile_8, _q8_vnni_tile_4, _q8_vnni_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd,
+                xs, out)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def repacked_q8_0(xq, xd, wp, nb, m, n_tok, out, isa):
     """xq: the activation codes; AVX2 or portable `isa` (VNNI: `repacked_q8_0_vnni`)."""
-    walk_groups(_q8_tile_4, _q8_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, np.empty(0, np.int32), out)
+    no_starts = np.empty(0, np.int32)
+    walk_groups(None, _q8_tile_4, _q8_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, no_starts, out)
