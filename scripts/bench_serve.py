@@ -77,7 +77,9 @@ async def _clients(url: str, prompts: list[list[list[int]]], n_gen: int) -> list
     client's own CPU time is taken from the server it measures, and a thread per client cost
     more of it (each streamed line woke a thread and took the GIL)."""
     results: list[dict] = []
-    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+    # a new connection per request, as each client's first: a kept-alive one that the server has
+    # closed meanwhile fails the next request ("Server disconnected without sending a response")
+    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits) as client:
         async def serial(own: list[list[int]]) -> None:
             for prompt in own:
