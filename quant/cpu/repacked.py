@@ -446,9 +446,10 @@ def _q8_vnni_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 
 @njit(cache=True, nogil=True, parallel=True)
 def repacked_q8_0_vnni(xq, xd, wp, nb, m, n_tok, out, isa):
-    """`repacked_q8_0` on VNNI: xq the signed activation codes; each weight code vector made
-    unsigned by one xor, where the sums that take the activations' +128 back cost 8 `vpdpbusd`
-    per block (the same integers, so the same bits: a quarter fewer dots at four tokens)."""
+    """`repacked_q8_0` on VNNI: xq the signed activation codes, and each weight code vector made
+    unsigned by one xor (`_q8_codes_unsigned`). Unsigned activations (x + 128) would instead need
+    8 more `vpdpbusd` per block for the weights' sums: a quarter more dots at four tokens, for
+    the same integers and so the same bits."""
     xs = _block_starts(xq, nb, n_tok, 128)
     walk_groups(None, _q8_vnni_tile_4, _q8_vnni_tile_1, Q8_0_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
