@@ -2,7 +2,8 @@
 
 Prints each run's wall time (the first compiles every kernel the model needs; the second loads
 them from the cache), waits for the first run's compile helper to finish the cache, and checks
-that nothing new was written under site-packages. Issue 17's targets: first <= 15 s, second <= 1.0 s.
+that nothing new (no Numba cache) was written under site-packages. Runs as a user's Python does,
+writing bytecode caches. Issue 17's targets: first <= 15 s, second <= 1.0 s.
 
 Usage: python scripts/bench_first_run.py [MODEL] [--isa avx2] [--repeat N] [--json]
 """
@@ -45,7 +46,10 @@ def main() -> None:
     site = Path(sysconfig.get_paths()["purelib"])
     before = files_under(site)
     with tempfile.TemporaryDirectory() as cache:
-        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | {"LLMX_CACHE_DIR": cache}
+        # A user's Python keeps bytecode caches (pip writes them at install); a sandbox's
+        # PYTHONDONTWRITEBYTECODE would add 0.1-0.2 s of compiling llmx's sources to every run.
+        dropped = ("NUMBA_CACHE_DIR", "PYTHONDONTWRITEBYTECODE")
+        env = {k: v for k, v in os.environ.items() if k not in dropped} | {"LLMX_CACHE_DIR": cache}
         if args.isa == "avx2":
             env["NUMBA_CPU_NAME"] = "haswell"  # code generation as on an AVX2-only CPU
         run = ["run", model, "Hi", "-n", "1", "--no-server"] + (["--isa", args.isa] if args.isa else [])
@@ -56,7 +60,9 @@ def main() -> None:
         helper_finished = bool(list(Path(cache, "numba").glob("warm-*")))
         seconds = sorted(timed_run(run, env) for _ in range(args.repeat))
         second = seconds[len(seconds) // 2]
-    new_files = sorted(str(p) for p in files_under(site) - before)
+    # Python's own bytecode of a dependency that pip left uncompiled is not llmx's to keep out;
+    # Numba's caches (.nbi, .nbc, in the same __pycache__ folders) are.
+    new_files = sorted(str(p) for p in files_under(site) - before if p.suffix != ".pyc")
     report = {"model": Path(model).name, "isa": args.isa or "host", "first_run_s": round(first, 2),
               "second_run_s": round(second, 2), "second_runs_s": [round(s, 2) for s in seconds],
               "helper_finished": helper_finished, "new_files_in_site_packages": new_files}
