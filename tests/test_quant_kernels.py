@@ -167,10 +167,13 @@ def test_packed_weights_match_emulation_and_each_token_alone(qtype, isa):
 
 def test_packed_q8_0_gives_the_same_bits_on_every_isa():
     """The Q8_0 kernels' block dots are exact integers on every ISA (VNNI dots the weights + 128 and
-    takes 128 x the activations' sums back) and their float steps are the same, so a tied output
-    layer's logits do not depend on the instruction set."""
+    takes 128 x the activations' sums back), weights of -128 included, and their float steps are
+    the same, so a tied output layer's logits do not depend on the instruction set, and a token's
+    do not depend on the tile it is in."""
     rng = np.random.default_rng(10)
     w = quantize(rng.standard_normal((40, K)).astype(np.float32), QType.Q8_0)
+    codes = w.view(np.uint8).reshape(40, K // 32, 34)[:, :, 2:]  # llama.cpp's quantizer stops at -127;
+    codes[rng.random(codes.shape) < 0.05] = 0x80  # a file may hold -128, which AVX2's |w| must take
     packed = linear.pack(w, QType.Q8_0)
     for n_tok in (1, 6, 13):
         x = rng.standard_normal((n_tok, K)).astype(np.float32) * 3
@@ -182,6 +185,10 @@ def test_packed_q8_0_gives_the_same_bits_on_every_isa():
                                         ISAS["vnni"])
             outs.append(out)
         assert all(np.array_equal(outs[0], out) for out in outs[1:]), n_tok
+        alone = np.concatenate([matmul(x[t:t + 1], w, QType.Q8_0, packed=packed) for t in range(n_tok)])
+        assert np.array_equal(outs[0], alone), n_tok
+        np.testing.assert_allclose(outs[0], matmul_reference(x, w, QType.Q8_0), rtol=1e-5,
+                                   atol=1e-5 * np.abs(outs[0]).max())
 
 
 def test_only_q4_0_as_llama_cpp_repacks_it_and_q8_0_q5_0_q4_k_q6_k_are_packed(weights):

@@ -1600,32 +1600,6 @@ def load_pair_i8_i32x16(typingctx, array, byte_offset, which):
 
 
 @intrinsic
-def dot16_q8_abs_acc(typingctx, isa, acc, w, x, x_abs):
-    """`dot16_q8_acc` with |x| given too (x_abs, splat as x): AVX2 multiplies |x| by w with x's
-    sign (`vpsignb`, `vpmaddubsw`, `vpmaddwd`), so no |w| has to be held for each weight vector
-    across a tile's tokens (16 registers); portable: plain vector IR."""
-    avx2 = _is_avx2(isa)
-    sig = I32x16(isa, I32x16, I8x64, I8x64, I8x64)
-
-    def codegen(context, builder, signature, args):
-        _, total, w_v, x_v, xa_v = args
-        halves = []
-        for h in range(2):
-            bytes_h = range(32 * h, 32 * h + 32)
-            w_h, x_h, xa_h = (_shuffle(builder, v, bytes_h) for v in (w_v, x_v, xa_v))
-            if avx2:
-                signed_w = _call(builder, "llvm.x86.avx2.psign.b", _V32I8, [w_h, x_h])
-                dot = _avx2_dot_unsigned(builder, xa_h, signed_w)
-            else:
-                dot = _portable_dot(builder, w_h, x_h, a_unsigned=False)
-            halves.append(builder.add(_shuffle(builder, total, range(8 * h, 8 * h + 8)), dot))
-        mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
-        return builder.shuffle_vector(halves[0], halves[1], mask)
-
-    return sig, codegen
-
-
-@intrinsic
 def dot16_q8_acc(typingctx, isa, acc, w, x):
     """acc + the 16 rows' dots of signed weight bytes w with 4 activation bytes splat in x (16
     lanes of 4 values). AVX2 (VNNI hosts too): |w| times x with w's sign (`vpsignb`,
