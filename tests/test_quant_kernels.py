@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from llmx.quant import activations as reference_activations
-from llmx.quant.cpu import activations, lanematmul, linear, pairmatmul, repacked, simd
+from llmx.quant.cpu import activations, kpacked, lanematmul, linear, pairmatmul, repacked, simd
 from llmx.quant.cpu import matmul as kernels
 from llmx.quant.cpu.linear import SUPPORTED, matmul
 from llmx.quant.formats import dequantize, quantize
@@ -189,6 +189,34 @@ def test_packed_q8_0_gives_the_same_bits_on_every_isa():
         assert np.array_equal(outs[0], alone), n_tok
         np.testing.assert_allclose(outs[0], matmul_reference(x, w, QType.Q8_0), rtol=1e-5,
                                    atol=1e-5 * np.abs(outs[0]).max())
+
+
+def test_packed_q4_k_gives_the_same_bits_on_every_isa_at_the_extreme_codes():
+    """AVX2's Q4_K kernel adds a sub-block's eight byte-pair sums as int16 before scaling them:
+    with every weight code 15 and every activation code -127 (Q8_K's codes stop there) they reach
+    -30480, the most they can. Each ISA's kernel (VNNI's int32 dots, the portable IR) gives the
+    same bits, each token the same alone as in a tile of four, and all match the float64
+    emulation."""
+    rng = np.random.default_rng(11)
+    w = quantize(rng.standard_normal((40, K)).astype(np.float32), QType.Q4_K)
+    w.view(np.uint8).reshape(40, K // 256, 144)[:, :, 16:] = 0xFF  # every code 15 (after d, dmin, scales)
+    packed = linear.pack(w, QType.Q4_K)
+    x = -np.abs(rng.standard_normal((6, K))).astype(np.float32)
+    x[::2] = -4.0  # tokens 0, 2, 4: every activation code -127
+    assert (linear.quantize_activations(x, QType.Q4_K)[0][::2] == -127).all()
+    for n_tok in (1, 6):
+        outs = [matmul(x[:n_tok], w, QType.Q4_K, isa=isa, packed=packed) for isa in ISAS.values()]
+        assert all(np.array_equal(outs[0], out) for out in outs[1:]), n_tok
+        for isa, out in zip(ISAS.values(), outs, strict=True):
+            alone = [matmul(x[t:t + 1], w, QType.Q4_K, isa=isa, packed=packed) for t in range(n_tok)]
+            assert np.array_equal(out, np.concatenate(alone)), n_tok
+        codes, scales, sums = linear.quantize_activations(x[:n_tok], QType.Q4_K)
+        words = np.empty((n_tok, len(w)), np.float32)  # AVX2's kernel as portable IR
+        kpacked.packed_q4_k_words(codes.reshape(-1), scales.reshape(-1), sums.reshape(-1), packed, K // 256, len(w),
+                                  n_tok, words, simd.PORTABLE)
+        assert np.array_equal(outs[0], words), n_tok
+        expected = matmul_reference(x[:n_tok], w, QType.Q4_K)
+        np.testing.assert_allclose(outs[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_only_q4_0_as_llama_cpp_repacks_it_and_q8_0_q5_0_q4_k_q6_k_are_packed(weights):

@@ -167,6 +167,59 @@ def _tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     _store(out, t + 3, r0, m, a3, spill)
 
 
+@njit(inline="always")
+def _low_nibbles(v):
+    return S.nibbles_i8x64(v, 0)
+
+
+@njit(inline="always")
+def _high_nibbles(v):
+    return S.nibbles_i8x64(v, 1)
+
+
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
+def _scaled_sub_block_4(isa, nibbles, wp, at, scales_at, xq, x0, k, i0, i1, i2, i3):
+    """i_t + token t's dot with one sub-block times the rows' scales, for tokens t = 0..3 (whose
+    activations start at x0 + t k); the sub-block's codes are the `nibbles` of the pair's 8 code
+    vectors at `at`, each loaded just before its four tokens. The 8 vectors' pair sums add up as
+    int16 (at most 8 x 2 x 15 x 127 = 30480), and one `vpmaddwd` against the scales makes them
+    int32: no `vpmulld`, and only one vector and four tokens' sums live (AVX2's 16 registers)."""
+    w0 = w1 = w2 = w3 = S.zero_i16x32()
+    x, f = S.splat_u32_i8x64, S.madd_u8i8_acc_i16x32
+    for v in range(8):
+        c, o = nibbles(S.load_i8x64(wp, at + 64 * v)), x0 + 4 * v
+        w0, w1 = f(isa, w0, c, x(xq, o)), f(isa, w1, c, x(xq, o + k))
+        w2, w3 = f(isa, w2, c, x(xq, o + 2 * k)), f(isa, w3, c, x(xq, o + 3 * k))
+    sc, m, add = S.load_u8_twice_i16x32(wp, scales_at), S.madd_i16x32, S.add_i32x16
+    return add(i0, m(w0, sc)), add(i1, m(w1, sc)), add(i2, m(w2, sc)), add(i3, m(w3, sc))
+
+
+@njit
+def _tile_4_words(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    """`_tile_4` for AVX2, sub-block by sub-block (`_scaled_sub_block_4`); the same integers."""
+    a0 = a1 = a2 = a3 = S.zero_f32x16()
+    k = nb * 256
+    for b in range(nb):
+        at = g_at + b * Q4_K_PACKED_BYTES
+        prefetch(wp, at + AHEAD * nb * Q4_K_PACKED_BYTES, Q4_K_PACKED_BYTES)
+        i0 = i1 = i2 = i3 = S.zero_i32x16()
+        for c in range(4):
+            x0, sc_at = t * k + b * 256 + 64 * c, at + SCALES_AT + 32 * c
+            i0, i1, i2, i3 = _scaled_sub_block_4(isa, _low_nibbles, wp, at + 512 * c, sc_at, xq, x0, k,
+                                                 i0, i1, i2, i3)
+            i0, i1, i2, i3 = _scaled_sub_block_4(isa, _high_nibbles, wp, at + 512 * c, sc_at + 16, xq, x0 + 32, k,
+                                                 i0, i1, i2, i3)
+        s0 = (t * nb + b) * 16
+        a0 = _finish(wp, at, i0, _mins(wp, at, xs, s0), xd[t * nb + b], a0)
+        a1 = _finish(wp, at, i1, _mins(wp, at, xs, s0 + nb * 16), xd[(t + 1) * nb + b], a1)
+        a2 = _finish(wp, at, i2, _mins(wp, at, xs, s0 + 2 * nb * 16), xd[(t + 2) * nb + b], a2)
+        a3 = _finish(wp, at, i3, _mins(wp, at, xs, s0 + 3 * nb * 16), xd[(t + 3) * nb + b], a3)
+    _store(out, t, r0, m, a0, spill)
+    _store(out, t + 1, r0, m, a1, spill)
+    _store(out, t + 2, r0, m, a2, spill)
+    _store(out, t + 3, r0, m, a3, spill)
+
+
 @njit
 def _tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     acc = S.zero_f32x16()
@@ -186,6 +239,11 @@ def _tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 @njit(cache=True, nogil=True, parallel=True)
 def packed_q4_k(xq, xd, xs, wp, nb, m, n_tok, out, isa):
     walk_groups(None, _tile_4, _tile_1, Q4_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+
+@njit(cache=True, nogil=True, parallel=True)
+def packed_q4_k_words(xq, xd, xs, wp, nb, m, n_tok, out, isa):
+    """`packed_q4_k` for AVX2 (`_tile_4_words`); the same bits."""
+    walk_groups(None, _tile_4_words, _tile_1, Q4_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
 # -- Q6_K ----------------------------------------------------------------------------------------
 
@@ -280,3 +338,4 @@ def _q6_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 @njit(cache=True, nogil=True, parallel=True)
 def packed_q6_k(xq, xd, xs, wp, nb, m, n_tok, out, isa):
     walk_groups(None, _q6_tile_4, _q6_tile_1, Q6_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+

@@ -1534,6 +1534,49 @@ def madd_i16x32(typingctx, a, b):
 
 
 @intrinsic
+def zero_i16x32(typingctx):
+    def codegen(context, builder, signature, args):
+        return _const_vec(_V32I16, 0)
+
+    return I16x32(), codegen
+
+
+@intrinsic
+def madd_u8i8_acc_i16x32(typingctx, isa, acc, u, s):
+    """acc + the pair sums u[2i] * s[2i] + u[2i + 1] * s[2i + 1] in int16 (`vpmaddubsw`, then
+    `vpaddw`), for unsigned u and signed s whose sums stay within int16 (the caller's bound)."""
+    avx2 = _is_avx2(isa)
+
+    def codegen(context, builder, signature, args):
+        _, total, u_v, s_v = args
+        if not avx2:
+            wide = ir.VectorType(_I16, 64)
+            products = builder.mul(builder.zext(u_v, wide), builder.sext(s_v, wide))
+            evens, odds = _shuffle(builder, products, range(0, 64, 2)), _shuffle(builder, products, range(1, 64, 2))
+            return builder.add(total, builder.add(evens, odds))
+        halves = [builder.add(_shuffle(builder, total, range(16 * h, 16 * h + 16)),
+                              _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16,
+                                    [_shuffle(builder, u_v, range(32 * h, 32 * h + 32)),
+                                     _shuffle(builder, s_v, range(32 * h, 32 * h + 32))])) for h in range(2)]
+        return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 32),
+                                                                         [ir.Constant(_I32, i) for i in range(32)]))
+
+    return I16x32(isa, I16x32, I8x64, I8x64), codegen
+
+
+@intrinsic
+def load_u8_twice_i16x32(typingctx, array, byte_offset):
+    """16 bytes at `byte_offset` (one per row), each as int16 twice: lane r = (b[r], b[r]), so
+    that `madd_i16x32` multiplies both of a lane's words by its row's byte."""
+    def codegen(context, builder, signature, args):
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        raw = builder.load(_pointer(context, builder, signature.args[0], args[0], offset, _V16I8), align=1)
+        return builder.zext(_shuffle(builder, raw, [i // 2 for i in range(32)]), _V32I16)
+
+    return I16x32(array, types.intp), codegen
+
+
+@intrinsic
 def splat_pair_i16x32(typingctx, first, second):
     """(first, second) as int16, repeated 16 times: one pair of activation sums facing 16 rows."""
     def codegen(context, builder, signature, args):
