@@ -220,6 +220,30 @@ def _tile_4_words(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     _store(out, t + 3, r0, m, a3, spill)
 
 
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
+def _scaled_sub_block_1(isa, nibbles, wp, at, scales_at, xq, x0, isum):
+    """`_scaled_sub_block_4` for one token."""
+    w, x, f = S.zero_i16x32(), S.splat_u32_i8x64, S.madd_u8i8_acc_i16x32
+    for v in range(8):
+        w = f(isa, w, nibbles(S.load_i8x64(wp, at + 64 * v)), x(xq, x0 + 4 * v))
+    return S.add_i32x16(isum, S.madd_i16x32(w, S.load_u8_twice_i16x32(wp, scales_at)))
+
+
+@njit
+def _tile_1_words(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    acc = S.zero_f32x16()
+    for b in range(nb):
+        at = g_at + b * Q4_K_PACKED_BYTES
+        prefetch(wp, at + AHEAD * nb * Q4_K_PACKED_BYTES, Q4_K_PACKED_BYTES)
+        isum = S.zero_i32x16()
+        for c in range(4):
+            x0, sc_at = (t * nb + b) * 256 + 64 * c, at + SCALES_AT + 32 * c
+            isum = _scaled_sub_block_1(isa, _low_nibbles, wp, at + 512 * c, sc_at, xq, x0, isum)
+            isum = _scaled_sub_block_1(isa, _high_nibbles, wp, at + 512 * c, sc_at + 16, xq, x0 + 32, isum)
+        acc = _finish(wp, at, isum, _mins(wp, at, xs, (t * nb + b) * 16), xd[t * nb + b], acc)
+    _store(out, t, r0, m, acc, spill)
+
+
 @njit
 def _tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     acc = S.zero_f32x16()
@@ -242,8 +266,8 @@ def packed_q4_k(xq, xd, xs, wp, nb, m, n_tok, out, isa):
 
 @njit(cache=True, nogil=True, parallel=True)
 def packed_q4_k_words(xq, xd, xs, wp, nb, m, n_tok, out, isa):
-    """`packed_q4_k` for AVX2 (`_tile_4_words`); the same bits."""
-    walk_groups(None, _tile_4_words, _tile_1, Q4_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+    """`packed_q4_k` for AVX2 (`_tile_4_words`, `_tile_1_words`); the same bits."""
+    walk_groups(None, _tile_4_words, _tile_1_words, Q4_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
 # -- Q6_K ----------------------------------------------------------------------------------------
 
