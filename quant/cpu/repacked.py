@@ -54,6 +54,10 @@ AHEAD = 2  # row groups prefetched ahead (`prefetch`)
 # on gemma's 262144 x 640 at one token (Zen 4, `scripts/bench_kernels.py`): 8 groups ahead (87
 # KiB, past the L1) read at 38.5 / 42 GB/s on 1 / 2 threads, 8.5 KiB ahead at 41 / 49.
 Q8_0_AHEAD_BYTES = 16 * Q8_0_PACKED_BYTES
+# One token's Q5_0 prefetches about as far, 8.4 KiB, where it took two groups (14 KiB at k = 640):
+# cold 4096 x 640 from DRAM on one thread 51 -> 44 us on VNNI, unchanged on AVX2 (half the
+# distance made AVX2 12% slower)
+Q5_0_AHEAD_BYTES = 24 * Q5_0_PACKED_BYTES
 
 
 def pack_q4_0(w: np.ndarray) -> np.ndarray:
@@ -347,8 +351,7 @@ def _q5_0_tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 
 @njit(inline="always")
 def _q5_0_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    _tile_1(isa, _codes_q5_0, Q5_0_PACKED_BYTES, AHEAD * nb * Q5_0_PACKED_BYTES, wp, g_at, nb, xq, xd, xs, t, out,
-            r0, m, spill)
+    _tile_1(isa, _codes_q5_0, Q5_0_PACKED_BYTES, Q5_0_AHEAD_BYTES, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
 
 
 @njit(cache=True, nogil=True, parallel=True)
