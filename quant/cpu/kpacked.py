@@ -144,9 +144,9 @@ def _finish(wp, at, isum, mins, dx, acc):
     return S.fma_f32x16(acc, mins, S.neg_f32x16(S.scale_f32x16(S.load_f16_f32x16(wp, at + DMIN_AT), dx)))
 
 
-@njit
-def _tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    """16 rows x tokens t..t+3: each sub-block pair's codes unpacked once for four tokens."""
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
+def _k4_tile_4(isa, pair_sums, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    """16 rows x tokens t..t+3; `pair_sums` adds each sub-block pair's scaled dots for the four."""
     a0 = a1 = a2 = a3 = S.zero_f32x16()
     k = nb * 256
     for b in range(nb):
@@ -154,14 +154,7 @@ def _tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
         prefetch(wp, at + AHEAD * nb * Q4_K_PACKED_BYTES, Q4_K_PACKED_BYTES)
         i0 = i1 = i2 = i3 = S.zero_i32x16()
         for c in range(4):
-            low, high = _pair_codes(wp, at + 512 * c)
-            sc_low = S.load_u8_i32x16(wp, at + SCALES_AT + 32 * c)
-            sc_high = S.load_u8_i32x16(wp, at + SCALES_AT + 32 * c + 16)
-            x0 = t * k + b * 256 + 64 * c
-            i0 = _pair_step(isa, low, high, sc_low, sc_high, xq, x0, i0)
-            i1 = _pair_step(isa, low, high, sc_low, sc_high, xq, x0 + k, i1)
-            i2 = _pair_step(isa, low, high, sc_low, sc_high, xq, x0 + 2 * k, i2)
-            i3 = _pair_step(isa, low, high, sc_low, sc_high, xq, x0 + 3 * k, i3)
+            i0, i1, i2, i3 = pair_sums(isa, wp, at, c, xq, t * k + b * 256 + 64 * c, k, i0, i1, i2, i3)
         s0 = (t * nb + b) * 16
         a0 = _finish(wp, at, i0, _mins(wp, at, xs, s0), xd[t * nb + b], a0)
         a1 = _finish(wp, at, i1, _mins(wp, at, xs, s0 + nb * 16), xd[(t + 1) * nb + b], a1)
@@ -171,6 +164,39 @@ def _tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
     _store(out, t + 1, r0, m, a1, spill)
     _store(out, t + 2, r0, m, a2, spill)
     _store(out, t + 3, r0, m, a3, spill)
+
+
+@njit(inline="always")  # takes a function: inlined, so that it is a constant
+def _k4_tile_1(isa, pair_sum, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    acc = S.zero_f32x16()
+    for b in range(nb):
+        at = g_at + b * Q4_K_PACKED_BYTES
+        isum = S.zero_i32x16()
+        for c in range(4):
+            prefetch(wp, at + Q4_SPREAD_AHEAD + 592 * c, 592)
+            isum = pair_sum(isa, wp, at, c, xq, (t * nb + b) * 256 + 64 * c, isum)
+        acc = _finish(wp, at, isum, _mins(wp, at, xs, (t * nb + b) * 16), xd[t * nb + b], acc)
+    _store(out, t, r0, m, acc, spill)
+
+
+@njit(inline="always")
+def _unpacked_pair_4(isa, wp, at, c, xq, x0, k, i0, i1, i2, i3):
+    """Sub-block pair c's codes unpacked once for four tokens (activations at x0 + t k), each
+    sub-block's dots then times its scales (`vpmulld`)."""
+    low, high = _pair_codes(wp, at + 512 * c)
+    sc_low = S.load_u8_i32x16(wp, at + SCALES_AT + 32 * c)
+    sc_high = S.load_u8_i32x16(wp, at + SCALES_AT + 32 * c + 16)
+    return (_pair_step(isa, low, high, sc_low, sc_high, xq, x0, i0),
+            _pair_step(isa, low, high, sc_low, sc_high, xq, x0 + k, i1),
+            _pair_step(isa, low, high, sc_low, sc_high, xq, x0 + 2 * k, i2),
+            _pair_step(isa, low, high, sc_low, sc_high, xq, x0 + 3 * k, i3))
+
+
+@njit(inline="always")
+def _unpacked_pair_1(isa, wp, at, c, xq, x0, isum):
+    low, high = _pair_codes(wp, at + 512 * c)
+    return _pair_step(isa, low, high, S.load_u8_i32x16(wp, at + SCALES_AT + 32 * c),
+                      S.load_u8_i32x16(wp, at + SCALES_AT + 32 * c + 16), xq, x0, isum)
 
 
 @njit(inline="always")
@@ -200,32 +226,6 @@ def _scaled_sub_block_4(isa, nibbles, wp, at, scales_at, xq, x0, k, i0, i1, i2, 
     return add(i0, m(w0, sc)), add(i1, m(w1, sc)), add(i2, m(w2, sc)), add(i3, m(w3, sc))
 
 
-@njit
-def _tile_4_words(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    """`_tile_4` for AVX2, sub-block by sub-block (`_scaled_sub_block_4`); the same integers."""
-    a0 = a1 = a2 = a3 = S.zero_f32x16()
-    k = nb * 256
-    for b in range(nb):
-        at = g_at + b * Q4_K_PACKED_BYTES
-        prefetch(wp, at + AHEAD * nb * Q4_K_PACKED_BYTES, Q4_K_PACKED_BYTES)
-        i0 = i1 = i2 = i3 = S.zero_i32x16()
-        for c in range(4):
-            x0, sc_at = t * k + b * 256 + 64 * c, at + SCALES_AT + 32 * c
-            i0, i1, i2, i3 = _scaled_sub_block_4(isa, _low_nibbles, wp, at + 512 * c, sc_at, xq, x0, k,
-                                                 i0, i1, i2, i3)
-            i0, i1, i2, i3 = _scaled_sub_block_4(isa, _high_nibbles, wp, at + 512 * c, sc_at + 16, xq, x0 + 32, k,
-                                                 i0, i1, i2, i3)
-        s0 = (t * nb + b) * 16
-        a0 = _finish(wp, at, i0, _mins(wp, at, xs, s0), xd[t * nb + b], a0)
-        a1 = _finish(wp, at, i1, _mins(wp, at, xs, s0 + nb * 16), xd[(t + 1) * nb + b], a1)
-        a2 = _finish(wp, at, i2, _mins(wp, at, xs, s0 + 2 * nb * 16), xd[(t + 2) * nb + b], a2)
-        a3 = _finish(wp, at, i3, _mins(wp, at, xs, s0 + 3 * nb * 16), xd[(t + 3) * nb + b], a3)
-    _store(out, t, r0, m, a0, spill)
-    _store(out, t + 1, r0, m, a1, spill)
-    _store(out, t + 2, r0, m, a2, spill)
-    _store(out, t + 3, r0, m, a3, spill)
-
-
 @njit(inline="always")  # takes a function: inlined, so that it is a constant
 def _scaled_sub_block_1(isa, nibbles, wp, at, scales_at, xq, x0, isum):
     """`_scaled_sub_block_4` for one token."""
@@ -235,35 +235,39 @@ def _scaled_sub_block_1(isa, nibbles, wp, at, scales_at, xq, x0, isum):
     return S.add_i32x16(isum, S.madd_i16x32(w, S.load_u8_twice_i16x32(wp, scales_at)))
 
 
+@njit(inline="always")
+def _words_pair_4(isa, wp, at, c, xq, x0, k, i0, i1, i2, i3):
+    """`_unpacked_pair_4` for AVX2, sub-block by sub-block (`_scaled_sub_block_4`); the same integers."""
+    sc_at = at + SCALES_AT + 32 * c
+    i0, i1, i2, i3 = _scaled_sub_block_4(isa, _low_nibbles, wp, at + 512 * c, sc_at, xq, x0, k, i0, i1, i2, i3)
+    return _scaled_sub_block_4(isa, _high_nibbles, wp, at + 512 * c, sc_at + 16, xq, x0 + 32, k, i0, i1, i2, i3)
+
+
+@njit(inline="always")
+def _words_pair_1(isa, wp, at, c, xq, x0, isum):
+    sc_at = at + SCALES_AT + 32 * c
+    isum = _scaled_sub_block_1(isa, _low_nibbles, wp, at + 512 * c, sc_at, xq, x0, isum)
+    return _scaled_sub_block_1(isa, _high_nibbles, wp, at + 512 * c, sc_at + 16, xq, x0 + 32, isum)
+
+
 @njit
-def _tile_1_words(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    acc = S.zero_f32x16()
-    for b in range(nb):
-        at = g_at + b * Q4_K_PACKED_BYTES
-        isum = S.zero_i32x16()
-        for c in range(4):
-            prefetch(wp, at + Q4_SPREAD_AHEAD + 592 * c, 592)
-            x0, sc_at = (t * nb + b) * 256 + 64 * c, at + SCALES_AT + 32 * c
-            isum = _scaled_sub_block_1(isa, _low_nibbles, wp, at + 512 * c, sc_at, xq, x0, isum)
-            isum = _scaled_sub_block_1(isa, _high_nibbles, wp, at + 512 * c, sc_at + 16, xq, x0 + 32, isum)
-        acc = _finish(wp, at, isum, _mins(wp, at, xs, (t * nb + b) * 16), xd[t * nb + b], acc)
-    _store(out, t, r0, m, acc, spill)
+def _tile_4(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    _k4_tile_4(isa, _unpacked_pair_4, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
 
 
 @njit
 def _tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
-    acc = S.zero_f32x16()
-    for b in range(nb):
-        at = g_at + b * Q4_K_PACKED_BYTES
-        isum = S.zero_i32x16()
-        for c in range(4):
-            prefetch(wp, at + Q4_SPREAD_AHEAD + 592 * c, 592)
-            low, high = _pair_codes(wp, at + 512 * c)
-            isum = _pair_step(isa, low, high, S.load_u8_i32x16(wp, at + SCALES_AT + 32 * c),
-                              S.load_u8_i32x16(wp, at + SCALES_AT + 32 * c + 16), xq, (t * nb + b) * 256 + 64 * c,
-                              isum)
-        acc = _finish(wp, at, isum, _mins(wp, at, xs, (t * nb + b) * 16), xd[t * nb + b], acc)
-    _store(out, t, r0, m, acc, spill)
+    _k4_tile_1(isa, _unpacked_pair_1, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
+
+
+@njit
+def _tile_4_words(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    _k4_tile_4(isa, _words_pair_4, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
+
+
+@njit
+def _tile_1_words(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
+    _k4_tile_1(isa, _words_pair_1, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -127,6 +127,18 @@ def _const_vec(vector_type, value):
     return ir.Constant(vector_type, [ir.Constant(vector_type.element, value)] * vector_type.count)
 
 
+def _zero(vec):
+    """An intrinsic for `vec`'s all-zero vector."""
+    @intrinsic
+    def zero(typingctx):
+        def codegen(context, builder, signature, args):
+            return ir.Constant(context.get_value_type(signature.return_type), None)
+
+        return vec(), codegen
+
+    return zero
+
+
 def _pointer(context, builder, array_type, array, byte_offset, element_type):
     """Address `byte_offset` bytes into an array's data, typed as `element_type`*."""
     data = cgutils.create_struct_proxy(array_type)(context, builder, value=array).data
@@ -638,20 +650,7 @@ def load_i32x8(typingctx, array, byte_offset):
 # -- 8 x i32 and 8 x f32 ----------------------------------------------------------------
 
 
-@intrinsic
-def zero_i32x8(typingctx):
-    def codegen(context, builder, signature, args):
-        return _const_vec(_V8I32, 0)
-
-    return I32x8(), codegen
-
-
-@intrinsic
-def zero_f32x8(typingctx):
-    def codegen(context, builder, signature, args):
-        return _const_vec(_V8F32, 0.0)
-
-    return F32x8(), codegen
+zero_i32x8, zero_f32x8 = _zero(I32x8), _zero(F32x8)
 
 
 @intrinsic
@@ -1341,12 +1340,7 @@ def splat_i32x16(typingctx, value):
     return I32x16(value), codegen
 
 
-@intrinsic
-def zero_i32x16(typingctx):
-    def codegen(context, builder, signature, args):
-        return _const_vec(_V16I32, 0)
-
-    return I32x16(), codegen
+zero_i32x16 = _zero(I32x16)
 
 
 @intrinsic
@@ -1368,12 +1362,7 @@ def fma_f32x16(typingctx, acc, v, scale):
     return F32x16(F32x16, I32x16, F32x16), codegen
 
 
-@intrinsic
-def zero_f32x16(typingctx):
-    def codegen(context, builder, signature, args):
-        return _const_vec(_V16F32, 0.0)
-
-    return F32x16(), codegen
+zero_f32x16 = _zero(F32x16)
 
 
 def _half(first):
@@ -1409,12 +1398,7 @@ def squares_f64x8(typingctx, array, byte_offset):
     return F64x8(array, types.intp), codegen
 
 
-@intrinsic
-def zero_f64x8(typingctx):
-    def codegen(context, builder, signature, args):
-        return _const_vec(_V8F64, 0.0)
-
-    return F64x8(), codegen
+zero_f64x8 = _zero(F64x8)
 
 
 @intrinsic
@@ -1533,12 +1517,7 @@ def madd_i16x32(typingctx, a, b):
     return I32x16(I16x32, I16x32), codegen
 
 
-@intrinsic
-def zero_i16x32(typingctx):
-    def codegen(context, builder, signature, args):
-        return _const_vec(_V32I16, 0)
-
-    return I16x32(), codegen
+zero_i16x32 = _zero(I16x32)
 
 
 @intrinsic
