@@ -50,13 +50,14 @@ MINS_AT, SCALES_AT, D_AT, DMIN_AT = 2048, 2176, 2304, 2336
 Q6_K_BLOCK_BYTES = 210
 Q6_K_PACKED_BYTES = 3360
 Q6_PLANES_AT, Q6_SCALES_AT, Q6_D_AT = 2048, 3072, 3328
-# Q6_K's super-blocks take long to compute: prefetched a group ahead, as the others, they left the
-# cache before use (cold 640 x 2048 on one AVX2 thread: 78 us, one super-block ahead 52, hot 37)
+# Q6_K's super-blocks take long to compute: in tiles of four tokens each prefetches the next one
+# (a group ahead, as the others, they left the cache before use; measured at one token, cold
+# 640 x 2048 on one AVX2 thread: 78 us, one super-block ahead 52, hot 37)
 Q6_AHEAD_BYTES = Q6_K_PACKED_BYTES
 # One token reads a matrix as fast as it computes it, so each block's prefetch asks for a block
-# this far on, a part per step of the block rather than all at its start: a burst of 37-53 line
-# requests stalls on the core's miss buffers. Cold from DRAM (a decode step's per-layer
-# matrices), 640 x 2048 on one thread: Q6_K 47 -> 31-33 us, Q4_K 28-33 -> 21-26 us (Zen 4).
+# this far on, a part per step of the block rather than all at its start (a burst of 37-53 lines
+# at once measured slower). Cold from DRAM (a decode step's per-layer matrices), 640 x 2048 on
+# one thread, Zen 4: Q6_K 47 -> 31-33 us, Q4_K 28-33 -> 21-26 us on VNNI; AVX2 1.2-1.7x.
 Q4_SPREAD_AHEAD = 4 * Q4_K_PACKED_BYTES
 Q6_SPREAD_AHEAD = 3 * Q6_K_PACKED_BYTES
 
