@@ -8,12 +8,15 @@ blocks of a type (k-quants need k % 256 == 0) are skipped, as llama.cpp picks an
 Weights are prepared as the model prepares a weight matrix at load (`linear.pack`: Q8_0, Q4_0, Q5_0,
 Q4_K and Q6_K packed 16 rows per vector).
 The batches of one (type, shape, threads) are timed in turns, so that their ratio sees one machine state.
+With --cold, each call reads its weights from DRAM, as a decode step reads each layer's matrices
+(the output table evicts them): the calls go in turn through copies of the matrix that together
+exceed any cache, and a call's time is a pass's over the copies divided by their count.
 
 `--isa avx2` runs the AVX2 kernels on an AVX-512 host, compiled for an AVX2-only CPU (the script
 starts itself again with `bench_engine.AVX2_ONLY`), as an AVX2 laptop runs them.
 
 Usage: python scripts/bench_kernels.py [--types Q8_0,Q4_K] [--shapes 4096x4096] [--batches 1,16]
-                                       [--threads 1,2] [--isa host|avx2|portable] [--json]
+                                       [--threads 1,2] [--isa host|avx2|portable] [--cold] [--json]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from llmx.quant.qtypes import QType, block_size
 ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 ALL_SHAPES = ["640x2048", "2048x640", "4096x4096", "262144x640"]
 SEED_ROWS = 1024  # quantize this many random rows, then tile them up to the full shape
+COLD_BYTES = 128 << 20  # --cold: the copies' total, more than any cache
 
 
 @njit(nogil=True, parallel=True)
@@ -84,12 +88,27 @@ def make_weights(qtype: QType, m: int, k: int, rng) -> np.ndarray:
     return np.ascontiguousarray(np.tile(seed, (-(-m // seed.shape[0]), 1))[:m])
 
 
-def time_batches(xs: dict, w, qtype, threads, isa, packed=None, min_seconds=0.3, slice_seconds=0.02) -> dict:
+def cold_copies(w: np.ndarray, packed: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(weights, packed) copies, COLD_BYTES in all: the copy a kernel reads (the packed one when
+    there is one) is a fresh array each time; the other is shared."""
+    read = w if packed is None else packed
+    n = max(2, -(-COLD_BYTES // read.nbytes))
+    return [(w.copy(), None) if packed is None else (w, packed.copy()) for _ in range(n)]
+
+
+def time_batches(xs: dict, w, qtype, threads, isa, packed=None, min_seconds=0.3, slice_seconds=0.02,
+                 cold: bool = False) -> dict:
     """Best seconds of one `matmul` for each batch's x in `xs`, the batches taking turns (a slice of
     ~20 ms each per round) until each has run `min_seconds`, so that the batch-16 / batch-1 ratio
-    compares the two under one state of the machine, whose speed drifts within minutes."""
+    compares the two under one state of the machine, whose speed drifts within minutes. `cold`:
+    each call on weights out of every cache (`cold_copies`)."""
+    copies = cold_copies(w, packed) if cold else [(w, packed)]
+
     def once(x):
-        return _timed(lambda: matmul(x, w, qtype, threads=threads, isa=isa, packed=packed))
+        def calls():
+            for cw, cp in copies:
+                matmul(x, cw, qtype, threads=threads, isa=isa, packed=cp)
+        return _timed(calls) / len(copies)
 
     for x in xs.values():
         once(x)  # compile / warm
@@ -122,7 +141,7 @@ def run(args) -> list[dict]:
             xs = {batch: rng.standard_normal((batch, k)).astype(np.float32) for batch in args.batches}
             for threads in args.threads:
                 base_tps = None
-                best = time_batches(xs, w, qtype, threads, isa, packed)
+                best = time_batches(xs, w, qtype, threads, isa, packed, cold=args.cold)
                 for batch in args.batches:
                     seconds = best[batch]
                     gbps = w.nbytes / seconds / 1e9
@@ -156,6 +175,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--isa", choices=["host", "avx2", "portable"], default="host",
                         help="host: the best kernels this CPU runs")
+    parser.add_argument("--cold", action="store_true", help="weights read from DRAM at each call, as in a decode step")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.isa == "avx2" and os.environ.get("NUMBA_CPU_NAME") != "haswell":
