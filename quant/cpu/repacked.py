@@ -54,9 +54,9 @@ AHEAD = 2  # row groups prefetched ahead (`prefetch`)
 # on gemma's 262144 x 640 at one token (Zen 4, `scripts/bench_kernels.py`): 8 groups ahead (87
 # KiB, past the L1) read at 38.5 / 42 GB/s on 1 / 2 threads, 8.5 KiB ahead at 41 / 49.
 Q8_0_AHEAD_BYTES = 16 * Q8_0_PACKED_BYTES
-# One token's Q5_0 prefetches about as far, 8.4 KiB, where it took two groups (14 KiB at k = 640):
-# cold 4096 x 640 from DRAM on one thread 51 -> 44 us on VNNI, unchanged on AVX2 (half the
-# distance made AVX2 12% slower)
+# One token's Q5_0 prefetches about as far, 8.4 KiB, where it took two groups (14 KiB at k = 640).
+# `scripts/bench_kernels.py --cold`, one thread: 640 x 2048 31-33 -> 26-27 us on VNNI, 30-31 -> 28
+# on AVX2; 4096 x 640 51-54 -> 44-52 us, about the same on AVX2 (half the distance: 12% slower)
 Q5_0_AHEAD_BYTES = 24 * Q5_0_PACKED_BYTES
 
 
