@@ -4,9 +4,10 @@ for Q4_0.
 Per (16 rows, token, super-block of 256 values): each 32-value sub-block's integer dot for the 16
 rows at once (eight 4-byte activation splats against 64-byte code vectors), times the rows' 6-bit
 scales, summed in int32; the mins times the activations' sub-block sums by `vpmaddwd`; then two
-float steps, acc += isum * (d * dx) and acc -= mins * (dmin * dx). The row-by-row kernels
-(`matmul`, `kmatmul`) decode each row's scales per super-block and end in a horizontal sum per
-row; here the scales are unpacked once, at load, and no lane is summed across.
+float steps, acc += isum * (d * dx) and acc -= mins * (dmin * dx). (On AVX2, Q4_K's sub-block
+dots stay int16 until one `vpmaddwd` against the scales: `packed_q4_k_words`.) The row-by-row
+kernels (`matmul`, `kmatmul`) decode each row's scales per super-block and end in a horizontal
+sum per row; here the scales are unpacked once, at load, and no lane is summed across.
 
 Packed layout, per group of 16 rows (the last one padded with zero rows), per super-block: 2368
 bytes (16 x 144, and 64 for the unpacked scales and mins),
@@ -275,10 +276,12 @@ def _tile_1_words(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
 def packed_q4_k(xq, xd, xs, wp, nb, m, n_tok, out, isa):
     walk_groups(None, _tile_4, _tile_1, Q4_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
 
+
 @njit(cache=True, nogil=True, parallel=True)
 def packed_q4_k_words(xq, xd, xs, wp, nb, m, n_tok, out, isa):
     """`packed_q4_k` for AVX2 (`_tile_4_words`, `_tile_1_words`); the same bits."""
     walk_groups(None, _tile_4_words, _tile_1_words, Q4_K_PACKED_BYTES, isa, wp, nb, m, n_tok, xq, xd, xs, out)
+
 
 # -- Q6_K ----------------------------------------------------------------------------------------
 
