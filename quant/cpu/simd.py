@@ -157,6 +157,14 @@ def _shuffle(builder, vector, indices):
     return builder.shuffle_vector(vector, ir.Constant(vector.type, ir.Undefined), mask)
 
 
+def _concat(builder, low, high):
+    """Two vectors of n lanes -> one of 2n: `low`'s lanes, then `high`'s (two 256-bit halves
+    back into one 512-bit value)."""
+    lanes = range(2 * low.type.count)
+    mask = ir.Constant(ir.VectorType(_I32, len(lanes)), [ir.Constant(_I32, i) for i in lanes])
+    return builder.shuffle_vector(low, high, mask)
+
+
 # -- buffers ----------------------------------------------------------------------
 
 LINE = 64  # bytes in a cache line: a 512-bit load from an address that is not a multiple of it reads two
@@ -1218,8 +1226,7 @@ def _dot16(builder, vnni, total, u_v, s_v, half_dot):
             halves.append(_call(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I32, [t_h, *words]))
         else:
             halves.append(builder.add(t_h, half_dot(builder, u_h, s_h)))
-    mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
-    return builder.shuffle_vector(halves[0], halves[1], mask)
+    return _concat(builder, *halves)
 
 
 @intrinsic
@@ -1285,8 +1292,7 @@ def _dot16x4(summed: int):
                                     [(_shuffle(builder, u_v, range(32 * h, 32 * h + 32)),
                                       _shuffle(builder, s_v, range(32 * h, 32 * h + 32))) for u_v, s_v in pairs],
                                     avx2, vnni, summed) for h in range(2)]
-            mask = ir.Constant(ir.VectorType(_I32, 16), [ir.Constant(_I32, i) for i in range(16)])
-            return builder.shuffle_vector(halves[0], halves[1], mask)
+            return _concat(builder, *halves)
 
         return sig, codegen
 
@@ -1537,8 +1543,7 @@ def madd_u8i8_acc_i16x32(typingctx, isa, acc, u, s):
                               _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16,
                                     [_shuffle(builder, u_v, range(32 * h, 32 * h + 32)),
                                      _shuffle(builder, s_v, range(32 * h, 32 * h + 32))])) for h in range(2)]
-        return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, 32),
-                                                                         [ir.Constant(_I32, i) for i in range(32)]))
+        return _concat(builder, *halves)
 
     return I16x32(isa, I16x32, I8x64, I8x64), codegen
 
