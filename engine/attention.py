@@ -645,17 +645,17 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
         q2 = _head_pairs(round_to_f16(q.reshape(n, n_head * d)).reshape(n, n_head, d))
         cells = _cells(tables, row_seq, positions, keys.shape[1], keys.shape[2])
     else:
-        q2, cells = _NO_PAIRS, _NO_CELLS
-    kernel = attend_kernel(wide, _has_single_heads(group, d, dv))
+        q2, cells = NO_PAIRS, NO_CELLS
+    kernel = attend_kernel(wide, has_single_heads(group, d, dv))
     kernel(q, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq, keys.shape[1],
            positions, window or 0, group, np.float32(kq_scale), row_tiled, q2, cells, out)
     return out
 
 
-_NO_PAIRS, _NO_CELLS = np.empty(0, np.float32), np.empty((0, 0), np.int64)  # (the quads' AVX-512 path not taken)
+NO_PAIRS, NO_CELLS = np.empty(0, np.float32), np.empty((0, 0), np.int64)  # (the quads' AVX-512 path not taken)
 
 
-def _has_single_heads(group: int, d: int, dv: int) -> bool:
+def has_single_heads(group: int, d: int, dv: int) -> bool:
     """Whether some heads are in no quad, for tiled or decoded rows (`_attend_rows`' quads)."""
     tiled_covered = group % 4 == 0 and d % 8 == 0 and dv % 4 == 0
     decoded_covered = group % 4 == 0 and d % 32 == 0

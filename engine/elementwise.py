@@ -130,7 +130,7 @@ def _add_norm_row(x, y, pre, norm, eps, total, normed, r, frames, left):
 
 
 @njit(cache=True, nogil=True)
-def _add_norm_rows(x, y, pre, norm, eps, total, normed):
+def add_norm_rows(x, y, pre, norm, eps, total, normed):
     frames, left = np.empty((3, 64), np.int64), np.empty(64, np.float64)
     for r in range(x.shape[0]):
         _add_norm_row(x, y, pre, norm, eps, total, normed, r, frames, left)
@@ -146,7 +146,7 @@ def _add_norm_rows_parallel(x, y, pre, norm, eps, total, normed):
             _add_norm_row(x, y, pre, norm, eps, total, normed, r, frames, left)
 
 
-_NONE = np.empty(0, np.float32)
+NO_WEIGHT = np.empty(0, np.float32)  # a norm not applied (the kernels test its size)
 
 
 def add_rms_norm(x: np.ndarray, y: np.ndarray, norm: np.ndarray | None, pre_norm: np.ndarray | None,
@@ -156,9 +156,10 @@ def add_rms_norm(x: np.ndarray, y: np.ndarray, norm: np.ndarray | None, pre_norm
     then `rms_norm(total, norm, eps)`, bit for bit."""
     x, y = np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.float32)
     total = np.empty_like(x)
-    normed = np.empty_like(x) if norm is not None else _NONE.reshape(0, 1)
-    kernel = _add_norm_rows_parallel if len(x) >= PARALLEL_ROWS else _add_norm_rows
-    kernel(x, y, _NONE if pre_norm is None else pre_norm, _NONE if norm is None else norm, float(eps), total, normed)
+    normed = np.empty_like(x) if norm is not None else NO_WEIGHT.reshape(0, 1)
+    kernel = _add_norm_rows_parallel if len(x) >= PARALLEL_ROWS else add_norm_rows
+    kernel(x, y, NO_WEIGHT if pre_norm is None else pre_norm, NO_WEIGHT if norm is None else norm, float(eps), total,
+           normed)
     return total, normed if norm is not None else None
 
 
@@ -181,7 +182,7 @@ def _norm_rope_row(x, norm, cos, sin, scale, normed, out, t, neox, eps, frames, 
 
 
 @njit(cache=True, nogil=True)
-def _norm_rope_rows(q, k, q_norm, k_norm, cos, sin, q_scale, scratch_q, scratch_k, q_out, k_out, neox, eps, lo, hi):
+def norm_rope_rows(q, k, q_norm, k_norm, cos, sin, q_scale, scratch_q, scratch_k, q_out, k_out, neox, eps, lo, hi):
     frames, left = np.empty((3, 64), np.int64), np.empty(64, np.float64)
     for t in range(lo, hi):
         _norm_rope_row(q, q_norm, cos, sin, q_scale, scratch_q, q_out, t, neox, eps, frames, left)
@@ -193,7 +194,7 @@ def _norm_rope_rows_parallel(q, k, q_norm, k_norm, cos, sin, q_scale, scratch_q,
     rows = q.shape[0]
     chunks = min(rows, 64)
     for c in prange(chunks):
-        _norm_rope_rows(q, k, q_norm, k_norm, cos, sin, q_scale, scratch_q, scratch_k, q_out, k_out, neox, eps,
+        norm_rope_rows(q, k, q_norm, k_norm, cos, sin, q_scale, scratch_q, scratch_k, q_out, k_out, neox, eps,
                         c * rows // chunks, (c + 1) * rows // chunks)
 
 
@@ -206,14 +207,14 @@ def norm_rope(q: np.ndarray, k: np.ndarray, q_norm: np.ndarray | None, k_norm: n
     q_out, k_out = np.empty_like(q), np.empty_like(k)
     scratch_q = np.empty_like(q) if q_norm is not None else q
     scratch_k = np.empty_like(k) if k_norm is not None else k
-    args = (q, k, _NONE if q_norm is None else q_norm, _NONE if k_norm is None else k_norm,
+    args = (q, k, NO_WEIGHT if q_norm is None else q_norm, NO_WEIGHT if k_norm is None else k_norm,
             np.ascontiguousarray(cos, dtype=np.float32), np.ascontiguousarray(sin, dtype=np.float32),
             np.float32(1 if q_scale is None else q_scale), scratch_q, scratch_k, q_out, k_out, layout != "normal",
             float(eps))
     if len(q) >= PARALLEL_ROWS:
         _norm_rope_rows_parallel(*args)
     else:
-        _norm_rope_rows(*args, 0, len(q))
+        norm_rope_rows(*args, 0, len(q))
     return q_out, k_out
 
 
@@ -279,7 +280,7 @@ def _gelu_span(x, table, out, lo, hi, times):
 
 
 @njit(cache=True, nogil=True)
-def _gelu(x, table, out, times):
+def gelu_rows(x, table, out, times):
     _gelu_span(x, table, out, 0, x.size, times)
 
 
@@ -298,5 +299,5 @@ def gelu_tanh_f16(x: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
     if x.ndim > 1 and len(x) >= PARALLEL_ROWS:
         _gelu_parallel(flat, gelu_table(), out, other, 16384)
     else:
-        _gelu(flat, gelu_table(), out, other)
+        gelu_rows(flat, gelu_table(), out, other)
     return out.reshape(x.shape)

@@ -116,7 +116,7 @@ class KVCache:
         k_type, v_type = self.cache_types
         cells = np.asarray(cells)
         if k_type == v_type == "f16" and len(k) < PARALLEL_ROWS:  # a decode step's rows: one call
-            _write_key_value_rows(_cell_bits(self.keys[layer]), _cell_bits(self.values[layer]), cells,
+            write_key_value_rows(cell_bits(self.keys[layer]), cell_bits(self.values[layer]), cells,
                                   _flat_rows(k), _flat_rows(v))
             return
         for pool, rows, kind in ((self.keys[layer], k, k_type), (self.values[layer], v, v_type)):
@@ -124,7 +124,7 @@ class KVCache:
                 _write_q8_0(pool, cells, np.ascontiguousarray(rows, dtype=np.float32))
                 continue
             rows = _flat_rows(rows)
-            (_write_rows_parallel if len(rows) >= PARALLEL_ROWS else _write_rows)(_cell_bits(pool), cells, rows)
+            (_write_rows_parallel if len(rows) >= PARALLEL_ROWS else _write_rows)(cell_bits(pool), cells, rows)
 
     def layer_f16(self, layer: int, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Layer `layer`'s keys and values as float16 pools [n_blocks, block_size, n_head_kv, dim],
@@ -179,7 +179,7 @@ def _f16_blocks(pool: np.ndarray, blocks: np.ndarray, cache_type: str) -> np.nda
     return out
 
 
-def _cell_bits(pool: np.ndarray) -> np.ndarray:
+def cell_bits(pool: np.ndarray) -> np.ndarray:
     """One layer's float16 pool [n_blocks, block_size, n_head_kv, dim] as uint16 [cells, n_head_kv * dim]."""
     return pool.reshape(len(pool) * pool.shape[1], -1).view(np.uint16)
 
@@ -206,7 +206,7 @@ def _write_rows(bits, cells, rows):
 
 
 @njit(cache=True, nogil=True)
-def _write_key_value_rows(k_bits, v_bits, cells, k_rows, v_rows):
+def write_key_value_rows(k_bits, v_bits, cells, k_rows, v_rows):
     for i in range(len(cells)):
         _write_row(k_bits, cells, k_rows, i)
         _write_row(v_bits, cells, v_rows, i)

@@ -113,3 +113,55 @@ def test_q4_0_layer_weights_are_repacked_as_llama_cpp_loads_them():
         rows = gguf.tensors[f"{name}.weight"].data.view(np.uint8)
         assert np.array_equal(stacked, matmul(x, rows, QType.Q4_0, packed=pack(rows, QType.Q4_0))), name
         assert np.array_equal(stacked, model.linear(x, name)), name  # one weight of a stack, alone
+
+
+def _decode_both_ways(model: Transformer, config, steps: int) -> None:
+    """Greedy-decodes `steps` tokens twice from one prompt: each single-token step through the
+    bound decoder (`cpu_decode`), and through the generic blocks; the logits must be the same bits."""
+    from llmx.engine.backends.cpu_decode import RowDecoder
+
+    backend = model.backend
+    decoder = RowDecoder.build(backend, model.layers)
+    assert decoder is not None
+    runs = []
+    for bound in (decoder, False):
+        backend._row_decoder = bound
+        cache = KVCache(config, 256, block_size=16)
+        seq = cache.new_sequence()
+        logits = [model.forward(np.arange(3, 23), seq, cache, "last")[0]]
+        for _ in range(steps):  # crosses a block boundary at position 32
+            logits.append(model.forward(np.array([int(np.argmax(logits[-1]))]), seq, cache, "last")[0])
+        runs.append(np.array(logits))
+    backend._row_decoder = None
+    assert np.array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("stem", ["tiny-gemma3-q8_0", "tiny-gemma3-q4_k_m", "tiny-llama-q4_0", "tiny-llama-q5_0",
+                                  "tiny-qwen3-q8_0"])
+def test_bound_single_token_steps_give_the_generic_forwards_bits(stem):
+    gguf = GGUFFile.open(MODELS_DIR / f"{stem}.gguf")
+    config = config_from_gguf(gguf)
+    _decode_both_ways(Transformer.from_gguf(gguf, config), config, 16)
+
+
+def test_bound_single_token_steps_give_the_generic_forwards_bits_on_gemma(gemma_path):
+    gguf = GGUFFile.open(gemma_path)
+    config = config_from_gguf(gguf)
+    _decode_both_ways(Transformer.from_gguf(gguf, config, threads=2), config, 16)
+
+
+def test_steps_the_bound_decoder_does_not_cover_take_the_generic_blocks(tiny):
+    model, config = tiny  # qwen2: its q/k/v have biases
+    cache = KVCache(config, 64)
+    seq = cache.new_sequence()
+    model.forward(np.arange(3, 9), seq, cache)
+    model.forward(np.array([7]), seq, cache)
+    assert model.backend._row_decoder is False  # tried once, not covered
+    gguf = GGUFFile.open(MODELS_DIR / "tiny-llama-q8_0.gguf")
+    llama_config = config_from_gguf(gguf)
+    llama = Transformer.from_gguf(gguf, llama_config)
+    cache = KVCache(llama_config, 64, cache_type_k="q8_0", cache_type_v="q8_0")
+    seq = cache.new_sequence()
+    llama.forward(np.arange(3, 9), seq, cache)
+    llama.forward(np.array([7]), seq, cache)
+    assert llama.backend._row_decoder is None  # a q8_0 cache: never bound

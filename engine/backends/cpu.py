@@ -72,6 +72,9 @@ class CpuBackend:
     await_kernels: Callable[[int, str], None] | None = field(init=False, default=None)
     _plans: dict = field(init=False, default_factory=dict)  # names -> `linears`' steps for them
     _vectors: dict = field(init=False, default_factory=dict)  # name -> float32 weights (`_vector`)
+    # the single-token decoder (`cpu_decode.RowDecoder`), bound on the first such step; False: the
+    # model has weights it does not cover
+    _row_decoder: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         for layer in range(self.config.n_layer):
@@ -256,6 +259,23 @@ class CpuBackend:
         # orders one stream; never from the batch, so a row's bits do not depend on its neighbours.
         return attend_paged(q, keys, values, tables, layout.row_seq, layout.positions, window, c.n_head // c.n_head_kv,
                             kq_scale, tiled=layout.prompt_rows, wide=self.isa is None or self.isa is VNNI)
+
+    def decode_row(self, layers: list, x: np.ndarray, h: np.ndarray, layout, cache: KVCache,
+                   rope_tables: Callable) -> np.ndarray | None:
+        """Every block of a step that decodes one token of one sequence, with each kernel call bound
+        once (`cpu_decode`): x, h float32 [1, n_embd] (the embedding, its attn_norm) -> the last
+        block's output; None for a step it does not cover (then the generic blocks run).
+        `layers`: the Transformer's `LayerPlan`s; `rope_tables(base)` -> this step's cos, sin."""
+        if len(x) != 1 or layout.prompt_rows[0] or cache.cache_types != ("f16", "f16") or self.stub_matmuls \
+                or self.await_kernels is not None or self.observe_matmul is not None:
+            return None
+        if self._row_decoder is None:
+            from llmx.engine.backends.cpu_decode import RowDecoder
+
+            self._row_decoder = RowDecoder.build(self, layers) or False
+        if self._row_decoder is False:
+            return None
+        return self._row_decoder.decode(x, h, layout, cache, rope_tables)
 
     def rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return x[rows]

@@ -122,6 +122,11 @@ class CudaBackend:
     def activate(self, gate, up):
         return elementwise.gate(gate, up, self.config.activation, self.arena)
 
+    def decode_row(self, layers: list, x, h, layout, cache: KVCache, rope_tables) -> None:
+        """The CPU backend's bound single-token step (`CpuBackend.decode_row`); here every step takes
+        the generic blocks."""
+        return None
+
     def rows(self, x, rows: np.ndarray):
         return elementwise.rows(x, cuda.to_device(rows.astype(np.int64)), self.arena)
 

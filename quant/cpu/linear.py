@@ -98,7 +98,7 @@ def packable(qtype: QType, rows: int) -> bool:
 _PACKERS = {QType.Q8_0: repacked.pack_q8_0, QType.Q5_0: repacked.pack_q5_0, QType.Q4_K: kpacked.pack_q4_k,
             QType.Q6_K: kpacked.pack_q6_k}
 _PACKED_KERNELS = {QType.Q4_0: repacked.repacked_q4_0, QType.Q5_0: repacked.repacked_q5_0}
-_PACKED_K_KERNELS = {QType.Q4_K: kpacked.packed_q4_k, QType.Q6_K: kpacked.packed_q6_k}
+PACKED_K_KERNELS = {QType.Q4_K: kpacked.packed_q4_k, QType.Q6_K: kpacked.packed_q6_k}
 
 
 def matmul(x: np.ndarray, w: np.ndarray, qtype: QType, threads: int | None = None, isa=None,
@@ -190,23 +190,23 @@ def matmul_packed(x: np.ndarray, packed: np.ndarray, qtype: QType, m: int, threa
     n_tok, k = codes.shape
     out = np.empty((n_tok, m), np.float32)
     isa = host_isa() if isa is None else isa
-    if qtype in _PACKED_K_KERNELS:  # Q8_K activations: one scale per 256 values, sums per 16
-        _packed_k_kernel(qtype, isa)(codes.reshape(-1), scales.reshape(-1), sums[0].reshape(-1), packed, k // 256,
+    if qtype in PACKED_K_KERNELS:  # Q8_K activations: one scale per 256 values, sums per 16
+        packed_k_kernel(qtype, isa)(codes.reshape(-1), scales.reshape(-1), sums[0].reshape(-1), packed, k // 256,
                                      m, n_tok, out, isa)
     else:
-        _packed_kernel(qtype, isa)(codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
+        packed_kernel(qtype, isa)(codes.reshape(-1), scales.reshape(-1), packed, k // 32, m, n_tok, out, isa)
     return out
 
 
-def _packed_k_kernel(qtype: QType, isa):
+def packed_k_kernel(qtype: QType, isa):
     """Q4_K/Q6_K's packed kernel for `isa`: on AVX2 Q4_K sums a sub-block's byte products as int16
     and scales them in one `vpmaddwd` (`kpacked.packed_q4_k_words`: 1.13-1.27x, the same bits)."""
     if qtype == QType.Q4_K and np.asarray(isa).dtype == AVX2.dtype:
         return kpacked.packed_q4_k_words
-    return _PACKED_K_KERNELS[qtype]
+    return PACKED_K_KERNELS[qtype]
 
 
-def _packed_kernel(qtype: QType, isa):
+def packed_kernel(qtype: QType, isa):
     """Q8_0/Q4_0/Q5_0's packed kernel for `isa`: on VNNI Q8_0 dots its weights as unsigned
     (`repacked_q8_0_vnni`), in tiles of eight tokens with AVX-512's 32 registers."""
     if qtype != QType.Q8_0:
