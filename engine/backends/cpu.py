@@ -272,7 +272,7 @@ class CpuBackend:
         if self._row_decoder is None:
             from llmx.engine.backends.cpu_decode import RowDecoder
 
-            self._row_decoder = RowDecoder.build(self, layers) or False
+            self._row_decoder = RowDecoder.bind(self, layers) or False
         if self._row_decoder is False:
             return None
         return self._row_decoder.decode(x, h, layout, cache, rope_tables)

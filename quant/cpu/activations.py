@@ -39,16 +39,29 @@ def _q8_block(x, lo, codes):
     return amax / np.float32(127), S.hsum_i32x8(q)
 
 
+@njit
+def _q8_0_row(x, t, codes, scales):
+    for b in range(x.shape[1] // 32):
+        d, _ = _q8_block(x[t], b * 32, codes[t])
+        scales[t, b] = S.round_f16(d)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q8_0(x):
     n, k = x.shape
     codes = np.empty((n, k), np.int8)
     scales = np.empty((n, k // 32), np.float32)
     for t in prange(n):
-        for b in range(k // 32):
-            d, _ = _q8_block(x[t], b * 32, codes[t])
-            scales[t, b] = S.round_f16(d)
+        _q8_0_row(x, t, codes, scales)
     return codes, scales
+
+
+@njit(cache=True, nogil=True)
+def quantize_q8_0_into(x, codes, scales):
+    """`quantize_q8_0` into given arrays, on the calling thread: for a row or two, where a parallel
+    region's start and the returned arrays cost more than the work (`cpu_decode`)."""
+    for t in range(x.shape[0]):
+        _q8_0_row(x, t, codes, scales)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -65,6 +78,25 @@ def quantize_q8_1(x):
     return codes, scales, sums
 
 
+@njit
+def _q8_k_row(x, t, codes, scales, sums):
+    row = x[t]
+    raw = row.view(np.uint8)
+    for b in range(x.shape[1] // 256):
+        lo = b * 256
+        amax = _max_abs(raw, lo, 256)
+        imax = lo  # the first value of largest magnitude (its sign matters)
+        while imax < lo + 255 and abs(row[imax]) != amax:
+            imax += 1
+        maxv = row[imax]
+        iscale = np.float32(-127) / maxv if maxv != 0 else np.float32(0)
+        scales[t, b] = np.float32(1) / iscale if maxv != 0 else np.float32(0)
+        for j in range(16):
+            at = lo + 16 * j
+            q = S.add_i32x8(_round_8(raw, codes[t], at, iscale, 127), _round_8(raw, codes[t], at + 8, iscale, 127))
+            sums[t, b * 16 + j] = S.hsum_i32x8(q)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def quantize_q8_k(x):
     n, k = x.shape
@@ -72,22 +104,15 @@ def quantize_q8_k(x):
     scales = np.empty((n, k // 256), np.float32)
     sums = np.empty((n, k // 16), np.int32)
     for t in prange(n):
-        row = x[t]
-        raw = row.view(np.uint8)
-        for b in range(k // 256):
-            lo = b * 256
-            amax = _max_abs(raw, lo, 256)
-            imax = lo  # the first value of largest magnitude (its sign matters)
-            while imax < lo + 255 and abs(row[imax]) != amax:
-                imax += 1
-            maxv = row[imax]
-            iscale = np.float32(-127) / maxv if maxv != 0 else np.float32(0)
-            scales[t, b] = np.float32(1) / iscale if maxv != 0 else np.float32(0)
-            for j in range(16):
-                at = lo + 16 * j
-                q = S.add_i32x8(_round_8(raw, codes[t], at, iscale, 127), _round_8(raw, codes[t], at + 8, iscale, 127))
-                sums[t, b * 16 + j] = S.hsum_i32x8(q)
+        _q8_k_row(x, t, codes, scales, sums)
     return codes, scales, sums
+
+
+@njit(cache=True, nogil=True)
+def quantize_q8_k_into(x, codes, scales, sums):
+    """`quantize_q8_k` into given arrays, on the calling thread (see `quantize_q8_0_into`)."""
+    for t in range(x.shape[0]):
+        _q8_k_row(x, t, codes, scales, sums)
 
 
 @njit(cache=True, nogil=True, parallel=True)
