@@ -43,7 +43,17 @@ import numpy as np
 from numba import njit
 
 from llmx.quant.cpu import simd as S
-from llmx.quant.cpu.repacked import AHEAD, GROUP_ROWS, _grouped, _store, fill, prefetch, records, walk_groups
+from llmx.quant.cpu.repacked import (
+    AHEAD,
+    GROUP_ROWS,
+    _grouped,
+    _store,
+    fill,
+    prefetch,
+    prefetch_once,
+    records,
+    walk_groups,
+)
 
 Q4_K_BLOCK_BYTES = 144
 Q4_K_PACKED_BYTES = 2368
@@ -175,7 +185,7 @@ def _k4_tile_1(isa, pair_sum, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
         at = g_at + b * Q4_K_PACKED_BYTES
         isum = S.zero_i32x16()
         for c in range(4):
-            prefetch(wp, at + Q4_SPREAD_AHEAD + 592 * c, 592)
+            prefetch_once(wp, at + Q4_SPREAD_AHEAD + 592 * c, 592)
             isum = pair_sum(isa, wp, at, c, xq, (t * nb + b) * 256 + 64 * c, isum)
         acc = _finish(wp, at, isum, _mins(wp, at, xs, (t * nb + b) * 16), xd[t * nb + b], acc)
     _store(out, t, r0, m, acc, spill)
@@ -366,7 +376,7 @@ def _q6_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):
         isum = S.zero_i32x16()
         for h in range(2):
             for q in range(4):
-                prefetch(wp, at + Q6_SPREAD_AHEAD + 420 * (4 * h + q), 420)
+                prefetch_once(wp, at + Q6_SPREAD_AHEAD + 420 * (4 * h + q), 420)
                 isum = _q6_quarter_step(isa, _q6_quarter(wp, at, h, q), wp, at, 4 * h + q, xq,
                                         (t * nb + b) * 256 + 128 * h + 32 * q, isum)
         acc = _q6_finish(wp, at, isum, xs, (t * nb + b) * 16, xd[t * nb + b], acc)

@@ -194,6 +194,14 @@ def prefetch(wp, at, n_bytes):
 
 
 @njit
+def prefetch_once(wp, at, n_bytes):
+    """`prefetch` for bytes read once: the tiles of one token (`simd.prefetch_once`). Tiles of
+    several tokens keep `prefetch`: a prompt's next tile reads the same group again."""
+    for p in range(0, n_bytes, 64):
+        S.prefetch_once(wp, at + p)
+
+
+@njit
 def _codes_q4_0(wp, at):
     """A packed block's 16 x 32 codes (stored, 0..15) as 8 vectors: vector c, lane r = row r's
     values 4c..4c+3."""
@@ -262,7 +270,7 @@ def _tile_1(isa, codes, block_bytes, ahead, wp, g_at, nb, xq, xd, xs, t, out, r0
     acc = S.zero_f32x16()
     for b in range(nb):
         at = g_at + b * block_bytes
-        prefetch(wp, at + ahead, block_bytes)
+        prefetch_once(wp, at + ahead, block_bytes)
         acc = _step(isa, codes(wp, at), S.load_f16_f32x16(wp, at + block_bytes - 32), xq, xd, xs, t * nb + b, acc)
     _store(out, t, r0, m, acc, spill)
 
@@ -428,7 +436,7 @@ def _q8_tile_1(isa, wp, g_at, nb, xq, xd, xs, t, out, r0, m, spill):  # xs: unus
     acc = S.zero_f32x16()
     for b in range(nb):
         at = g_at + b * Q8_0_PACKED_BYTES
-        prefetch(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
+        prefetch_once(wp, at + Q8_0_AHEAD_BYTES, Q8_0_PACKED_BYTES)
         c = _q8_codes(wp, at)
         acc = _q8_step(isa, c, S.load_f16_f32x16(wp, at + 512), xq, xd, t * nb + b, acc)
     _store(out, t, r0, m, acc, spill)
