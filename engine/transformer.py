@@ -143,8 +143,7 @@ class Transformer:
         tokens = np.concatenate([np.asarray(t, dtype=np.int64) for _, t in batch])
         x = self.backend.embed(tokens)  # [n_tok, n_embd]
         h = self.backend.rms_norm(x, "blk.0.attn_norm.weight")  # each block's normed input
-        decoded = self.backend.decode_row(self.layers, x, h, layout, cache,
-                                          lambda base: self._rope_tables(base, layout))
+        decoded = self.backend.decode_row(self.layers, x, h, layout, cache, self._rope)
         if decoded is not None:  # one token of one sequence: every block in one bound pass
             x = decoded
         else:

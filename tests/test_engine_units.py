@@ -121,7 +121,7 @@ def _decode_both_ways(model: Transformer, config, steps: int) -> None:
     from llmx.engine.backends.cpu_decode import RowDecoder
 
     backend = model.backend
-    decoder = RowDecoder.bind(backend, model.layers)
+    decoder = RowDecoder.bind(backend, model.layers, model._rope)
     assert decoder is not None
     runs = []
     for bound in (decoder, False):

@@ -275,6 +275,24 @@ def test_activation_quantizers_match_reference():
         assert all(np.array_equal(a, b) for a, b in zip(ours, expected, strict=True)), name
 
 
+
+def test_single_thread_quantizers_write_what_the_parallel_ones_return_even_for_inf_and_nan():
+    """`quantize_q8_0_into` / `quantize_q8_k_into` (one-row decode steps) against the parallel
+    quantizers: the same codes, scales and sums; rows of inf and NaN (a broken model's
+    activations) give the same values, not a ZeroDivisionError."""
+    x = (np.random.default_rng(7).standard_normal((4, 512)) * 4).astype(np.float32)
+    x[1, 7], x[2, 300], x[3, 3] = np.inf, -np.inf, np.nan
+    k = x.shape[1]
+    for parallel, into, shapes in ((activations.quantize_q8_0, activations.quantize_q8_0_into, (k // 32,)),
+                                   (activations.quantize_q8_k, activations.quantize_q8_k_into, (k // 256, k // 16))):
+        expected = parallel(x)
+        out = (np.empty((4, k), np.int8), np.empty((4, shapes[0]), np.float32),
+               *[np.empty((4, n), np.int32) for n in shapes[1:]])
+        with np.errstate(all="ignore"):
+            into(x, *out)
+        assert np.isinf(expected[1][1:3]).any() or np.isnan(expected[1][1:4]).any()  # the rows did overflow
+        assert all(np.array_equal(a, b, equal_nan=a.dtype.kind == "f") for a, b in zip(out, expected, strict=True))
+
 def test_avx2_build_uses_pmaddubsw():
     if not simd.has_avx2():
         assert platform.machine().lower() not in ("x86_64", "amd64"), "x86-64 host without AVX2+FMA?"

@@ -261,21 +261,21 @@ class CpuBackend:
                             kq_scale, tiled=layout.prompt_rows, wide=self.isa is None or self.isa is VNNI)
 
     def decode_row(self, layers: list, x: np.ndarray, h: np.ndarray, layout, cache: KVCache,
-                   rope_tables: Callable) -> np.ndarray | None:
+                   rope: Callable) -> np.ndarray | None:
         """Every block of a step that decodes one token of one sequence, with each kernel call bound
         once (`cpu_decode`): x, h float32 [1, n_embd] (the embedding, its attn_norm) -> the last
         block's output; None for a step it does not cover (then the generic blocks run).
-        `layers`: the Transformer's `LayerPlan`s; `rope_tables(base)` -> this step's cos, sin."""
+        `layers`: the Transformer's `LayerPlan`s; `rope(base, positions)` -> cos, sin."""
         if len(x) != 1 or layout.prompt_rows[0] or cache.cache_types != ("f16", "f16") or self.stub_matmuls \
                 or self.await_kernels is not None or self.observe_matmul is not None:
             return None
         if self._row_decoder is None:
             from llmx.engine.backends.cpu_decode import RowDecoder
 
-            self._row_decoder = RowDecoder.bind(self, layers) or False
+            self._row_decoder = RowDecoder.bind(self, layers, rope) or False
         if self._row_decoder is False:
             return None
-        return self._row_decoder.decode(x, h, layout, cache, rope_tables)
+        return self._row_decoder.decode(x, h, layout, cache)
 
     def rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return x[rows]

@@ -21,12 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from llmx.engine.attention import NO_CELLS, NO_PAIRS, attend_kernel, has_single_heads
 from llmx.engine.backends.cpu import Stack
 from llmx.engine.elementwise import NO_WEIGHT, add_norm_rows, gelu_rows, gelu_table, norm_rope_rows
 from llmx.engine.kv_cache import KVCache, cell_bits, write_key_value_rows
-from llmx.quant.cpu.activations import quantize_q8_0, quantize_q8_0_into, quantize_q8_k, quantize_q8_k_into
+from llmx.quant.cpu.activations import (
+    q8_0_row,
+    q8_k_row,
+    quantize_q8_0,
+    quantize_q8_0_into,
+    quantize_q8_k,
+    quantize_q8_k_into,
+)
 from llmx.quant.cpu.linear import PACKED_K_KERNELS, activation_quantizer, packed_k_kernel, packed_kernel
 from llmx.quant.cpu.simd import VNNI, has_avx512_pairs, host_isa
 
@@ -34,13 +42,25 @@ from llmx.quant.cpu.simd import VNNI, has_avx512_pairs, host_isa
 @dataclass(frozen=True)
 class _Product:
     """One input row times one or more packed matrices, every call's arguments bound: the row is
-    quantized once per activation type into buffers, then each kernel writes its output."""
+    quantized once per activation type into buffers, then each kernel writes its output. The
+    first type's quantization can be done by the fused kernel that makes the row (`run_quantized`)."""
 
-    calls: tuple[tuple[Any, tuple], ...]  # (function, its arguments), in order
+    quantizer: Any  # the first activation type's `activation_quantizer`
+    activations: tuple[np.ndarray, ...]  # its buffers [1, ...]: codes, scales (and Q8_K's sums)
+    quantize: tuple[Any, tuple]  # (function, arguments) filling them from the input row
+    rest: tuple[tuple[Any, tuple], ...]  # the other types' quantizations, then the kernels
     outputs: tuple[np.ndarray, ...]  # each weight's float32 [m_i], a view of its kernel's output
 
     def run(self) -> None:
-        for function, args in self.calls:
+        self.quantize_input()
+        self.run_quantized()
+
+    def quantize_input(self) -> None:
+        function, args = self.quantize
+        function(*args)
+
+    def run_quantized(self) -> None:
+        for function, args in self.rest:
             function(*args)
 
 
@@ -51,7 +71,7 @@ _QUANTIZE_INTO = {quantize_q8_0: quantize_q8_0_into, quantize_q8_k: quantize_q8_
 def _bind_product(backend, names: tuple[str, ...], x: np.ndarray, isa) -> _Product:
     """x float32 [1, k] (a buffer the decoder fills) times `names`' weights, stacks whole as
     `CpuBackend.linears` multiplies them."""
-    calls, outputs, quantized = [], [], {}
+    quantizations, kernels, outputs, quantized = [], [], [], {}
     for step in backend._linears_plan(names):
         if isinstance(step, Stack):
             qtype, packed, bounds = step.qtype, step.packed, step.bounds
@@ -60,17 +80,18 @@ def _bind_product(backend, names: tuple[str, ...], x: np.ndarray, isa) -> _Produ
             packed, bounds = backend._packed(f"{name}.weight"), (0, backend.tensors[f"{name}.weight"].shape[1])
         quantizer = activation_quantizer(qtype)
         if quantizer not in quantized:
-            buffers = _activation_buffers(quantizer, x.shape[1])
-            calls.append((_QUANTIZE_INTO[quantizer], (x, *buffers)))
-            quantized[quantizer] = tuple(b.reshape(-1) for b in buffers)  # the kernels take them flat
+            buffers = quantized[quantizer] = _activation_buffers(quantizer, x.shape[1])
+            quantizations.append((quantizer, buffers, (_QUANTIZE_INTO[quantizer], (x, *buffers))))
         out = np.empty((1, bounds[-1]), np.float32)
         k_quant = qtype in PACKED_K_KERNELS
         kernel = packed_k_kernel(qtype, isa) if k_quant else packed_kernel(qtype, isa)
         k_blocks = x.shape[1] // (256 if k_quant else 32)  # the kernels' count of activation blocks per row
-        calls.append((kernel, (*quantized[quantizer], packed, k_blocks, bounds[-1], 1, out, isa)))
+        flat_activations = tuple(b.reshape(-1) for b in quantized[quantizer])  # (the kernels take them flat)
+        kernels.append((kernel, (*flat_activations, packed, k_blocks, bounds[-1], 1, out, isa)))
         flat = out.reshape(-1)  # (a view: out is one contiguous row)
         outputs += [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return _Product(tuple(calls), tuple(outputs))
+    (quantizer, buffers, quantize), *others = quantizations
+    return _Product(quantizer, buffers, quantize, tuple(call for *_, call in others) + tuple(kernels), tuple(outputs))
 
 
 def _activation_buffers(quantizer, k: int) -> tuple[np.ndarray, ...]:
@@ -79,6 +100,55 @@ def _activation_buffers(quantizer, k: int) -> tuple[np.ndarray, ...]:
     if quantizer is quantize_q8_0:
         return np.empty((1, k), np.int8), np.empty((1, k // 32), np.float32)
     return np.empty((1, k), np.int8), np.empty((1, k // 256), np.float32), np.empty((1, k // 16), np.int32)
+
+
+# -- fused kernels: each step's small operations in one call ------------------------------------
+# In a decode step every call starts cold: the ~250 MB of weights it streams evict the code, the
+# Python objects and the dispatch state of the small calls between the matmuls, so each costs
+# several microseconds beyond its work (gemma, one thread: skipping rope, the norms and GELU saved
+# 0.2-0.3 ms each per step). The same row functions in fewer calls give the same bits, and take
+# numpy's error model as the parallel kernels do (inf activations give inf, not an exception).
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def norm_rope_write(q, k, v, q_norm, k_norm, cos, sin, q_scale, scratch_q, scratch_k, q_out, k_out, neox, eps,
+                    k_bits, v_bits, cells):
+    """`norm_rope_rows` of one row, then its key and value into the cache (`write_key_value_rows`)."""
+    norm_rope_rows(q, k, q_norm, k_norm, cos, sin, q_scale, scratch_q, scratch_k, q_out, k_out, neox, eps, 0, 1)
+    write_key_value_rows(k_bits, v_bits, cells, k_out.reshape((1, k_out.size)), v)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def add_norm_q8_0(x, y, pre, norm, eps, total, normed, codes, scales):
+    """`add_norm_rows` of one row, then the normed row quantized as `quantize_q8_0`."""
+    add_norm_rows(x, y, pre, norm, eps, total, normed)
+    q8_0_row(normed, 0, codes, scales)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def add_norm_q8_k(x, y, pre, norm, eps, total, normed, codes, scales, sums):
+    """`add_norm_rows` of one row, then the normed row quantized as `quantize_q8_k`."""
+    add_norm_rows(x, y, pre, norm, eps, total, normed)
+    q8_k_row(normed, 0, codes, scales, sums)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def gelu_q8_0(gate, table, act, up, codes, scales):
+    """act [1, ffn] = `gelu_rows`(gate) x up, then quantized as `quantize_q8_0`."""
+    gelu_rows(gate, table, act[0], up)
+    q8_0_row(act, 0, codes, scales)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def gelu_q8_k(gate, table, act, up, codes, scales, sums):
+    """act [1, ffn] = `gelu_rows`(gate) x up, then quantized as `quantize_q8_k`."""
+    gelu_rows(gate, table, act[0], up)
+    q8_k_row(act, 0, codes, scales, sums)
+
+
+# a product's first activation quantizer -> the fused kernel that makes and quantizes its row
+_ADD_NORM_INTO = {quantize_q8_0: add_norm_q8_0, quantize_q8_k: add_norm_q8_k}
+_GELU_INTO = {quantize_q8_0: gelu_q8_0, quantize_q8_k: gelu_q8_k}
 
 
 @dataclass(frozen=True)
@@ -100,6 +170,7 @@ class _Block:
     ffn_norm: np.ndarray
     post_ffw_norm: np.ndarray
     next_norm: np.ndarray  # the next block's attn_norm (NO_WEIGHT after the last)
+    next_qkv: _Product | None  # the next block's qkv, whose activations the last add_norm makes
     rope_base: float
     window: int
     q_scale: np.float32
@@ -110,7 +181,7 @@ class RowDecoder:
     """A `CpuBackend`'s weights bound for single-token decode steps (`decode`). Build it with
     `bind`, which returns None for a model it does not cover."""
 
-    def __init__(self, backend, layers: list) -> None:
+    def __init__(self, backend, layers: list, rope) -> None:
         c = backend.config
         self.isa = host_isa() if backend.isa is None else backend.isa
         self.eps = float(c.rms_eps)
@@ -130,22 +201,27 @@ class RowDecoder:
         self.act = np.empty((1, backend.tensors[f"{layers[0].ffn_down}.weight"].shape[0]), np.float32)
         self.row_seq = np.zeros(1, np.int64)
         self.row_tiled = np.zeros(1, np.uint8)  # a decoded token: ggml_vec_dot_f16's order
-        self.blocks = [self._bind_block(backend, plan) for plan in layers]
+        self.blocks: list[_Block] = []
+        for plan in reversed(layers):  # (each block's last add_norm quantizes the next one's input)
+            self.blocks.insert(0, self._bind_block(backend, plan, self.blocks[0].qkv if self.blocks else None))
+        self.rope = rope  # the Transformer's `_rope(base, positions)`
+        self._rope_tables: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # base -> cos, sin of positions 0..
         self.busy = threading.Lock()  # the buffers are one step's: a second thread takes the generic blocks
         self._pools: tuple = (lambda: None, [])  # (weakref of the cache, per-layer views of its pools)
 
     @classmethod
-    def bind(cls, backend, layers: list) -> RowDecoder | None:
-        """The decoder of `backend`'s model (`layers`: the Transformer's `LayerPlan`s), or None
-        when a block multiplies a weight unpacked or with a bias, or the blocks' FFN sizes differ."""
+    def bind(cls, backend, layers: list, rope) -> RowDecoder | None:
+        """The decoder of `backend`'s model (`layers`: the Transformer's `LayerPlan`s; `rope`: its
+        `_rope(base, positions)` -> cos, sin), or None when a block multiplies a weight unpacked or
+        with a bias, or the blocks' FFN sizes differ."""
         names = [(*p.qkv, p.attn_output, *p.gate_up, p.ffn_down) for p in layers]
         if not layers or any(not backend.is_packed(n) or f"{n}.bias" in backend.tensors for n in sum(names, ())):
             return None
         if len({backend.tensors[f"{p.ffn_down}.weight"].shape[0] for p in layers}) > 1:
             return None
-        return cls(backend, layers)
+        return cls(backend, layers, rope)
 
-    def _bind_block(self, backend, plan) -> _Block:
+    def _bind_block(self, backend, plan, next_qkv: _Product | None) -> _Block:
         c = backend.config
         attn_rows = self.attn.reshape(1, -1)
         qkv, o = _bind_product(backend, plan.qkv, self.h, self.isa), _bind_product(backend, (plan.attn_output,),
@@ -161,7 +237,7 @@ class RowDecoder:
                       attn_output=o, gate_up=_bind_product(backend, plan.gate_up, self.h, self.isa),
                       ffn_down=down, attn_out=o.outputs[0].reshape(1, -1), ffn_out=down.outputs[0].reshape(1, -1),
                       post_attention_norm=vector(plan.post_attention_norm), ffn_norm=vector(plan.ffn_norm),
-                      post_ffw_norm=vector(plan.post_ffw_norm), next_norm=vector(plan.next_norm),
+                      post_ffw_norm=vector(plan.post_ffw_norm), next_norm=vector(plan.next_norm), next_qkv=next_qkv,
                       rope_base=plan.rope_base, window=plan.window or 0,
                       q_scale=np.float32(1 if plan.q_scale is None else plan.q_scale),
                       kq_scale=np.float32(plan.kq_scale))
@@ -175,47 +251,61 @@ class RowDecoder:
             self._pools = (weakref.ref(cache), views)
         return self._pools[1]
 
-    def decode(self, x: np.ndarray, h: np.ndarray, layout, cache: KVCache, rope_tables) -> np.ndarray | None:
+    def _rope_row(self, base: float, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin float32 [1, rope_dim / 2] at `position`: rows of tables computed by the
+        Transformer's `_rope` for positions 0.. (elementwise, so the same bits as for one
+        position), doubled in length when a position passes their end."""
+        table = self._rope_tables.get(base)
+        if table is None or position >= len(table[0]):
+            table = self._rope_tables[base] = self.rope(base, np.arange(max(256, 2 * position)))
+        cos, sin = table
+        return cos[position:position + 1], sin[position:position + 1]
+
+    def decode(self, x: np.ndarray, h: np.ndarray, layout, cache: KVCache) -> np.ndarray | None:
         """x, h float32 [1, n_embd] (the embedding and its attn_norm) -> the last block's output
         (a new array); None while another thread decodes with these buffers."""
         if not self.busy.acquire(blocking=False):
             return None
         try:
-            return self._blocks(x, h, layout, cache, rope_tables)
+            return self._blocks(x, h, layout, cache)
         finally:
             self.busy.release()
 
-    def _blocks(self, x: np.ndarray, h: np.ndarray, layout, cache: KVCache, rope_tables) -> np.ndarray:
+    def _blocks(self, x: np.ndarray, h: np.ndarray, layout, cache: KVCache) -> np.ndarray:
         pools = self._layer_pools(cache)
         tables = np.ascontiguousarray(layout.tables, dtype=np.int32)
         positions, cells, block_size = layout.positions, layout.cells, cache.block_size
-        xs = self.x
+        position = int(positions[0])
+        xs, gelu = self.x, self.gelu_table is not None
         np.copyto(xs[0], x)
         np.copyto(self.h, h)
+        self.blocks[0].qkv.quantize_input()  # (each later block's comes from the block before)
         at = 0  # xs[at]: the residual stream
         for layer, block in enumerate(self.blocks):
-            cos, sin = rope_tables(block.rope_base)
+            cos, sin = self._rope_row(block.rope_base, position)
             k_bits, v_bits, k_bytes, v_bytes = pools[layer]
-            block.qkv.run()
-            norm_rope_rows(block.q, block.k, block.q_norm, block.k_norm, cos, sin, block.q_scale, self.scratch_q,
-                           self.scratch_k, self.q_out, self.k_out, self.neox, self.eps, 0, 1)
-            write_key_value_rows(k_bits, v_bits, cells, self.k_out.reshape(1, -1), block.v)
+            block.qkv.run_quantized()
+            norm_rope_write(block.q, block.k, block.v, block.q_norm, block.k_norm, cos, sin, block.q_scale,
+                            self.scratch_q, self.scratch_k, self.q_out, self.k_out, self.neox, self.eps, k_bits,
+                            v_bits, cells)
             self.attend(self.q_out, k_bytes, v_bytes, tables, self.row_seq, block_size, positions, block.window,
                         self.group, block.kq_scale, self.row_tiled, NO_PAIRS, NO_CELLS, self.attn)
             block.attn_output.run()
-            add_norm_rows(xs[at], block.attn_out, block.post_attention_norm, block.ffn_norm, self.eps, xs[1 - at],
-                          self.h)
+            _ADD_NORM_INTO[block.gate_up.quantizer](xs[at], block.attn_out, block.post_attention_norm, block.ffn_norm,
+                                                    self.eps, xs[1 - at], self.h, *block.gate_up.activations)
             at = 1 - at
-            block.gate_up.run()
-            self._activate(*block.gate_up.outputs)
-            block.ffn_down.run()
-            add_norm_rows(xs[at], block.ffn_out, block.post_ffw_norm, block.next_norm, self.eps, xs[1 - at], self.h)
+            block.gate_up.run_quantized()
+            gate, up = block.gate_up.outputs
+            if gelu:
+                _GELU_INTO[block.ffn_down.quantizer](gate, self.gelu_table, self.act, up, *block.ffn_down.activations)
+                block.ffn_down.run_quantized()
+            else:
+                self.act[0] = gate / (np.float32(1) + np.exp(-gate)) * up  # silu, as `CpuBackend.activate`
+                block.ffn_down.run()
+            if block.next_qkv is None:
+                add_norm_rows(xs[at], block.ffn_out, block.post_ffw_norm, NO_WEIGHT, self.eps, xs[1 - at], self.h)
+            else:
+                _ADD_NORM_INTO[block.next_qkv.quantizer](xs[at], block.ffn_out, block.post_ffw_norm, block.next_norm,
+                                                         self.eps, xs[1 - at], self.h, *block.next_qkv.activations)
             at = 1 - at
         return xs[at].copy()
-
-    def _activate(self, gate: np.ndarray, up: np.ndarray) -> None:
-        """act = the gate's activation times up (float32 [ffn] each), as `CpuBackend.activate`."""
-        if self.gelu_table is not None:
-            gelu_rows(gate, self.gelu_table, self.act.reshape(-1), up)
-            return
-        self.act[0] = gate / (np.float32(1) + np.exp(-gate)) * up

@@ -122,7 +122,7 @@ class CudaBackend:
     def activate(self, gate, up):
         return elementwise.gate(gate, up, self.config.activation, self.arena)
 
-    def decode_row(self, layers: list, x, h, layout, cache: KVCache, rope_tables) -> None:
+    def decode_row(self, layers: list, x, h, layout, cache: KVCache, rope) -> None:
         """The CPU backend's bound single-token step (`CpuBackend.decode_row`); here every step takes
         the generic blocks."""
         return None

@@ -39,8 +39,11 @@ def _q8_block(x, lo, codes):
     return amax / np.float32(127), S.hsum_i32x8(q)
 
 
-@njit
-def _q8_0_row(x, t, codes, scales):
+# The row functions and their single-thread callers take numpy's error model, as the parallel
+# quantizers do: activations that overflowed to inf give inf and NaN scales, not a ZeroDivisionError.
+@njit(error_model="numpy")
+def q8_0_row(x, t, codes, scales):
+    """Row t of x as Q8_0 into codes[t] and scales[t] (callers: `quantize_q8_0` and fused kernels)."""
     for b in range(x.shape[1] // 32):
         d, _ = _q8_block(x[t], b * 32, codes[t])
         scales[t, b] = S.round_f16(d)
@@ -52,16 +55,16 @@ def quantize_q8_0(x):
     codes = np.empty((n, k), np.int8)
     scales = np.empty((n, k // 32), np.float32)
     for t in prange(n):
-        _q8_0_row(x, t, codes, scales)
+        q8_0_row(x, t, codes, scales)
     return codes, scales
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_q8_0_into(x, codes, scales):
     """`quantize_q8_0` into given arrays, on the calling thread: for a row or two, where a parallel
     region's start and the returned arrays cost more than the work (`cpu_decode`)."""
     for t in range(x.shape[0]):
-        _q8_0_row(x, t, codes, scales)
+        q8_0_row(x, t, codes, scales)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -78,8 +81,9 @@ def quantize_q8_1(x):
     return codes, scales, sums
 
 
-@njit
-def _q8_k_row(x, t, codes, scales, sums):
+@njit(error_model="numpy")
+def q8_k_row(x, t, codes, scales, sums):
+    """Row t of x as Q8_K into codes[t], scales[t] and sums[t] (callers: `quantize_q8_k` and fused kernels)."""
     row = x[t]
     raw = row.view(np.uint8)
     for b in range(x.shape[1] // 256):
@@ -104,15 +108,15 @@ def quantize_q8_k(x):
     scales = np.empty((n, k // 256), np.float32)
     sums = np.empty((n, k // 16), np.int32)
     for t in prange(n):
-        _q8_k_row(x, t, codes, scales, sums)
+        q8_k_row(x, t, codes, scales, sums)
     return codes, scales, sums
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_q8_k_into(x, codes, scales, sums):
     """`quantize_q8_k` into given arrays, on the calling thread (see `quantize_q8_0_into`)."""
     for t in range(x.shape[0]):
-        _q8_k_row(x, t, codes, scales, sums)
+        q8_k_row(x, t, codes, scales, sums)
 
 
 @njit(cache=True, nogil=True, parallel=True)
