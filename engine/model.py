@@ -85,7 +85,7 @@ class Model:
         self.load_seconds = time.perf_counter() - started
 
     def warm_up(self, parallel: bool = False, helper=None) -> float:
-        """Run one token through the model so every kernel it needs is compiled (first run) or
+        """Run a prompt through the model so the kernels it needs are compiled (first run) or
         loaded from Numba's cache; returns the seconds it took. `parallel`: on a cold cache, compile
         on two processes (`precompile`), the matmul kernels then arriving while the model runs;
         `helper`: that process, when the caller started it before loading the model."""
@@ -100,8 +100,10 @@ class Model:
 
             compile_in_parallel(self, helper)
             return time.perf_counter() - started
-        cache = KVCache(self.config, 1)
-        ids = np.array([self.tokenizer.vocab.bos_id or 0])
+        # Two tokens: a prompt's kernels, which every prompt of two or more tokens runs. A single
+        # token's step (`cpu_decode`) loads its own at the first decode, which `-n 1` never takes.
+        cache = KVCache(self.config, 2)
+        ids = np.array([self.tokenizer.vocab.bos_id or 0] * 2)
         self.compute.call(self.transformer.forward, ids, cache.new_sequence(), cache, "last")
         return time.perf_counter() - started
 
