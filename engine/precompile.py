@@ -8,9 +8,9 @@ matmuls stubbed out. Each matmul then waits until the helper reports its kernels
 count and its kind of weight) done, and loads them from Numba's on-disk cache instead of compiling them again.
 
 The helper compiles prompt shapes first, so the first token does not wait for the decode
-kernels, then one bound single-token step (`cpu_decode`, which the run takes once the helper is
-done), and it finishes even when the run that started it ends early (`-n 1`), writing a marker
-that tells later runs the cache is warm for this model.
+kernels; once the run that started it has ended, it compiles one bound single-token step
+(`cpu_decode`). It finishes even when that run ends early (`-n 1`), writing a marker that tells
+later runs the cache is warm for this model.
 
     python -m llmx.engine.precompile MODEL --isa NAME [--threads N] [--use-mmap]
 """
