@@ -131,6 +131,7 @@ def _decode_both_ways(model: Transformer, config, steps: int) -> None:
         logits = [model.forward(np.arange(3, 23), seq, cache, "last")[0]]
         for _ in range(steps):  # crosses a block boundary at position 32
             logits.append(model.forward(np.array([int(np.argmax(logits[-1]))]), seq, cache, "last")[0])
+        assert (decoder._pools[0]() is cache) == (bound is decoder)  # the bound steps did run (on this cache)
         runs.append(np.array(logits))
     backend._row_decoder = None
     assert np.array_equal(runs[0], runs[1])
