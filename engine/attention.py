@@ -640,7 +640,7 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
         np.asarray(positions, np.int64)
     row_tiled = np.full(n, tiled, np.uint8) if np.ndim(tiled) == 0 else np.asarray(tiled, np.uint8)
     dv = values.shape[-1]
-    wide = wide and group % 4 == 0 and d % 8 == 0 and dv % 16 == 0 and S.has_avx512_pairs()
+    wide = wide_quads(wide, group, d, dv)
     if wide and row_tiled.any():
         q2 = _head_pairs(round_to_f16(q.reshape(n, n_head * d)).reshape(n, n_head, d))
         cells = _cells(tables, row_seq, positions, keys.shape[1], keys.shape[2])
@@ -650,6 +650,12 @@ def attend_paged(q: np.ndarray, keys: np.ndarray, values: np.ndarray, tables: np
     kernel(q, keys.reshape(-1).view(np.uint8), values.reshape(-1).view(np.uint8), tables, row_seq, keys.shape[1],
            positions, window or 0, group, np.float32(kq_scale), row_tiled, q2, cells, out)
     return out
+
+
+def wide_quads(allowed: bool, group: int, d: int, dv: int) -> bool:
+    """`attend_kernel`'s `wide`: whether tiled rows' quads of heads take the AVX-512 path, where
+    the caller allows it, the shapes fit it and this CPU has it."""
+    return allowed and group % 4 == 0 and d % 8 == 0 and dv % 16 == 0 and S.has_avx512_pairs()
 
 
 NO_PAIRS, NO_CELLS = np.empty(0, np.float32), np.empty((0, 0), np.int64)  # (the quads' AVX-512 path not taken)

@@ -258,7 +258,13 @@ class CpuBackend:
         # Each row's float order comes from its own role (prompt or decoded token), as llama.cpp
         # orders one stream; never from the batch, so a row's bits do not depend on its neighbours.
         return attend_paged(q, keys, values, tables, layout.row_seq, layout.positions, window, c.n_head // c.n_head_kv,
-                            kq_scale, tiled=layout.prompt_rows, wide=self.isa is None or self.isa is VNNI)
+                            kq_scale, tiled=layout.prompt_rows, wide=self.wide_attention)
+
+    @property
+    def wide_attention(self) -> bool:
+        """Whether attention may take its AVX-512 paths (`attend_paged`'s `wide`): not when an
+        older instruction set is asked for."""
+        return self.isa is None or self.isa is VNNI
 
     def decode_row(self, layers: list, x: np.ndarray, h: np.ndarray, layout, cache: KVCache,
                    rope: Callable) -> np.ndarray | None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from llmx.engine.attention import NO_CELLS, NO_PAIRS, attend_kernel, has_single_heads
+from llmx.engine.attention import NO_CELLS, NO_PAIRS, attend_kernel, has_single_heads, wide_quads
 from llmx.engine.backends.cpu import Stack
 from llmx.engine.elementwise import NO_WEIGHT, add_norm_rows, gelu_rows, gelu_table, norm_rope_rows
 from llmx.engine.kv_cache import KVCache, cell_bits, write_key_value_rows
@@ -36,7 +36,7 @@ from llmx.quant.cpu.activations import (
     quantize_q8_k_into,
 )
 from llmx.quant.cpu.linear import PACKED_K_KERNELS, activation_quantizer, packed_k_kernel, packed_kernel
-from llmx.quant.cpu.simd import VNNI, has_avx512_pairs, host_isa
+from llmx.quant.cpu.simd import host_isa
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ def _bind_product(backend, names: tuple[str, ...], x: np.ndarray, isa) -> _Produ
             name, qtype = step
             packed, bounds = backend._packed(f"{name}.weight"), (0, backend.tensors[f"{name}.weight"].shape[1])
         quantizer = activation_quantizer(qtype)
-        if quantizer not in quantized:
-            buffers = quantized[quantizer] = _activation_buffers(quantizer, x.shape[1])
+        if quantizer not in quantized:  # its buffers: what it returns for one row of zeros
+            buffers = quantized[quantizer] = quantizer(np.zeros_like(x))
             quantizations.append((quantizer, buffers, (_QUANTIZE_INTO[quantizer], (x, *buffers))))
         out = np.empty((1, bounds[-1]), np.float32)
         k_quant = qtype in PACKED_K_KERNELS
@@ -92,14 +92,6 @@ def _bind_product(backend, names: tuple[str, ...], x: np.ndarray, isa) -> _Produ
         outputs += [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     (quantizer, buffers, quantize), *others = quantizations
     return _Product(quantizer, buffers, quantize, tuple(call for *_, call in others) + tuple(kernels), tuple(outputs))
-
-
-def _activation_buffers(quantizer, k: int) -> tuple[np.ndarray, ...]:
-    """What `quantizer` makes of one row of k values: Q8_0 codes and scales per 32, or Q8_K codes,
-    scales per 256 and sums per 16."""
-    if quantizer is quantize_q8_0:
-        return np.empty((1, k), np.int8), np.empty((1, k // 32), np.float32)
-    return np.empty((1, k), np.int8), np.empty((1, k // 256), np.float32), np.empty((1, k // 16), np.int32)
 
 
 # -- fused kernels: each step's small operations in one call ------------------------------------
@@ -188,10 +180,10 @@ class RowDecoder:
         self.eps = float(c.rms_eps)
         self.neox = c.rope_layout != "normal"
         self.group = c.n_head // c.n_head_kv
-        wide = (backend.isa is None or backend.isa is VNNI) and self.group % 4 == 0 and c.head_dim % 8 == 0 \
-            and c.head_dim_v % 16 == 0 and has_avx512_pairs()  # as `attend_paged` picks
+        wide = wide_quads(backend.wide_attention, self.group, c.head_dim, c.head_dim_v)  # as `attend_paged` picks
         self.attend = attend_kernel(wide, has_single_heads(self.group, c.head_dim, c.head_dim_v))
         self.gelu_table = gelu_table() if c.activation != "silu" else None
+        self.activate = backend.activate  # (silu: gelu is fused with its quantization)
         # the step's rows, reused by every step (`decode` returns a copy of its result)
         self.x = (np.empty((1, c.n_embd), np.float32), np.empty((1, c.n_embd), np.float32))  # in turn
         self.h = np.empty((1, c.n_embd), np.float32)  # the normed residual stream: qkv's and gate_up's input
@@ -301,7 +293,7 @@ class RowDecoder:
                 _GELU_INTO[block.ffn_down.quantizer](gate, self.gelu_table, self.act, up, *block.ffn_down.activations)
                 block.ffn_down.run_quantized()
             else:
-                self.act[0] = gate / (np.float32(1) + np.exp(-gate)) * up  # silu, as `CpuBackend.activate`
+                self.act[0] = self.activate(gate, up)
                 block.ffn_down.run()
             if block.next_qkv is None:
                 add_norm_rows(xs[at], block.ffn_out, block.post_ffw_norm, NO_WEIGHT, self.eps, xs[1 - at], self.h)
